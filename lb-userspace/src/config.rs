@@ -1,0 +1,768 @@
+//! The config file: a multi-document YAML stream of Kubernetes objects, as users write them or as
+//! `kubectl get svc,endpointslices -o yaml` prints them (a `v1` `List`).
+//!
+//! Read: `v1` `Service` and `discovery.k8s.io/v1` `EndpointSlice`; an EndpointSlice belongs to the
+//! Service named by its `kubernetes.io/service-name` label in the same namespace. Other kinds are
+//! skipped with a warning. Every problem found is reported at once, each naming the file, the
+//! document, the object and the field.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::model::{DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePort};
+
+/// The label that links an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The API server's default `--service-node-port-range`.
+pub const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
+
+/// Where in the file a problem is: document number (from 1) and, inside a `List`, the item.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub document: usize,
+    pub item: Option<usize>,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "document {}", self.document)?;
+        if let Some(item) = self.item {
+            write!(f, ", items[{item}]")?;
+        }
+        Ok(())
+    }
+}
+
+/// One thing wrong with the config, and what to do about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub location: Location,
+    /// `Service default/web`, when the object is known.
+    pub object: Option<String>,
+    /// The field path, such as `spec.ports[0].nodePort`; empty for the whole document.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.location)?;
+        if let Some(object) = &self.object {
+            write!(f, " ({object})")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ", field {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", file.display())]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(file, problems))]
+    Invalid {
+        file: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+fn render_problems(file: &Path, problems: &[Problem]) -> String {
+    let mut out = format!(
+        "config file {} has {} problem{}:",
+        file.display(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for problem in problems {
+        out.push_str(&format!("\n  - {problem}"));
+    }
+    out
+}
+
+/// A config that was read: the state to serve, plus what was skipped and why.
+#[derive(Debug)]
+pub struct Loaded {
+    pub state: DesiredState,
+    pub warnings: Vec<String>,
+}
+
+/// Reads and validates `file`. `node_ips` are the addresses NodePorts are served on.
+pub fn load_file(file: &Path, node_ips: &[Ipv4Addr]) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        file: file.to_owned(),
+        source,
+    })?;
+    parse(&text, node_ips).map_err(|problems| ConfigError::Invalid {
+        file: file.to_owned(),
+        problems,
+    })
+}
+
+/// Parses and validates a YAML stream.
+pub fn parse(text: &str, node_ips: &[Ipv4Addr]) -> Result<Loaded, Vec<Problem>> {
+    let mut reader = Reader::default();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let location = Location {
+            document: index + 1,
+            item: None,
+        };
+        match serde_yaml::Value::deserialize(document) {
+            Ok(serde_yaml::Value::Null) => {}
+            Ok(value) => reader.object(value, location),
+            Err(error) => {
+                reader.problem(&location, None, "", format!("not valid YAML: {error}"));
+                // The YAML parser cannot resynchronise after a syntax error.
+                break;
+            }
+        }
+    }
+    reader.finish(node_ips)
+}
+
+// The subset of the Kubernetes objects the data path needs. Unknown fields are ignored, as the
+// API server's own clients do.
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ObjectMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceObject {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: ServiceSpec,
+    #[serde(default)]
+    status: ServiceStatus,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ServiceSpec {
+    #[serde(rename = "type")]
+    service_type: Option<String>,
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Option<String>,
+    #[serde(default, rename = "externalIPs")]
+    external_ips: Vec<String>,
+    #[serde(default)]
+    ports: Vec<ServicePortSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ServicePortSpec {
+    name: Option<String>,
+    protocol: Option<String>,
+    port: i64,
+    node_port: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ServiceStatus {
+    #[serde(default)]
+    load_balancer: LoadBalancerStatus,
+}
+
+#[derive(Deserialize, Default)]
+struct LoadBalancerStatus {
+    #[serde(default)]
+    ingress: Vec<LoadBalancerIngress>,
+}
+
+#[derive(Deserialize)]
+struct LoadBalancerIngress {
+    ip: Option<String>,
+    hostname: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointSliceObject {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    address_type: String,
+    #[serde(default)]
+    endpoints: Vec<EndpointSpec>,
+    #[serde(default)]
+    ports: Vec<EndpointPortSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointSpec {
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default)]
+    conditions: EndpointConditions,
+    target_ref: Option<ObjectReference>,
+}
+
+#[derive(Deserialize, Default)]
+struct EndpointConditions {
+    ready: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct ObjectReference {
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct EndpointPortSpec {
+    name: Option<String>,
+    protocol: Option<String>,
+    port: Option<i64>,
+}
+
+/// A Service as read, before its endpoints are joined to it.
+struct ServiceEntry {
+    location: Location,
+    object: String,
+    namespace: String,
+    name: String,
+    ports: Vec<PortEntry>,
+}
+
+struct PortEntry {
+    field: String,
+    name: String,
+    protocol: Protocol,
+    frontends_on_service_ips: Vec<Frontend>,
+    node_port: Option<u16>,
+}
+
+/// Endpoints per (namespace, service name, port name, protocol).
+type EndpointIndex = BTreeMap<(String, String, String, Protocol), BTreeSet<Endpoint>>;
+
+#[derive(Default)]
+struct Reader {
+    problems: Vec<Problem>,
+    warnings: Vec<String>,
+    services: Vec<ServiceEntry>,
+    endpoints: EndpointIndex,
+    /// Services that EndpointSlices point at, to warn about slices with no Service.
+    slice_targets: BTreeMap<(String, String), String>,
+}
+
+impl Reader {
+    fn problem(
+        &mut self,
+        location: &Location,
+        object: Option<&str>,
+        field: &str,
+        message: String,
+    ) {
+        self.problems.push(Problem {
+            location: location.clone(),
+            object: object.map(str::to_owned),
+            field: field.to_owned(),
+            message,
+        });
+    }
+
+    fn object(&mut self, value: serde_yaml::Value, location: Location) {
+        let api_version = value
+            .get("apiVersion")
+            .and_then(serde_yaml::Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let kind = value
+            .get("kind")
+            .and_then(serde_yaml::Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        match (api_version.as_str(), kind.as_str()) {
+            ("v1", "List") => self.list(value, &location),
+            ("v1", "Service") => self.service(value, location),
+            ("discovery.k8s.io/v1", "EndpointSlice") => self.endpoint_slice(value, &location),
+            ("", _) | (_, "") => self.problem(
+                &location,
+                None,
+                if api_version.is_empty() { "apiVersion" } else { "kind" },
+                "missing; every document must be a Kubernetes object with apiVersion and kind \
+                 (v1 Service or discovery.k8s.io/v1 EndpointSlice)"
+                    .to_owned(),
+            ),
+            _ => self.warnings.push(format!(
+                "{location}: {api_version} {kind} is not used by lb-agent; skipped"
+            )),
+        }
+    }
+
+    fn list(&mut self, value: serde_yaml::Value, location: &Location) {
+        let Some(items) = value.get("items").and_then(serde_yaml::Value::as_sequence) else {
+            self.problem(
+                location,
+                Some("List"),
+                "items",
+                "missing or not a list".to_owned(),
+            );
+            return;
+        };
+        for (item, value) in items.iter().enumerate() {
+            let item_location = Location {
+                document: location.document,
+                item: Some(item),
+            };
+            if value.get("kind").and_then(serde_yaml::Value::as_str) == Some("List") {
+                self.problem(
+                    &item_location,
+                    None,
+                    "kind",
+                    "a List inside a List is not supported".to_owned(),
+                );
+                continue;
+            }
+            self.object(value.clone(), item_location);
+        }
+    }
+
+    /// Deserializes `value`, reporting a type error with the path of the field that caused it.
+    fn typed<T: for<'de> Deserialize<'de>>(
+        &mut self,
+        value: serde_yaml::Value,
+        location: &Location,
+        object: &str,
+    ) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(typed) => Some(typed),
+            Err(error) => {
+                let field = error.path().to_string();
+                let message = error.into_inner().to_string();
+                self.problem(location, Some(object), &field, message);
+                None
+            }
+        }
+    }
+
+    fn service(&mut self, value: serde_yaml::Value, location: Location) {
+        let object = describe("Service", &value);
+        let Some(service) = self.typed::<ServiceObject>(value, &location, &object) else {
+            return;
+        };
+        let Some((namespace, name)) = self.identity(&service.metadata, &location, &object) else {
+            return;
+        };
+        let at = |s: &mut Self, field: &str, message: String| {
+            s.problem(&location, Some(&object), field, message);
+        };
+
+        let service_type = service.spec.service_type.as_deref().unwrap_or("ClusterIP");
+        let (has_node_ports, has_load_balancer) = match service_type {
+            "ClusterIP" => (false, false),
+            "NodePort" => (true, false),
+            "LoadBalancer" => (true, true),
+            "ExternalName" => {
+                self.warnings.push(format!(
+                    "{location} ({object}): type ExternalName is resolved by DNS, not by a \
+                     load balancer; skipped"
+                ));
+                return;
+            }
+            other => {
+                at(
+                    self,
+                    "spec.type",
+                    format!(
+                        "unknown Service type {other:?}; use ClusterIP, NodePort, LoadBalancer \
+                         or ExternalName"
+                    ),
+                );
+                return;
+            }
+        };
+
+        // Addresses the Service answers on with its own port number.
+        let mut service_ips = Vec::new();
+        match service.spec.cluster_ip.as_deref() {
+            None | Some("" | "None") => {}
+            Some(ip) => match ip.parse::<Ipv4Addr>() {
+                Ok(addr) => service_ips.push((FrontendKind::ClusterIp, addr)),
+                Err(_) if ip.parse::<std::net::Ipv6Addr>().is_ok() => {
+                    self.warnings.push(format!(
+                        "{location} ({object}): clusterIP {ip} is IPv6, which lb-agent does not \
+                         serve yet; skipped"
+                    ));
+                }
+                Err(_) => at(
+                    self,
+                    "spec.clusterIP",
+                    format!("{ip:?} is not an IPv4 address, \"None\" or empty"),
+                ),
+            },
+        }
+        for (i, ip) in service.spec.external_ips.iter().enumerate() {
+            match ip.parse::<Ipv4Addr>() {
+                Ok(addr) => service_ips.push((FrontendKind::ExternalIp, addr)),
+                Err(_) => at(
+                    self,
+                    &format!("spec.externalIPs[{i}]"),
+                    format!("{ip:?} is not an IPv4 address"),
+                ),
+            }
+        }
+        if has_load_balancer {
+            for (i, ingress) in service.status.load_balancer.ingress.iter().enumerate() {
+                match (&ingress.ip, &ingress.hostname) {
+                    (Some(ip), _) => match ip.parse::<Ipv4Addr>() {
+                        Ok(addr) => service_ips.push((FrontendKind::LoadBalancer, addr)),
+                        Err(_) => at(
+                            self,
+                            &format!("status.loadBalancer.ingress[{i}].ip"),
+                            format!("{ip:?} is not an IPv4 address"),
+                        ),
+                    },
+                    (None, Some(hostname)) => self.warnings.push(format!(
+                        "{location} ({object}): load balancer ingress {hostname} has no ip; \
+                         only addresses are served"
+                    )),
+                    (None, None) => {}
+                }
+            }
+        }
+
+        let mut ports = Vec::new();
+        let mut seen_names = BTreeSet::new();
+        for (i, port) in service.spec.ports.iter().enumerate() {
+            let field = format!("spec.ports[{i}]");
+            let name = port.name.clone().unwrap_or_default();
+            if !seen_names.insert(name.clone()) {
+                at(
+                    self,
+                    &format!("{field}.name"),
+                    format!("port name {name:?} is used twice; every port needs its own name"),
+                );
+            }
+            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                "SCTP" => {
+                    self.warnings.push(format!(
+                        "{location} ({object}): {field} is SCTP, which lb-agent does not serve; \
+                         skipped"
+                    ));
+                    continue;
+                }
+                other => {
+                    at(
+                        self,
+                        &format!("{field}.protocol"),
+                        format!("unknown protocol {other:?}; use TCP or UDP"),
+                    );
+                    continue;
+                }
+            };
+            let Some(service_port) = port_number(port.port) else {
+                at(
+                    self,
+                    &format!("{field}.port"),
+                    format!("{} is not a port; use 1-65535", port.port),
+                );
+                continue;
+            };
+            let node_port = if has_node_ports {
+                match port.node_port {
+                    Some(n) => match u16::try_from(n) {
+                        Ok(n) if NODE_PORT_RANGE.contains(&n) => Some(n),
+                        _ => {
+                            at(
+                                self,
+                                &format!("{field}.nodePort"),
+                                format!(
+                                    "{n} is outside the node port range {}-{}",
+                                    NODE_PORT_RANGE.start(),
+                                    NODE_PORT_RANGE.end()
+                                ),
+                            );
+                            continue;
+                        }
+                    },
+                    None => {
+                        at(
+                            self,
+                            &format!("{field}.nodePort"),
+                            format!(
+                                "required for type {service_type}: lb-agent does not assign node \
+                                 ports yet; set one in {}-{}",
+                                NODE_PORT_RANGE.start(),
+                                NODE_PORT_RANGE.end()
+                            ),
+                        );
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            ports.push(PortEntry {
+                field,
+                name,
+                protocol,
+                frontends_on_service_ips: service_ips
+                    .iter()
+                    .map(|&(kind, addr)| Frontend {
+                        kind,
+                        addr,
+                        port: service_port,
+                    })
+                    .collect(),
+                node_port,
+            });
+        }
+
+        self.services.push(ServiceEntry {
+            location,
+            object,
+            namespace,
+            name,
+            ports,
+        });
+    }
+
+    fn endpoint_slice(&mut self, value: serde_yaml::Value, location: &Location) {
+        let object = describe("EndpointSlice", &value);
+        let Some(slice) = self.typed::<EndpointSliceObject>(value, location, &object) else {
+            return;
+        };
+        let Some((namespace, _)) = self.identity(&slice.metadata, location, &object) else {
+            return;
+        };
+        let Some(service) = slice.metadata.labels.get(SERVICE_NAME_LABEL).cloned() else {
+            self.problem(
+                location,
+                Some(&object),
+                &format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+                "missing; it names the Service this slice belongs to".to_owned(),
+            );
+            return;
+        };
+        match slice.address_type.as_str() {
+            "IPv4" => {}
+            "IPv6" | "FQDN" => {
+                self.warnings.push(format!(
+                    "{location} ({object}): addressType {} is not served yet; skipped",
+                    slice.address_type
+                ));
+                return;
+            }
+            other => {
+                self.problem(
+                    location,
+                    Some(&object),
+                    "addressType",
+                    format!("unknown address type {other:?}; use IPv4, IPv6 or FQDN"),
+                );
+                return;
+            }
+        }
+        self.slice_targets
+            .entry((namespace.clone(), service.clone()))
+            .or_insert_with(|| format!("{location} ({object})"));
+
+        let mut ports = Vec::new();
+        for (i, port) in slice.ports.iter().enumerate() {
+            let field = format!("ports[{i}]");
+            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                "SCTP" => continue,
+                other => {
+                    self.problem(
+                        location,
+                        Some(&object),
+                        &format!("{field}.protocol"),
+                        format!("unknown protocol {other:?}; use TCP or UDP"),
+                    );
+                    continue;
+                }
+            };
+            let Some(number) = port.port.and_then(port_number) else {
+                self.problem(
+                    location,
+                    Some(&object),
+                    &format!("{field}.port"),
+                    "missing or not a port; use 1-65535".to_owned(),
+                );
+                continue;
+            };
+            ports.push((port.name.clone().unwrap_or_default(), protocol, number));
+        }
+
+        for (i, endpoint) in slice.endpoints.iter().enumerate() {
+            // The API says an unset `ready` means unknown, to be read as ready.
+            let ready = endpoint.conditions.ready.unwrap_or(true);
+            let mut addrs = Vec::new();
+            for (j, address) in endpoint.addresses.iter().enumerate() {
+                match address.parse::<Ipv4Addr>() {
+                    Ok(addr) => addrs.push(addr),
+                    Err(_) => self.problem(
+                        location,
+                        Some(&object),
+                        &format!("endpoints[{i}].addresses[{j}]"),
+                        format!("{address:?} is not an IPv4 address"),
+                    ),
+                }
+            }
+            if !ready {
+                continue;
+            }
+            let pod = endpoint.target_ref.as_ref().and_then(|r| r.name.clone());
+            // Kubernetes lists all addresses of one endpoint, but they are the same pod: use the
+            // first, as kube-proxy does.
+            let Some(&addr) = addrs.first() else { continue };
+            for (port_name, protocol, number) in &ports {
+                self.endpoints
+                    .entry((
+                        namespace.clone(),
+                        service.clone(),
+                        port_name.clone(),
+                        *protocol,
+                    ))
+                    .or_default()
+                    .insert(Endpoint {
+                        addr,
+                        port: *number,
+                        pod: pod.clone(),
+                    });
+            }
+        }
+    }
+
+    /// The object's namespace and name; namespace defaults to `default` as `kubectl` does.
+    fn identity(
+        &mut self,
+        metadata: &ObjectMeta,
+        location: &Location,
+        object: &str,
+    ) -> Option<(String, String)> {
+        let Some(name) = metadata.name.clone().filter(|n| !n.is_empty()) else {
+            self.problem(
+                location,
+                Some(object),
+                "metadata.name",
+                "missing; every object needs a name".to_owned(),
+            );
+            return None;
+        };
+        let namespace = metadata
+            .namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".to_owned());
+        Some((namespace, name))
+    }
+
+    /// Joins Services with their endpoints, expands node ports over `node_ips`, and checks that
+    /// no two service ports claim the same address, port and protocol.
+    fn finish(mut self, node_ips: &[Ipv4Addr]) -> Result<Loaded, Vec<Problem>> {
+        let mut service_ports = Vec::new();
+        let mut claimed: BTreeMap<(Ipv4Addr, u16, Protocol), String> = BTreeMap::new();
+        let services = std::mem::take(&mut self.services);
+        for service in &services {
+            let key = (service.namespace.clone(), service.name.clone());
+            self.slice_targets.remove(&key);
+            for port in &service.ports {
+                let mut frontends = port.frontends_on_service_ips.clone();
+                if let Some(node_port) = port.node_port {
+                    frontends.extend(node_ips.iter().map(|&addr| Frontend {
+                        kind: FrontendKind::NodePort,
+                        addr,
+                        port: node_port,
+                    }));
+                }
+                frontends.sort();
+                frontends.dedup();
+                for frontend in &frontends {
+                    let here = format!("{} {}", service.object, port.field);
+                    let claim = (frontend.addr, frontend.port, port.protocol);
+                    if let Some(first) = claimed.get(&claim) {
+                        let message = format!(
+                            "{}:{}/{} is already served by {first}; every address, port and \
+                             protocol can belong to one Service port only",
+                            frontend.addr, frontend.port, port.protocol
+                        );
+                        self.problem(&service.location, Some(&service.object), &port.field, message);
+                    } else {
+                        claimed.insert(claim, here);
+                    }
+                }
+                let endpoints = self
+                    .endpoints
+                    .get(&(
+                        service.namespace.clone(),
+                        service.name.clone(),
+                        port.name.clone(),
+                        port.protocol,
+                    ))
+                    .map(|set| set.iter().cloned().collect())
+                    .unwrap_or_default();
+                service_ports.push(ServicePort {
+                    service: format!("{}/{}", service.namespace, service.name),
+                    port_name: port.name.clone(),
+                    protocol: port.protocol,
+                    frontends,
+                    endpoints,
+                });
+            }
+        }
+        for ((namespace, name), slice) in std::mem::take(&mut self.slice_targets) {
+            self.warnings.push(format!(
+                "{slice}: belongs to Service {namespace}/{name}, which is not in the config; \
+                 its endpoints are not used"
+            ));
+        }
+        if !self.problems.is_empty() {
+            return Err(self.problems);
+        }
+        service_ports.sort_by(|a, b| (&a.service, &a.port_name).cmp(&(&b.service, &b.port_name)));
+        Ok(Loaded {
+            state: DesiredState { service_ports },
+            warnings: self.warnings,
+        })
+    }
+}
+
+fn port_number(n: i64) -> Option<u16> {
+    u16::try_from(n).ok().filter(|&p| p != 0)
+}
+
+/// `Kind namespace/name` for messages, read leniently from a value that may not parse.
+fn describe(kind: &str, value: &serde_yaml::Value) -> String {
+    let metadata = value.get("metadata");
+    let field = |f: &str| {
+        metadata
+            .and_then(|m| m.get(f))
+            .and_then(serde_yaml::Value::as_str)
+            .unwrap_or_default()
+    };
+    let namespace = match field("namespace") {
+        "" => "default",
+        ns => ns,
+    };
+    match field("name") {
+        "" => format!("{kind} without a name"),
+        name => format!("{kind} {namespace}/{name}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,8 @@
+//! The `lb-agent` library: config sources, the desired-state model, map contents and their
+//! diff, and the data plane handle. `main.rs` is the command line on top.
+
+pub mod config;
+pub mod dataplane;
+pub mod maps;
+pub mod model;
+pub mod netif;
