@@ -75,7 +75,7 @@ fn try_xdp_ingress(ctx: &XdpContext) -> Result<Verdict, DropReason> {
         }
     };
 
-    nat::xdp_rewrite_destination(&packet, &target);
+    nat::xdp_rewrite_destination(ctx, &packet, &target)?;
     Ok(Verdict::Translated(counter))
 }
 

@@ -2,11 +2,11 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{DropReason, FlowTarget, IPPROTO_UDP, checksum::Delta};
 
-use crate::parse::{IPV4_CHECK_OFFSET, IPV4_SRC_OFFSET, TcPacket, XdpPacket};
+use crate::parse::{IPV4_CHECK_OFFSET, IPV4_SRC_OFFSET, TcPacket, XdpPacket, ptr_at};
 
 /// DNAT in XDP: destination address and port become the backend's.
 ///
@@ -14,29 +14,39 @@ use crate::parse::{IPV4_CHECK_OFFSET, IPV4_SRC_OFFSET, TcPacket, XdpPacket};
 /// (L4 only). XDP sees frames as the NIC delivered them, with complete checksums, so the
 /// incremental update of RFC 1624 is exact.
 #[inline(always)]
-pub fn xdp_rewrite_destination(packet: &XdpPacket, target: &FlowTarget) {
+pub fn xdp_rewrite_destination(
+    ctx: &XdpContext,
+    packet: &XdpPacket,
+    target: &FlowTarget,
+) -> Result<(), DropReason> {
     let tuple = &packet.tuple;
     let address = Delta::new().replace_u32(tuple.dst_addr_be, target.nat_addr_be);
     let address_and_port = address.replace_u16(tuple.dst_port_be, target.nat_port_be);
+    // The parser checked these; checking again here is what lets the verifier see it.
+    let (Some(dst_port), Some(l4_check)) = (
+        ptr_at::<[u8; 2]>(ctx, packet.dst_port_offset),
+        ptr_at::<[u8; 2]>(ctx, packet.l4_check_offset),
+    ) else {
+        return Err(DropReason::L4HeaderTruncated);
+    };
     let ip = packet.ip;
-    // SAFETY: all pointers were bounds-checked by the parser and nothing has moved the packet
-    // data since; packet data has no alignment guarantee, hence unaligned accesses.
+    // SAFETY: every pointer is bounds-checked and nothing has moved the packet data since;
+    // packet data has no alignment guarantee, hence unaligned accesses.
     unsafe {
         (&raw mut (*ip).dst_addr).write_unaligned(target.nat_addr_be.to_ne_bytes());
         let ip_check = u16::from_ne_bytes((&raw const (*ip).check).read_unaligned());
         (&raw mut (*ip).check).write_unaligned(address.apply(ip_check).to_ne_bytes());
 
-        packet
-            .dst_port
-            .write_unaligned(target.nat_port_be.to_ne_bytes());
-        let l4_check = u16::from_ne_bytes(packet.l4_check.read_unaligned());
-        let l4_check = if tuple.protocol == IPPROTO_UDP {
-            address_and_port.apply_udp(l4_check)
+        dst_port.write_unaligned(target.nat_port_be.to_ne_bytes());
+        let old_check = u16::from_ne_bytes(l4_check.read_unaligned());
+        let new_check = if tuple.protocol == IPPROTO_UDP {
+            address_and_port.apply_udp(old_check)
         } else {
-            address_and_port.apply(l4_check)
+            address_and_port.apply(old_check)
         };
-        packet.l4_check.write_unaligned(l4_check.to_ne_bytes());
+        l4_check.write_unaligned(new_check.to_ne_bytes());
     }
+    Ok(())
 }
 
 /// SNAT in TC: a backend's reply leaves from the frontend address and port the client used.

@@ -64,17 +64,21 @@ impl Tuple {
     }
 }
 
-/// A parsed packet in XDP, with pointers to the fields DNAT rewrites.
+/// A parsed packet in XDP, with where the fields DNAT rewrites are.
+///
+/// Offsets rather than pointers: the L4 header's offset depends on the IPv4 header length, and
+/// LLVM may rebuild a variable-offset pointer from the packet start, which loses the bounds the
+/// verifier saw. The writer re-checks each field with `ptr_at` right where it writes.
 pub struct XdpPacket {
     pub tuple: Tuple,
     pub ip: *mut Ipv4Hdr,
-    pub dst_port: *mut [u8; 2],
-    pub l4_check: *mut [u8; 2],
+    pub dst_port_offset: usize,
+    pub l4_check_offset: usize,
 }
 
 /// A pointer to a `T` at `offset` in the packet, if the whole `T` lies inside it.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + size_of::<T>() > end {
@@ -127,13 +131,7 @@ pub fn xdp_ipv4_l4(ctx: &XdpContext) -> Result<Result<XdpPacket, Counter>, DropR
     if ptr_at::<u8>(ctx, l4_offset + l4_min_len - 1).is_none() {
         return Err(DropReason::L4HeaderTruncated);
     }
-    let (Some(ports), Some(l4_check)) = (
-        ptr_at::<[u16; 2]>(ctx, l4_offset),
-        ptr_at::<[u8; 2]>(ctx, l4_offset + check_offset),
-    ) else {
-        return Err(DropReason::L4HeaderTruncated);
-    };
-    let Some(dst_port) = ptr_at::<[u8; 2]>(ctx, l4_offset + L4_DST_PORT_OFFSET) else {
+    let Some(ports) = ptr_at::<[u16; 2]>(ctx, l4_offset) else {
         return Err(DropReason::L4HeaderTruncated);
     };
     let [src_port_be, dst_port_be] = read(ports);
@@ -147,8 +145,8 @@ pub fn xdp_ipv4_l4(ctx: &XdpContext) -> Result<Result<XdpPacket, Counter>, DropR
             protocol,
         },
         ip,
-        dst_port,
-        l4_check,
+        dst_port_offset: l4_offset + L4_DST_PORT_OFFSET,
+        l4_check_offset: l4_offset + check_offset,
     }))
 }
 
