@@ -1,0 +1,8 @@
+//! Shared pieces of the integration tests and the demo: a typed frame builder for
+//! BPF_PROG_TEST_RUN tables, network namespaces that delete themselves, and runners for the
+//! agent and the probe inside them.
+
+pub mod agent;
+pub mod frame;
+pub mod netns;
+pub mod probe;
