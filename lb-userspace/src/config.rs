@@ -164,6 +164,8 @@ struct ServiceSpec {
     external_ips: Vec<String>,
     #[serde(default)]
     ports: Vec<ServicePortSpec>,
+    /// `false` on a `LoadBalancer`: the API server assigns no node ports.
+    allocate_load_balancer_node_ports: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -252,6 +254,10 @@ struct PortEntry {
 
 /// Endpoints per (namespace, service name, port name, protocol).
 type EndpointIndex = BTreeMap<(String, String, String, Protocol), BTreeSet<Endpoint>>;
+
+/// Which service port (service and port index, and its name) serves an address, port and
+/// protocol.
+type Claims = BTreeMap<(Ipv4Addr, u16, Protocol), ((usize, usize), String)>;
 
 #[derive(Default)]
 struct Reader {
@@ -346,7 +352,10 @@ impl Reader {
         match serde_path_to_error::deserialize::<_, T>(value) {
             Ok(typed) => Some(typed),
             Err(error) => {
-                let field = error.path().to_string();
+                let field = match error.path().to_string() {
+                    root if root == "." => String::new(),
+                    path => path,
+                };
                 let message = error.into_inner().to_string();
                 self.problem(location, Some(object), &field, message);
                 None
@@ -367,6 +376,8 @@ impl Reader {
         };
 
         let service_type = service.spec.service_type.as_deref().unwrap_or("ClusterIP");
+        // Whether every port needs a node port; one that has it is served on it either way.
+        let node_ports_required = service.spec.allocate_load_balancer_node_ports != Some(false);
         let (has_node_ports, has_load_balancer) = match service_type {
             "ClusterIP" => (false, false),
             "NodePort" => (true, false),
@@ -496,6 +507,7 @@ impl Reader {
                             continue;
                         }
                     },
+                    None if !node_ports_required => None,
                     None => {
                         at(
                             self,
@@ -529,6 +541,18 @@ impl Reader {
             });
         }
 
+        if let Some(first) = self
+            .services
+            .iter()
+            .find(|s| s.namespace == namespace && s.name == name)
+        {
+            let message = format!(
+                "defined twice; the first definition is in {}. Keep one",
+                first.location
+            );
+            self.problem(&location, Some(&object), "metadata.name", message);
+            return;
+        }
         self.services.push(ServiceEntry {
             location,
             object,
@@ -675,12 +699,13 @@ impl Reader {
     /// no two service ports claim the same address, port and protocol.
     fn finish(mut self, node_ips: &[Ipv4Addr]) -> Result<Loaded, Vec<Problem>> {
         let mut service_ports = Vec::new();
-        let mut claimed: BTreeMap<(Ipv4Addr, u16, Protocol), String> = BTreeMap::new();
+        let mut claimed = Claims::new();
         let services = std::mem::take(&mut self.services);
-        for service in &services {
+        for (service_index, service) in services.iter().enumerate() {
             let key = (service.namespace.clone(), service.name.clone());
             self.slice_targets.remove(&key);
-            for port in &service.ports {
+            for (port_index, port) in service.ports.iter().enumerate() {
+                let owner = (service_index, port_index);
                 let mut frontends = port.frontends_on_service_ips.clone();
                 if let Some(node_port) = port.node_port {
                     frontends.extend(node_ips.iter().map(|&addr| Frontend {
@@ -694,7 +719,12 @@ impl Reader {
                 for frontend in &frontends {
                     let here = format!("{} {}", service.object, port.field);
                     let claim = (frontend.addr, frontend.port, port.protocol);
-                    if let Some(first) = claimed.get(&claim) {
+                    if let Some((first_owner, first)) = claimed.get(&claim) {
+                        // The same port reached in two ways, say an externalIP that is also its
+                        // load balancer's address.
+                        if *first_owner == owner {
+                            continue;
+                        }
                         let message = format!(
                             "{}:{}/{} is already served by {first}; every address, port and \
                              protocol can belong to one Service port only",
@@ -702,7 +732,7 @@ impl Reader {
                         );
                         self.problem(&service.location, Some(&service.object), &port.field, message);
                     } else {
-                        claimed.insert(claim, here);
+                        claimed.insert(claim, (owner, here));
                     }
                 }
                 let endpoints = self

@@ -1,1 +1,105 @@
-fn main(){}
+//! `cargo xtask`: setting up a machine, running the tests, and the demo.
+
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Project tasks: setup, test, demo")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks (idempotent): nightly rust-src, bpf-linker for LLVM 22,
+    /// Debian packages for the tests and demo, and a mounted bpffs.
+    Setup,
+    /// Run the whole test suite: unit, BPF_PROG_TEST_RUN and network-namespace tests (root).
+    Test {
+        /// Extra arguments for `cargo test`, after `--` (for example a test name filter).
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Build, create a demo topology in network namespaces, run lb-agent on it with
+    /// manifests/examples/demo.yaml, send requests through the NodePort and the LoadBalancer IP,
+    /// print what each backend saw, and tear everything down.
+    Demo {
+        /// Requests per frontend.
+        #[arg(long, default_value_t = 30)]
+        requests: u32,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::run(),
+        Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Demo { requests } => {
+            setup::run()?;
+            demo::run(requests)
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_owned)
+}
+
+/// Runs `cargo ARGS` in the workspace with extra environment `envs`, streaming its output.
+fn cargo(args: &[&str], envs: &[(&str, &Path)]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(&cargo)
+        .args(args)
+        .envs(envs.iter().copied())
+        .current_dir(workspace())
+        .status()
+        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    setup::run()?;
+    require_root("the tests load eBPF programs and create network namespaces")?;
+    // Namespaces a killed earlier run could not remove.
+    integration_tests::netns::Netns::remove_stale("lbt");
+    println!("==> building lb-agent and the test peers");
+    cargo(&["build", "-p", "lb-userspace", "-p", "integration-tests"], &[])?;
+    let agent = workspace().join("target/debug/lb-agent");
+    println!("==> cargo test (unit, BPF_PROG_TEST_RUN, network namespaces)");
+    let mut args = vec!["test", "--no-fail-fast"];
+    if !extra.is_empty() {
+        args.push("--");
+        args.extend(extra.iter().map(String::as_str));
+    }
+    cargo(&args, &[("LB_AGENT_BIN", &agent)])
+}
+
+fn require_root(why: &str) -> anyhow::Result<()> {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .unwrap_or_default();
+    if uid != "0" {
+        bail!("this needs root: {why}; run it with sudo");
+    }
+    Ok(())
+}

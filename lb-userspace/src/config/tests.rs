@@ -1,1 +1,2128 @@
+//! Tests of the config reader: real `kubectl` output, hand-written manifests, every kind of
+//! problem (with where it is), and odd input that must not panic.
 
+// YAML snippets are all written `r#"..."#`, whether or not they hold a `"`.
+#![allow(clippy::needless_raw_string_hashes)]
+
+use std::net::Ipv4Addr;
+
+use super::{ConfigError, Loaded, Location, Problem, load_file, parse};
+use crate::model::{Endpoint, Frontend, FrontendKind, Protocol, ServicePort};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+const NODE_A: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
+const NODE_B: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
+const NODES: &[Ipv4Addr] = &[NODE_A, NODE_B];
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+/// Parses `yaml`, failing the test with every problem if it does not.
+#[track_caller]
+fn ok(yaml: &str) -> Loaded {
+    match parse(yaml, NODES) {
+        Ok(loaded) => loaded,
+        Err(problems) => panic!("expected the config to parse, got:\n{}", lines(&problems)),
+    }
+}
+
+/// Parses `yaml`, failing the test if it does not fail.
+#[track_caller]
+fn problems(yaml: &str) -> Vec<Problem> {
+    match parse(yaml, NODES) {
+        Ok(loaded) => panic!("expected problems, but it parsed: {:#?}", loaded.state),
+        Err(problems) => {
+            assert!(!problems.is_empty(), "Err with no problems");
+            problems
+        }
+    }
+}
+
+fn lines(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Parses `yaml` expecting exactly one problem, and returns it.
+#[track_caller]
+fn only_problem(yaml: &str) -> Problem {
+    let problems = problems(yaml);
+    assert_eq!(
+        problems.len(),
+        1,
+        "expected one problem, got:\n{}",
+        lines(&problems)
+    );
+    problems.into_iter().next().unwrap()
+}
+
+/// Asserts that `problem` is at `document` (top level, not in a List), about `object`, in
+/// `field`, and that its message contains every one of `message_parts`.
+#[track_caller]
+fn assert_problem(
+    problem: &Problem,
+    document: usize,
+    object: Option<&str>,
+    field: &str,
+    message_parts: &[&str],
+) {
+    assert_eq!(
+        problem.location,
+        Location {
+            document,
+            item: None
+        },
+        "location of {problem}"
+    );
+    assert_eq!(problem.object.as_deref(), object, "object of {problem}");
+    assert_eq!(problem.field, field, "field of {problem}");
+    for part in message_parts {
+        assert!(
+            problem.message.contains(part),
+            "message of {problem:?} should contain {part:?}"
+        );
+    }
+}
+
+/// The problem reported for `field`, failing the test if there is not exactly one.
+#[track_caller]
+fn problem_at<'a>(problems: &'a [Problem], field: &str) -> &'a Problem {
+    let found: Vec<_> = problems.iter().filter(|p| p.field == field).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one problem at {field}, got:\n{}",
+        lines(problems)
+    );
+    found[0]
+}
+
+/// Asserts that some warning contains every one of `parts`.
+#[track_caller]
+fn assert_warned(loaded: &Loaded, parts: &[&str]) {
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| parts.iter().all(|part| w.contains(part))),
+        "no warning contains all of {parts:?}; warnings: {:#?}",
+        loaded.warnings
+    );
+}
+
+/// The one service port of `service` (`namespace/name`) called `port_name`.
+#[track_caller]
+fn port<'a>(loaded: &'a Loaded, service: &str, port_name: &str) -> &'a ServicePort {
+    let found: Vec<_> = loaded
+        .state
+        .service_ports
+        .iter()
+        .filter(|p| p.service == service && p.port_name == port_name)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one port {service}:{port_name}, got {:#?}",
+        loaded.state.service_ports
+    );
+    found[0]
+}
+
+/// `(service, port name)` of every service port, in the order the state has them.
+fn port_names(loaded: &Loaded) -> Vec<(&str, &str)> {
+    loaded
+        .state
+        .service_ports
+        .iter()
+        .map(|p| (p.service.as_str(), p.port_name.as_str()))
+        .collect()
+}
+
+fn fe(kind: FrontendKind, addr: &str, port: u16) -> Frontend {
+    Frontend {
+        kind,
+        addr: ip(addr),
+        port,
+    }
+}
+
+/// `NodePort` frontends on every node.
+fn node_ports(port: u16) -> Vec<Frontend> {
+    NODES
+        .iter()
+        .map(|&addr| Frontend {
+            kind: FrontendKind::NodePort,
+            addr,
+            port,
+        })
+        .collect()
+}
+
+/// Asserts the frontends of `port`, in any order (the state keeps them sorted).
+#[track_caller]
+fn assert_frontends(port: &ServicePort, expected: impl IntoIterator<Item = Frontend>) {
+    let mut expected: Vec<_> = expected.into_iter().collect();
+    expected.sort();
+    assert_eq!(
+        port.frontends,
+        expected,
+        "frontends of {}",
+        port.display_name()
+    );
+}
+
+fn ep(addr: &str, port: u16, pod: Option<&str>) -> Endpoint {
+    Endpoint {
+        addr: ip(addr),
+        port,
+        pod: pod.map(str::to_owned),
+    }
+}
+
+/// Asserts the endpoints of `port`, in any order (the state keeps them sorted).
+#[track_caller]
+fn assert_endpoints(port: &ServicePort, expected: impl IntoIterator<Item = Endpoint>) {
+    let mut expected: Vec<_> = expected.into_iter().collect();
+    expected.sort();
+    assert_eq!(
+        port.endpoints,
+        expected,
+        "endpoints of {}",
+        port.display_name()
+    );
+}
+
+/// Endpoint addresses of `port`, ignoring ports and pods.
+fn endpoint_addrs(port: &ServicePort) -> Vec<Ipv4Addr> {
+    port.endpoints.iter().map(|e| e.addr).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// `kubectl get svc,endpointslices -A -o yaml`
+// ---------------------------------------------------------------------------------------------
+
+/// What `kubectl get svc,endpointslices -A -o yaml` prints for a small cluster (managedFields
+/// and most annotations trimmed).
+const KUBECTL_LIST: &str = r#"
+apiVersion: v1
+items:
+- apiVersion: v1
+  kind: Service
+  metadata:
+    creationTimestamp: "2024-05-01T09:12:44Z"
+    labels:
+      component: apiserver
+      provider: kubernetes
+    name: kubernetes
+    namespace: default
+    resourceVersion: "198"
+    uid: 2b9d3c8e-6b1e-4a63-9d0c-0c3a6f1e7d11
+  spec:
+    clusterIP: 10.96.0.1
+    clusterIPs:
+    - 10.96.0.1
+    internalTrafficPolicy: Cluster
+    ipFamilies:
+    - IPv4
+    ipFamilyPolicy: SingleStack
+    ports:
+    - name: https
+      port: 443
+      protocol: TCP
+      targetPort: 6443
+    sessionAffinity: None
+    type: ClusterIP
+  status:
+    loadBalancer: {}
+- apiVersion: v1
+  kind: Service
+  metadata:
+    annotations:
+      prometheus.io/port: "9153"
+      prometheus.io/scrape: "true"
+    creationTimestamp: "2024-05-01T09:12:46Z"
+    labels:
+      k8s-app: kube-dns
+      kubernetes.io/cluster-service: "true"
+      kubernetes.io/name: CoreDNS
+    name: kube-dns
+    namespace: kube-system
+    resourceVersion: "263"
+    uid: 7a0e0c55-31c4-4b8e-bb56-1f0f4f5b0a2e
+  spec:
+    clusterIP: 10.96.0.10
+    clusterIPs:
+    - 10.96.0.10
+    internalTrafficPolicy: Cluster
+    ipFamilies:
+    - IPv4
+    ipFamilyPolicy: SingleStack
+    ports:
+    - name: dns
+      port: 53
+      protocol: UDP
+      targetPort: 53
+    - name: dns-tcp
+      port: 53
+      protocol: TCP
+      targetPort: 53
+    - name: metrics
+      port: 9153
+      protocol: TCP
+      targetPort: 9153
+    selector:
+      k8s-app: kube-dns
+    sessionAffinity: None
+    type: ClusterIP
+  status:
+    loadBalancer: {}
+- apiVersion: v1
+  kind: Service
+  metadata:
+    annotations:
+      kubectl.kubernetes.io/last-applied-configuration: |
+        {"apiVersion":"v1","kind":"Service","metadata":{"annotations":{},"name":"web","namespace":"shop"},"spec":{"ports":[{"name":"http","port":80,"targetPort":"http"}],"selector":{"app":"web"},"type":"LoadBalancer"}}
+    creationTimestamp: "2024-05-02T14:03:10Z"
+    name: web
+    namespace: shop
+    resourceVersion: "48213"
+    uid: c1f4b5de-9e0a-4f7d-8d62-5b3e2a9c4f00
+  spec:
+    allocateLoadBalancerNodePorts: true
+    clusterIP: 10.96.12.34
+    clusterIPs:
+    - 10.96.12.34
+    externalIPs:
+    - 203.0.113.7
+    externalTrafficPolicy: Cluster
+    internalTrafficPolicy: Cluster
+    ipFamilies:
+    - IPv4
+    ipFamilyPolicy: SingleStack
+    ports:
+    - name: http
+      nodePort: 31080
+      port: 80
+      protocol: TCP
+      targetPort: http
+    - name: https
+      nodePort: 31443
+      port: 443
+      protocol: TCP
+      targetPort: 8443
+    selector:
+      app: web
+    sessionAffinity: None
+    type: LoadBalancer
+  status:
+    loadBalancer:
+      ingress:
+      - ip: 198.51.100.20
+        ipMode: VIP
+- apiVersion: v1
+  kind: Service
+  metadata:
+    creationTimestamp: "2024-05-02T14:05:51Z"
+    name: api
+    namespace: shop
+    resourceVersion: "48377"
+    uid: 0d2f7a61-2c1b-4f33-a0b5-4a6de1c27e9b
+  spec:
+    clusterIP: 10.96.40.2
+    clusterIPs:
+    - 10.96.40.2
+    externalTrafficPolicy: Cluster
+    internalTrafficPolicy: Cluster
+    ipFamilies:
+    - IPv4
+    ipFamilyPolicy: SingleStack
+    ports:
+    - nodePort: 30080
+      port: 8080
+      protocol: TCP
+      targetPort: grpc
+    selector:
+      app: api
+    sessionAffinity: ClientIP
+    sessionAffinityConfig:
+      clientIP:
+        timeoutSeconds: 10800
+    type: NodePort
+  status:
+    loadBalancer: {}
+- addressType: IPv4
+  apiVersion: discovery.k8s.io/v1
+  endpoints:
+  - addresses:
+    - 192.168.1.10
+    conditions:
+      ready: true
+      serving: true
+      terminating: false
+  kind: EndpointSlice
+  metadata:
+    creationTimestamp: "2024-05-01T09:12:44Z"
+    generation: 1
+    labels:
+      kubernetes.io/service-name: kubernetes
+    name: kubernetes
+    namespace: default
+    resourceVersion: "200"
+    uid: 5e8a1d1f-0f0c-4c43-9b7e-52d6c2f0a3b4
+  ports:
+  - name: https
+    port: 6443
+    protocol: TCP
+- addressType: IPv4
+  apiVersion: discovery.k8s.io/v1
+  endpoints:
+  - addresses:
+    - 10.244.0.3
+    conditions:
+      ready: true
+      serving: true
+      terminating: false
+    nodeName: node-a
+    targetRef:
+      kind: Pod
+      name: coredns-5dd5756b68-7xk2p
+      namespace: kube-system
+      uid: 8c0b2c6e-3d8e-4b9c-a6b1-4f2e1d7c9a01
+    zone: zone-a
+  - addresses:
+    - 10.244.1.4
+    conditions:
+      ready: true
+      serving: true
+      terminating: false
+    nodeName: node-b
+    targetRef:
+      kind: Pod
+      name: coredns-5dd5756b68-q9w8z
+      namespace: kube-system
+      uid: 1e6a9f0b-7c5d-4e2f-8b3a-9d0c1b2a3f45
+    zone: zone-b
+  kind: EndpointSlice
+  metadata:
+    annotations:
+      endpoints.kubernetes.io/last-change-trigger-time: "2024-05-01T09:13:20Z"
+    creationTimestamp: "2024-05-01T09:12:46Z"
+    generateName: kube-dns-
+    generation: 3
+    labels:
+      endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+      k8s-app: kube-dns
+      kubernetes.io/cluster-service: "true"
+      kubernetes.io/name: CoreDNS
+      kubernetes.io/service-name: kube-dns
+    name: kube-dns-fv2lk
+    namespace: kube-system
+    ownerReferences:
+    - apiVersion: v1
+      blockOwnerDeletion: true
+      controller: true
+      kind: Service
+      name: kube-dns
+      uid: 7a0e0c55-31c4-4b8e-bb56-1f0f4f5b0a2e
+    resourceVersion: "412"
+    uid: 3f1e2d4c-5b6a-4798-8a9b-0c1d2e3f4a5b
+  ports:
+  - name: dns-tcp
+    port: 53
+    protocol: TCP
+  - name: metrics
+    port: 9153
+    protocol: TCP
+  - name: dns
+    port: 53
+    protocol: UDP
+- addressType: IPv4
+  apiVersion: discovery.k8s.io/v1
+  endpoints:
+  - addresses:
+    - 10.244.1.17
+    conditions:
+      ready: true
+      serving: true
+      terminating: false
+    hints:
+      forZones:
+      - name: zone-b
+    nodeName: node-b
+    targetRef:
+      kind: Pod
+      name: web-7f9c6d8b5-2kq4m
+      namespace: shop
+      uid: 6b2d9e1f-3a4c-4d5e-9f60-7a8b9c0d1e2f
+    zone: zone-b
+  - addresses:
+    - 10.244.0.21
+    conditions:
+      ready: false
+      serving: true
+      terminating: true
+    hints:
+      forZones:
+      - name: zone-a
+    nodeName: node-a
+    targetRef:
+      kind: Pod
+      name: web-7f9c6d8b5-old01
+      namespace: shop
+      uid: 2c3d4e5f-6a7b-4c8d-9e0f-1a2b3c4d5e6f
+    zone: zone-a
+  kind: EndpointSlice
+  metadata:
+    annotations:
+      endpoints.kubernetes.io/last-change-trigger-time: "2024-05-02T14:20:02Z"
+    creationTimestamp: "2024-05-02T14:03:10Z"
+    generateName: web-
+    generation: 7
+    labels:
+      endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+      kubernetes.io/service-name: web
+    name: web-8xq2n
+    namespace: shop
+    ownerReferences:
+    - apiVersion: v1
+      blockOwnerDeletion: true
+      controller: true
+      kind: Service
+      name: web
+      uid: c1f4b5de-9e0a-4f7d-8d62-5b3e2a9c4f00
+    resourceVersion: "50112"
+    uid: 9a8b7c6d-5e4f-4a3b-2c1d-0e9f8a7b6c5d
+  ports:
+  - name: http
+    port: 8080
+    protocol: TCP
+  - name: https
+    port: 8443
+    protocol: TCP
+- addressType: IPv4
+  apiVersion: discovery.k8s.io/v1
+  endpoints:
+  - addresses:
+    - 10.244.0.22
+    conditions:
+      ready: true
+      serving: true
+      terminating: false
+    hints:
+      forZones:
+      - name: zone-a
+    nodeName: node-a
+    targetRef:
+      kind: Pod
+      name: web-7f9c6d8b5-x8v7c
+      namespace: shop
+      uid: 4e5f6a7b-8c9d-4e0f-a1b2-c3d4e5f6a7b8
+    zone: zone-a
+  kind: EndpointSlice
+  metadata:
+    creationTimestamp: "2024-05-02T14:19:55Z"
+    generateName: web-
+    generation: 2
+    labels:
+      endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+      kubernetes.io/service-name: web
+    name: web-m4d7r
+    namespace: shop
+    ownerReferences:
+    - apiVersion: v1
+      blockOwnerDeletion: true
+      controller: true
+      kind: Service
+      name: web
+      uid: c1f4b5de-9e0a-4f7d-8d62-5b3e2a9c4f00
+    resourceVersion: "50140"
+    uid: 1b2c3d4e-5f6a-4b7c-8d9e-0f1a2b3c4d5e
+  ports:
+  - name: http
+    port: 8080
+    protocol: TCP
+  - name: https
+    port: 8443
+    protocol: TCP
+- addressType: IPv4
+  apiVersion: discovery.k8s.io/v1
+  endpoints:
+  - addresses:
+    - 10.244.1.30
+    conditions:
+      ready: true
+      serving: true
+      terminating: false
+    nodeName: node-b
+    targetRef:
+      kind: Pod
+      name: api-6c8d9f7b4-p2m5n
+      namespace: shop
+      uid: 5f6a7b8c-9d0e-4f1a-b2c3-d4e5f6a7b8c9
+    zone: zone-b
+  kind: EndpointSlice
+  metadata:
+    creationTimestamp: "2024-05-02T14:05:51Z"
+    generateName: api-
+    generation: 2
+    labels:
+      endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+      kubernetes.io/service-name: api
+    name: api-r7t2k
+    namespace: shop
+    ownerReferences:
+    - apiVersion: v1
+      blockOwnerDeletion: true
+      controller: true
+      kind: Service
+      name: api
+      uid: 0d2f7a61-2c1b-4f33-a0b5-4a6de1c27e9b
+    resourceVersion: "48402"
+    uid: 6a7b8c9d-0e1f-4a2b-c3d4-e5f6a7b8c9d0
+  ports:
+  - name: ""
+    port: 9090
+    protocol: TCP
+kind: List
+metadata:
+  resourceVersion: ""
+"#;
+
+#[test]
+fn kubectl_list_gives_every_service_port_sorted() {
+    let loaded = ok(KUBECTL_LIST);
+    assert_eq!(
+        port_names(&loaded),
+        [
+            ("default/kubernetes", "https"),
+            ("kube-system/kube-dns", "dns"),
+            ("kube-system/kube-dns", "dns-tcp"),
+            ("kube-system/kube-dns", "metrics"),
+            ("shop/api", ""),
+            ("shop/web", "http"),
+            ("shop/web", "https"),
+        ]
+    );
+    assert!(
+        loaded.warnings.is_empty(),
+        "warnings: {:#?}",
+        loaded.warnings
+    );
+}
+
+#[test]
+fn kubectl_list_cluster_ip_service() {
+    let loaded = ok(KUBECTL_LIST);
+    let https = port(&loaded, "default/kubernetes", "https");
+    assert_eq!(https.protocol, Protocol::Tcp);
+    assert_frontends(https, [fe(FrontendKind::ClusterIp, "10.96.0.1", 443)]);
+    // targetPort 6443 comes from the slice; no targetRef, so no pod.
+    assert_endpoints(https, [ep("192.168.1.10", 6443, None)]);
+}
+
+#[test]
+fn kubectl_list_load_balancer_service_has_every_kind_of_frontend() {
+    let loaded = ok(KUBECTL_LIST);
+
+    let http = port(&loaded, "shop/web", "http");
+    assert_eq!(http.protocol, Protocol::Tcp);
+    let mut expected = vec![
+        fe(FrontendKind::ClusterIp, "10.96.12.34", 80),
+        fe(FrontendKind::LoadBalancer, "198.51.100.20", 80),
+        fe(FrontendKind::ExternalIp, "203.0.113.7", 80),
+    ];
+    expected.extend(node_ports(31080));
+    assert_frontends(http, expected);
+
+    let https = port(&loaded, "shop/web", "https");
+    let mut expected = vec![
+        fe(FrontendKind::ClusterIp, "10.96.12.34", 443),
+        fe(FrontendKind::LoadBalancer, "198.51.100.20", 443),
+        fe(FrontendKind::ExternalIp, "203.0.113.7", 443),
+    ];
+    expected.extend(node_ports(31443));
+    assert_frontends(https, expected);
+}
+
+#[test]
+fn kubectl_list_endpoints_are_joined_across_slices_with_the_slice_port() {
+    let loaded = ok(KUBECTL_LIST);
+    // `targetPort: http` is resolved by Kubernetes; the slice carries the number (8080). The
+    // terminating pod (ready: false) is left out; the two ready pods come from two slices.
+    assert_endpoints(
+        port(&loaded, "shop/web", "http"),
+        [
+            ep("10.244.0.22", 8080, Some("web-7f9c6d8b5-x8v7c")),
+            ep("10.244.1.17", 8080, Some("web-7f9c6d8b5-2kq4m")),
+        ],
+    );
+    assert_endpoints(
+        port(&loaded, "shop/web", "https"),
+        [
+            ep("10.244.0.22", 8443, Some("web-7f9c6d8b5-x8v7c")),
+            ep("10.244.1.17", 8443, Some("web-7f9c6d8b5-2kq4m")),
+        ],
+    );
+}
+
+#[test]
+fn kubectl_list_multi_port_service_matches_ports_by_name_and_protocol() {
+    let loaded = ok(KUBECTL_LIST);
+    let pods = |port: u16| {
+        [
+            ep("10.244.0.3", port, Some("coredns-5dd5756b68-7xk2p")),
+            ep("10.244.1.4", port, Some("coredns-5dd5756b68-q9w8z")),
+        ]
+    };
+
+    let dns = port(&loaded, "kube-system/kube-dns", "dns");
+    assert_eq!(dns.protocol, Protocol::Udp);
+    assert_frontends(dns, [fe(FrontendKind::ClusterIp, "10.96.0.10", 53)]);
+    assert_endpoints(dns, pods(53));
+
+    let dns_tcp = port(&loaded, "kube-system/kube-dns", "dns-tcp");
+    assert_eq!(dns_tcp.protocol, Protocol::Tcp);
+    assert_frontends(dns_tcp, [fe(FrontendKind::ClusterIp, "10.96.0.10", 53)]);
+    assert_endpoints(dns_tcp, pods(53));
+
+    // Listed first in the Service, second in the slice: matched by name, not position.
+    let metrics = port(&loaded, "kube-system/kube-dns", "metrics");
+    assert_eq!(metrics.protocol, Protocol::Tcp);
+    assert_frontends(metrics, [fe(FrontendKind::ClusterIp, "10.96.0.10", 9153)]);
+    assert_endpoints(metrics, pods(9153));
+}
+
+#[test]
+fn kubectl_list_node_port_service() {
+    let loaded = ok(KUBECTL_LIST);
+    let api = port(&loaded, "shop/api", "");
+    assert_eq!(api.display_name(), "shop/api");
+    let mut expected = vec![fe(FrontendKind::ClusterIp, "10.96.40.2", 8080)];
+    expected.extend(node_ports(30080));
+    assert_frontends(api, expected);
+    assert_endpoints(api, [ep("10.244.1.30", 9090, Some("api-6c8d9f7b4-p2m5n"))]);
+}
+
+#[test]
+fn node_ports_are_served_on_no_address_without_node_ips() {
+    let loaded = parse(KUBECTL_LIST, &[]).unwrap();
+    let api = port(&loaded, "shop/api", "");
+    assert_frontends(api, [fe(FrontendKind::ClusterIp, "10.96.40.2", 8080)]);
+}
+
+#[test]
+fn kubectl_list_with_mixed_objects_and_problems_reports_list_items() {
+    let yaml = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: ConfigMap
+  metadata: {name: settings, namespace: shop}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: web, namespace: shop}
+  spec:
+    clusterIP: 10.96.0.300
+    ports: [{port: 80}]
+"#;
+    let problems = problems(yaml);
+    assert_eq!(problems.len(), 1, "{}", lines(&problems));
+    let problem = &problems[0];
+    assert_eq!(
+        problem.location,
+        Location {
+            document: 1,
+            item: Some(1)
+        }
+    );
+    assert_eq!(problem.object.as_deref(), Some("Service shop/web"));
+    assert_eq!(problem.field, "spec.clusterIP");
+    assert_eq!(
+        problem.to_string(),
+        "document 1, items[1] (Service shop/web), field spec.clusterIP: \"10.96.0.300\" is not \
+         an IPv4 address, \"None\" or empty"
+    );
+}
+
+#[test]
+fn list_problems() {
+    let problem = only_problem("apiVersion: v1\nkind: List\n");
+    assert_problem(
+        &problem,
+        1,
+        Some("List"),
+        "items",
+        &["missing or not a list"],
+    );
+
+    let problem = only_problem("apiVersion: v1\nkind: List\nitems: {a: 1}\n");
+    assert_problem(&problem, 1, Some("List"), "items", &["not a list"]);
+
+    let problems = problems(
+        r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: List
+  items: []
+"#,
+    );
+    assert_eq!(problems.len(), 1, "{}", lines(&problems));
+    assert_eq!(
+        problems[0].location,
+        Location {
+            document: 1,
+            item: Some(0)
+        }
+    );
+    assert_eq!(problems[0].field, "kind");
+    assert!(problems[0].message.contains("List inside a List"));
+}
+
+#[test]
+fn empty_list_is_an_empty_state() {
+    let loaded = ok("apiVersion: v1\nkind: List\nitems: []\nmetadata:\n  resourceVersion: \"\"\n");
+    assert!(loaded.state.service_ports.is_empty());
+    assert!(loaded.warnings.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hand-written manifests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn separate_documents_and_default_namespace() {
+    let yaml = r#"
+# A Service without a namespace is in `default`, as kubectl applies it.
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  clusterIP: 10.0.0.10
+  ports:
+  - port: 80
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  labels:
+    kubernetes.io/service-name: web
+addressType: IPv4
+ports:
+- port: 8080
+endpoints:
+- addresses: [10.1.0.1]
+  conditions: {ready: true}
+- addresses: [10.1.0.2]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-2
+  namespace: default
+  labels:
+    kubernetes.io/service-name: web
+addressType: IPv4
+ports:
+- port: 8080
+  protocol: TCP
+endpoints:
+- addresses: [10.1.0.3]
+  conditions: {ready: false}
+- addresses: [10.1.0.4]
+  conditions: {}
+"#;
+    let loaded = ok(yaml);
+    assert_eq!(port_names(&loaded), [("default/web", "")]);
+    let web = port(&loaded, "default/web", "");
+    assert_eq!(web.protocol, Protocol::Tcp, "protocol defaults to TCP");
+    assert_frontends(web, [fe(FrontendKind::ClusterIp, "10.0.0.10", 80)]);
+    // 10.1.0.2 and 10.1.0.4 have no `ready`, which counts as ready; 10.1.0.3 is not ready.
+    assert_endpoints(
+        web,
+        [
+            ep("10.1.0.1", 8080, None),
+            ep("10.1.0.2", 8080, None),
+            ep("10.1.0.4", 8080, None),
+        ],
+    );
+    assert!(
+        loaded.warnings.is_empty(),
+        "warnings: {:#?}",
+        loaded.warnings
+    );
+}
+
+#[test]
+fn documents_may_come_in_any_order_and_empty_documents_are_ignored() {
+    let yaml = r#"
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: dns-1
+  namespace: infra
+  labels: {kubernetes.io/service-name: dns}
+addressType: IPv4
+ports: [{name: dns, port: 5353, protocol: UDP}]
+endpoints: [{addresses: [10.2.0.1], targetRef: {kind: Pod, name: dns-0}}]
+---
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: infra}
+spec:
+  clusterIP: 10.0.0.53
+  ports: [{name: dns, port: 53, protocol: UDP}]
+...
+"#;
+    let loaded = ok(yaml);
+    let dns = port(&loaded, "infra/dns", "dns");
+    assert_eq!(dns.protocol, Protocol::Udp);
+    assert_frontends(dns, [fe(FrontendKind::ClusterIp, "10.0.0.53", 53)]);
+    assert_endpoints(dns, [ep("10.2.0.1", 5353, Some("dns-0"))]);
+}
+
+#[test]
+fn slices_in_another_namespace_or_for_another_port_do_not_match() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: a}
+spec:
+  clusterIP: 10.0.0.10
+  ports: [{name: http, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: b, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.1.0.1]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-2, namespace: a, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {name: metrics, port: 9090}
+- {name: http, port: 8080, protocol: UDP}
+endpoints: [{addresses: [10.1.0.2]}]
+"#;
+    let loaded = ok(yaml);
+    assert!(port(&loaded, "a/web", "http").endpoints.is_empty());
+    assert_warned(
+        &loaded,
+        &["document 2", "EndpointSlice b/web-1", "Service b/web"],
+    );
+}
+
+#[test]
+fn first_address_of_an_endpoint_is_used() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.0.0.10, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.1.0.1, 10.1.0.9]}]
+"#;
+    let loaded = ok(yaml);
+    assert_eq!(
+        endpoint_addrs(port(&loaded, "default/web", "")),
+        [ip("10.1.0.1")]
+    );
+}
+
+#[test]
+fn the_same_endpoint_in_two_slices_is_listed_once() {
+    let slice = |name: &str| {
+        format!(
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints: [{{addresses: [10.1.0.1], targetRef: {{kind: Pod, name: web-0}}}}]
+"#
+        )
+    };
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\n\
+         spec: {{clusterIP: 10.0.0.10, ports: [{{port: 80}}]}}\n---{}---{}",
+        slice("web-1"),
+        slice("web-2")
+    );
+    let loaded = ok(&yaml);
+    assert_endpoints(
+        port(&loaded, "default/web", ""),
+        [ep("10.1.0.1", 8080, Some("web-0"))],
+    );
+}
+
+#[test]
+fn service_without_slices_has_no_endpoints() {
+    let loaded = ok(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.0.0.10, ports: [{port: 80}]}
+"#);
+    let web = port(&loaded, "default/web", "");
+    assert_frontends(web, [fe(FrontendKind::ClusterIp, "10.0.0.10", 80)]);
+    assert!(web.endpoints.is_empty());
+}
+
+#[test]
+fn slice_without_endpoints_as_kubectl_prints_it() {
+    // `endpoints` and `ports` have no `omitempty` in the API, so a Service scaled to zero has
+    // a slice with `endpoints: null`, and a Service without ports one with `ports: null`.
+    let loaded = ok(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.0.0.10, ports: [{name: http, port: 80}]}
+---
+addressType: IPv4
+apiVersion: discovery.k8s.io/v1
+endpoints: null
+kind: EndpointSlice
+metadata:
+  labels: {kubernetes.io/service-name: web}
+  name: web-abcde
+  namespace: shop
+ports:
+- name: http
+  port: 8080
+  protocol: TCP
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: None}
+---
+addressType: IPv4
+apiVersion: discovery.k8s.io/v1
+endpoints:
+- addresses: [10.1.0.5]
+  conditions: {ready: true}
+kind: EndpointSlice
+metadata:
+  labels: {kubernetes.io/service-name: db}
+  name: db-fghij
+  namespace: shop
+ports: null
+"#);
+    assert_eq!(port_names(&loaded), [("shop/web", "http")]);
+    assert!(port(&loaded, "shop/web", "http").endpoints.is_empty());
+}
+
+#[test]
+fn null_fields_count_as_unset() {
+    let loaded = ok(r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace:
+  labels:
+spec:
+  type:
+  clusterIP: 10.0.0.10
+  externalIPs:
+  ports:
+  - port: 80
+    protocol:
+status:
+"#);
+    assert_frontends(
+        port(&loaded, "default/web", ""),
+        [fe(FrontendKind::ClusterIp, "10.0.0.10", 80)],
+    );
+}
+
+#[test]
+fn cluster_ip_service_ignores_node_ports_and_load_balancer_status() {
+    let loaded = ok(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.0.0.10
+  ports: [{port: 80, nodePort: 31000}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.1}]
+"#);
+    assert_frontends(
+        port(&loaded, "default/web", ""),
+        [fe(FrontendKind::ClusterIp, "10.0.0.10", 80)],
+    );
+}
+
+#[test]
+fn load_balancer_hostname_ingress_is_skipped_with_a_warning() {
+    let loaded = ok(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.0.0.10
+  ports: [{port: 80, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress:
+    - hostname: abc.elb.example.com
+    - ip: 198.51.100.1
+"#);
+    let mut expected = vec![
+        fe(FrontendKind::ClusterIp, "10.0.0.10", 80),
+        fe(FrontendKind::LoadBalancer, "198.51.100.1", 80),
+    ];
+    expected.extend(node_ports(30080));
+    assert_frontends(port(&loaded, "default/web", ""), expected);
+    assert_warned(&loaded, &["Service default/web", "abc.elb.example.com"]);
+}
+
+#[test]
+fn load_balancer_without_node_ports_when_not_allocated() {
+    // With `allocateLoadBalancerNodePorts: false` the API server assigns no node ports.
+    let loaded = ok(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  allocateLoadBalancerNodePorts: false
+  clusterIP: 10.0.0.10
+  ports: [{name: http, port: 80}, {name: dns, port: 53, protocol: UDP, nodePort: 30053}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.1}]
+"#);
+    assert_frontends(
+        port(&loaded, "default/web", "http"),
+        [
+            fe(FrontendKind::ClusterIp, "10.0.0.10", 80),
+            fe(FrontendKind::LoadBalancer, "198.51.100.1", 80),
+        ],
+    );
+    let mut expected = vec![
+        fe(FrontendKind::ClusterIp, "10.0.0.10", 53),
+        fe(FrontendKind::LoadBalancer, "198.51.100.1", 53),
+    ];
+    expected.extend(node_ports(30053));
+    assert_frontends(port(&loaded, "default/web", "dns"), expected);
+}
+
+#[test]
+fn a_service_port_may_reach_one_address_in_two_ways() {
+    // The load balancer's address is also listed in externalIPs: one Service port, not a clash.
+    let loaded = ok(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.0.0.10
+  externalIPs: [198.51.100.1]
+  ports: [{port: 80, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.1}]
+"#);
+    let web = port(&loaded, "default/web", "");
+    assert!(
+        web.frontends
+            .contains(&fe(FrontendKind::LoadBalancer, "198.51.100.1", 80))
+    );
+    assert!(
+        web.frontends
+            .contains(&fe(FrontendKind::ExternalIp, "198.51.100.1", 80))
+    );
+}
+
+#[test]
+fn same_port_number_with_tcp_and_udp_is_not_a_clash() {
+    let loaded = ok(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dns}
+spec:
+  clusterIP: 10.0.0.53
+  ports: [{name: udp, port: 53, protocol: UDP}, {name: tcp, port: 53, protocol: TCP}]
+"#);
+    assert_eq!(port(&loaded, "default/dns", "udp").protocol, Protocol::Udp);
+    assert_eq!(port(&loaded, "default/dns", "tcp").protocol, Protocol::Tcp);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Skipped with a warning
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn external_name_service_is_skipped_with_a_warning() {
+    let loaded = ok(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: mail, namespace: shop}
+spec:
+  type: ExternalName
+  externalName: mail.example.com
+  ports: [{port: 25}]
+"#);
+    assert!(loaded.state.service_ports.is_empty());
+    assert_warned(
+        &loaded,
+        &["document 1", "Service shop/mail", "ExternalName"],
+    );
+}
+
+#[test]
+fn headless_service_has_ports_but_no_frontends() {
+    let loaded = ok(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec:
+  clusterIP: None
+  ports: [{name: pg, port: 5432}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: pg, port: 5432}]
+endpoints: [{addresses: [10.1.0.7]}]
+"#);
+    let pg = port(&loaded, "default/db", "pg");
+    assert!(pg.frontends.is_empty(), "{:?}", pg.frontends);
+    assert_endpoints(pg, [ep("10.1.0.7", 5432, None)]);
+    assert!(
+        loaded.warnings.is_empty(),
+        "warnings: {:#?}",
+        loaded.warnings
+    );
+}
+
+#[test]
+fn sctp_port_is_skipped_with_a_warning() {
+    let loaded = ok(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: sig}
+spec:
+  clusterIP: 10.0.0.20
+  ports:
+  - {name: sctp, port: 3868, protocol: SCTP}
+  - {name: tcp, port: 3868, protocol: TCP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sig-1, labels: {kubernetes.io/service-name: sig}}
+addressType: IPv4
+ports: [{name: sctp, port: 3868, protocol: SCTP}, {name: tcp, port: 3868, protocol: TCP}]
+endpoints: [{addresses: [10.1.0.8]}]
+"#);
+    assert_eq!(port_names(&loaded), [("default/sig", "tcp")]);
+    assert_endpoints(
+        port(&loaded, "default/sig", "tcp"),
+        [ep("10.1.0.8", 3868, None)],
+    );
+    assert_warned(&loaded, &["Service default/sig", "spec.ports[0]", "SCTP"]);
+}
+
+#[test]
+fn unknown_kinds_are_skipped_with_a_warning() {
+    let loaded = ok(r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec: {replicas: 3}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: web}
+subsets: []
+---
+apiVersion: v1beta1
+kind: Service
+metadata: {name: old}
+"#);
+    assert!(loaded.state.service_ports.is_empty());
+    assert_warned(&loaded, &["document 1", "apps/v1 Deployment", "skipped"]);
+    assert_warned(&loaded, &["document 2", "v1 Endpoints", "skipped"]);
+    assert_warned(&loaded, &["document 3", "v1beta1 Service", "skipped"]);
+}
+
+#[test]
+fn ipv6_and_fqdn_slices_are_skipped_with_a_warning() {
+    let loaded = ok(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.0.0.10, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ["fd00::1"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-fqdn, labels: {kubernetes.io/service-name: web}}
+addressType: FQDN
+ports: [{port: 8080}]
+endpoints: [{addresses: [web.example.com]}]
+"#);
+    assert!(port(&loaded, "default/web", "").endpoints.is_empty());
+    assert_warned(
+        &loaded,
+        &["document 2", "EndpointSlice default/web-v6", "IPv6"],
+    );
+    assert_warned(
+        &loaded,
+        &["document 3", "EndpointSlice default/web-fqdn", "FQDN"],
+    );
+}
+
+#[test]
+fn ipv6_cluster_ip_is_skipped_with_a_warning() {
+    let loaded = ok(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: "fd00:10:96::1", ports: [{port: 80}]}
+"#);
+    assert!(port(&loaded, "default/web", "").frontends.is_empty());
+    assert_warned(&loaded, &["Service default/web", "fd00:10:96::1", "IPv6"]);
+}
+
+#[test]
+fn slice_without_its_service_is_warned_about() {
+    let loaded = ok(r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: ghost-abc
+  namespace: shop
+  labels: {kubernetes.io/service-name: ghost}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.1.0.1]}]
+"#);
+    assert!(loaded.state.service_ports.is_empty());
+    assert_warned(
+        &loaded,
+        &[
+            "document 1",
+            "EndpointSlice shop/ghost-abc",
+            "Service shop/ghost",
+            "not in the config",
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Problems: each with its document, object, field and message
+// ---------------------------------------------------------------------------------------------
+
+/// A valid Service for document 1, so that a problem can be placed in document 2.
+const GOOD_SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ok}
+spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
+"#;
+
+/// `GOOD_SERVICE`, then `yaml` as document 2.
+fn second(yaml: &str) -> String {
+    format!("{GOOD_SERVICE}---\n{yaml}")
+}
+
+#[test]
+fn invalid_yaml() {
+    let problem = only_problem(&second(
+        "apiVersion: v1\nkind: [Service\nmetadata: {name: x}\n",
+    ));
+    assert_problem(&problem, 2, None, "", &["not valid YAML", "line"]);
+
+    let problem = only_problem("apiVersion: v1\n  kind: Service\n");
+    assert_problem(&problem, 1, None, "", &["not valid YAML"]);
+
+    let problem = only_problem("key: \"unterminated\n");
+    assert_problem(&problem, 1, None, "", &["not valid YAML"]);
+}
+
+#[test]
+fn missing_api_version_or_kind() {
+    let problem = only_problem(&second("kind: Service\nmetadata: {name: web}\n"));
+    assert_problem(
+        &problem,
+        2,
+        None,
+        "apiVersion",
+        &["missing", "apiVersion and kind"],
+    );
+
+    let problem = only_problem(&second("apiVersion: v1\nmetadata: {name: web}\n"));
+    assert_problem(
+        &problem,
+        2,
+        None,
+        "kind",
+        &["missing", "apiVersion and kind"],
+    );
+
+    let problem = only_problem("metadata: {name: web}\n");
+    assert_problem(&problem, 1, None, "apiVersion", &["missing"]);
+}
+
+#[test]
+fn missing_name() {
+    let problem = only_problem(&second(
+        "apiVersion: v1\nkind: Service\nspec: {ports: [{port: 80}]}\n",
+    ));
+    assert_problem(
+        &problem,
+        2,
+        Some("Service without a name"),
+        "metadata.name",
+        &["missing"],
+    );
+}
+
+#[test]
+fn bad_cluster_ip() {
+    let problem = only_problem(&second(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+         spec: {clusterIP: 10.0.0.256, ports: [{port: 80}]}\n",
+    ));
+    assert_problem(
+        &problem,
+        2,
+        Some("Service shop/web"),
+        "spec.clusterIP",
+        &["\"10.0.0.256\"", "not an IPv4 address"],
+    );
+}
+
+#[test]
+fn bad_external_ip() {
+    let problem = only_problem(&second(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+         spec: {clusterIP: 10.0.0.2, externalIPs: [203.0.113.7, lb.example.com], ports: [{port: 80}]}\n",
+    ));
+    assert_problem(
+        &problem,
+        2,
+        Some("Service default/web"),
+        "spec.externalIPs[1]",
+        &["\"lb.example.com\"", "not an IPv4 address"],
+    );
+}
+
+#[test]
+fn bad_load_balancer_ingress_ip() {
+    let problem = only_problem(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {type: LoadBalancer, clusterIP: 10.0.0.2, ports: [{port: 80, nodePort: 30080}]}
+status: {loadBalancer: {ingress: [{ip: 198.51.100.1}, {ip: "2001:db8::1"}]}}
+"#,
+    );
+    assert_problem(
+        &problem,
+        1,
+        Some("Service default/web"),
+        "status.loadBalancer.ingress[1].ip",
+        &["2001:db8::1", "not an IPv4 address"],
+    );
+}
+
+#[test]
+fn node_port_out_of_range() {
+    let problem = only_problem(&second(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+         spec: {type: NodePort, clusterIP: 10.0.0.2, ports: [{port: 80, nodePort: 80}]}\n",
+    ));
+    assert_problem(
+        &problem,
+        2,
+        Some("Service default/web"),
+        "spec.ports[0].nodePort",
+        &["80 is outside the node port range 30000-32767"],
+    );
+
+    for bad in ["29999", "32768", "70000", "-1"] {
+        let problem = only_problem(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\n\
+             spec: {{type: LoadBalancer, ports: [{{port: 80, nodePort: {bad}}}]}}\n",
+        ));
+        assert_problem(
+            &problem,
+            1,
+            Some("Service default/web"),
+            "spec.ports[0].nodePort",
+            &[bad, "outside the node port range"],
+        );
+    }
+}
+
+#[test]
+fn node_port_missing() {
+    let problem = only_problem(&second(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  clusterIP: 10.0.0.2
+  ports:
+  - {name: a, port: 80, nodePort: 30080}
+  - {name: b, port: 81}
+"#,
+    ));
+    assert_problem(
+        &problem,
+        2,
+        Some("Service default/web"),
+        "spec.ports[1].nodePort",
+        &["required for type NodePort", "30000-32767"],
+    );
+}
+
+#[test]
+fn unknown_service_type() {
+    let problem = only_problem(&second(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+         spec: {type: Ingress, ports: [{port: 80}]}\n",
+    ));
+    assert_problem(
+        &problem,
+        2,
+        Some("Service default/web"),
+        "spec.type",
+        &[
+            "unknown Service type \"Ingress\"",
+            "ClusterIP, NodePort, LoadBalancer",
+        ],
+    );
+}
+
+#[test]
+fn unknown_protocol() {
+    let problem = only_problem(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+         spec: {ports: [{port: 80, protocol: tcp}]}\n",
+    );
+    assert_problem(
+        &problem,
+        1,
+        Some("Service default/web"),
+        "spec.ports[0].protocol",
+        &["unknown protocol \"tcp\"", "TCP or UDP"],
+    );
+}
+
+#[test]
+fn service_port_out_of_range() {
+    let problems = problems(&second(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.0.0.2
+  ports:
+  - {name: zero, port: 0}
+  - {name: big, port: 70000}
+  - {name: negative, port: -5}
+  - {name: fine, port: 65535}
+"#,
+    ));
+    assert_eq!(problems.len(), 3, "{}", lines(&problems));
+    for (field, text) in [
+        ("spec.ports[0].port", "0 is not a port"),
+        ("spec.ports[1].port", "70000 is not a port"),
+        ("spec.ports[2].port", "-5 is not a port"),
+    ] {
+        assert_problem(
+            problem_at(&problems, field),
+            2,
+            Some("Service default/web"),
+            field,
+            &[text, "1-65535"],
+        );
+    }
+}
+
+#[test]
+fn duplicate_port_name() {
+    let problem = only_problem(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+         spec: {ports: [{name: http, port: 80}, {name: http, port: 81}]}\n",
+    );
+    assert_problem(
+        &problem,
+        1,
+        Some("Service default/web"),
+        "spec.ports[1].name",
+        &["\"http\" is used twice"],
+    );
+}
+
+#[test]
+fn wrong_field_type_names_the_field() {
+    let problem = only_problem(&second(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+         spec: {clusterIP: 10.0.0.2, ports: [{port: \"http\"}]}\n",
+    ));
+    assert_problem(
+        &problem,
+        2,
+        Some("Service default/web"),
+        "spec.ports[0].port",
+        &["invalid type", "http"],
+    );
+
+    let problem = only_problem(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {externalIPs: 1.2.3.4}\n",
+    );
+    assert_problem(
+        &problem,
+        1,
+        Some("Service default/web"),
+        "spec.externalIPs",
+        &["invalid type"],
+    );
+
+    let problem = only_problem(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: s, labels: {kubernetes.io/service-name: web}}\n\
+         addressType: IPv4\nendpoints: [{addresses: [10.1.0.1], conditions: {ready: maybe}}]\n",
+    );
+    assert_problem(
+        &problem,
+        1,
+        Some("EndpointSlice default/s"),
+        "endpoints[0].conditions.ready",
+        &["invalid type"],
+    );
+}
+
+#[test]
+fn missing_required_field() {
+    let problem = only_problem(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{name: http}]}\n",
+    );
+    assert_problem(
+        &problem,
+        1,
+        Some("Service default/web"),
+        "spec.ports[0]",
+        &["missing field `port`"],
+    );
+
+    let problem = only_problem(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: s, labels: {kubernetes.io/service-name: web}}\n",
+    );
+    assert_problem(
+        &problem,
+        1,
+        Some("EndpointSlice default/s"),
+        "",
+        &["missing field `addressType`"],
+    );
+}
+
+/// An `EndpointSlice` for Service `web` in document 2, with `rest` after its metadata.
+fn slice(rest: &str) -> String {
+    second(&format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
+         {rest}"
+    ))
+}
+
+#[test]
+fn bad_endpoint_address() {
+    let problem = only_problem(&slice(
+        "addressType: IPv4\nports: [{port: 8080}]\n\
+         endpoints: [{addresses: [10.1.0.1]}, {addresses: [10.1.0.2, 10.1.0]}]\n",
+    ));
+    assert_problem(
+        &problem,
+        2,
+        Some("EndpointSlice shop/web-1"),
+        "endpoints[1].addresses[1]",
+        &["\"10.1.0\"", "not an IPv4 address"],
+    );
+
+    // Checked even when the endpoint is not ready.
+    let problem = only_problem(&slice(
+        "addressType: IPv4\nports: [{port: 8080}]\n\
+         endpoints: [{addresses: [pod.local], conditions: {ready: false}}]\n",
+    ));
+    assert_problem(
+        &problem,
+        2,
+        Some("EndpointSlice shop/web-1"),
+        "endpoints[0].addresses[0]",
+        &["\"pod.local\""],
+    );
+}
+
+#[test]
+fn bad_slice_port() {
+    let problems = problems(&slice(
+        "addressType: IPv4\n\
+         ports: [{name: a, port: 0}, {name: b}, {name: c, port: 8080, protocol: ICMP}]\n",
+    ));
+    assert_eq!(problems.len(), 3, "{}", lines(&problems));
+    for (field, text) in [
+        ("ports[0].port", "not a port"),
+        ("ports[1].port", "missing"),
+        ("ports[2].protocol", "unknown protocol \"ICMP\""),
+    ] {
+        assert_problem(
+            problem_at(&problems, field),
+            2,
+            Some("EndpointSlice shop/web-1"),
+            field,
+            &[text],
+        );
+    }
+}
+
+#[test]
+fn unknown_address_type() {
+    let problem = only_problem(&slice("addressType: IP\n"));
+    assert_problem(
+        &problem,
+        2,
+        Some("EndpointSlice shop/web-1"),
+        "addressType",
+        &["unknown address type \"IP\"", "IPv4, IPv6 or FQDN"],
+    );
+}
+
+#[test]
+fn missing_service_name_label() {
+    let problem = only_problem(&second(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: web-1, labels: {app: web}}\naddressType: IPv4\n",
+    ));
+    assert_problem(
+        &problem,
+        2,
+        Some("EndpointSlice default/web-1"),
+        "metadata.labels[kubernetes.io/service-name]",
+        &["missing", "names the Service"],
+    );
+}
+
+#[test]
+fn duplicate_frontend_names_both_services() {
+    let problem = only_problem(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: first, namespace: a}
+spec: {clusterIP: 10.0.0.10, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: second, namespace: b}
+spec:
+  clusterIP: 10.0.0.20
+  externalIPs: [10.0.0.10]
+  ports: [{name: web, port: 8080}, {name: http, port: 80}]
+"#,
+    );
+    assert_problem(
+        &problem,
+        2,
+        Some("Service b/second"),
+        "spec.ports[1]",
+        &[
+            "10.0.0.10:80/TCP",
+            "already served by Service a/first spec.ports[0]",
+        ],
+    );
+}
+
+#[test]
+fn duplicate_node_port_names_both_services() {
+    let problems = problems(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: first}
+spec: {type: NodePort, ports: [{port: 80, nodePort: 30080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: second}
+spec: {type: NodePort, ports: [{port: 81, nodePort: 30080}]}
+"#,
+    );
+    // One problem per node address that clashes.
+    assert_eq!(problems.len(), NODES.len(), "{}", lines(&problems));
+    for (problem, node) in problems.iter().zip(NODES) {
+        assert_problem(
+            problem,
+            2,
+            Some("Service default/second"),
+            "spec.ports[0]",
+            &[
+                &format!("{node}:30080/TCP"),
+                "already served by Service default/first spec.ports[0]",
+            ],
+        );
+    }
+}
+
+#[test]
+fn two_ports_of_one_service_on_the_same_frontend_clash() {
+    let problem = only_problem(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+         spec: {clusterIP: 10.0.0.10, ports: [{name: a, port: 80}, {name: b, port: 80}]}\n",
+    );
+    assert_problem(
+        &problem,
+        1,
+        Some("Service default/web"),
+        "spec.ports[1]",
+        &[
+            "10.0.0.10:80/TCP",
+            "already served by Service default/web spec.ports[0]",
+        ],
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  clusterIP: 10.0.0.999
+  externalIPs: [nope]
+  ports:
+  - {name: a, port: 0, nodePort: 30080}
+  - {name: b, port: 80, nodePort: 80}
+---
+kind: Service
+metadata: {name: anonymous}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: orphan}
+addressType: IPv4
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [300.1.1.1]}]
+"#;
+    let problems = problems(yaml);
+    let got: Vec<(usize, &str)> = problems
+        .iter()
+        .map(|p| (p.location.document, p.field.as_str()))
+        .collect();
+    for expected in [
+        (1, "spec.clusterIP"),
+        (1, "spec.externalIPs[0]"),
+        (1, "spec.ports[0].port"),
+        (1, "spec.ports[1].nodePort"),
+        (2, "apiVersion"),
+        (3, "metadata.labels[kubernetes.io/service-name]"),
+        (4, "endpoints[0].addresses[0]"),
+    ] {
+        assert!(
+            got.contains(&expected),
+            "{expected:?} missing from:\n{}",
+            lines(&problems)
+        );
+    }
+    assert_eq!(problems.len(), 7, "{}", lines(&problems));
+}
+
+#[test]
+fn warnings_do_not_hide_problems() {
+    let problems = problems(
+        r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: x}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: bad, ports: [{port: 80}]}
+"#,
+    );
+    assert_eq!(problems.len(), 1, "{}", lines(&problems));
+    assert_eq!(problems[0].field, "spec.clusterIP");
+}
+
+// ---------------------------------------------------------------------------------------------
+// ConfigError display
+// ---------------------------------------------------------------------------------------------
+
+/// A file under the temp directory that is removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn new(contents: &str) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "lb-userspace-config-test-{}-{}-{}.yaml",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        ));
+        std::fs::write(&path, contents).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn invalid_config_error_names_the_file_and_every_problem() {
+    let file = TempFile::new(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  clusterIP: 10.0.0.256
+  ports: [{port: 80, nodePort: 80}]
+---
+kind: Service
+"#,
+    );
+    let error = load_file(&file.0, NODES).unwrap_err();
+    let ConfigError::Invalid {
+        file: named,
+        problems,
+    } = &error
+    else {
+        panic!("expected ConfigError::Invalid, got {error:?}");
+    };
+    assert_eq!(named, &file.0);
+    assert_eq!(problems.len(), 3, "{}", lines(problems));
+
+    let text = error.to_string();
+    let expected = format!(
+        "config file {} has 3 problems:\n\
+         \x20 - document 1 (Service shop/web), field spec.clusterIP: \"10.0.0.256\" is not an \
+         IPv4 address, \"None\" or empty\n\
+         \x20 - document 1 (Service shop/web), field spec.ports[0].nodePort: 80 is outside the \
+         node port range 30000-32767\n\
+         \x20 - document 2, field apiVersion: missing; every document must be a Kubernetes \
+         object with apiVersion and kind (v1 Service or discovery.k8s.io/v1 EndpointSlice)",
+        file.0.display()
+    );
+    assert_eq!(text, expected);
+}
+
+#[test]
+fn one_problem_is_singular() {
+    let file = TempFile::new("kind: Service\n");
+    let text = load_file(&file.0, NODES).unwrap_err().to_string();
+    assert!(
+        text.starts_with(&format!(
+            "config file {} has 1 problem:\n  - document 1",
+            file.0.display()
+        )),
+        "{text}"
+    );
+}
+
+#[test]
+fn load_file_reads_a_valid_file() {
+    let file = TempFile::new(KUBECTL_LIST);
+    let loaded = load_file(&file.0, NODES).unwrap();
+    assert_eq!(loaded.state, ok(KUBECTL_LIST).state);
+}
+
+#[test]
+fn unreadable_file_is_a_read_error() {
+    let file = TempFile::new("");
+    let missing = file.0.with_extension("missing");
+    let error = load_file(&missing, NODES).unwrap_err();
+    assert!(matches!(error, ConfigError::Read { .. }), "{error:?}");
+    let text = error.to_string();
+    assert!(text.contains("cannot read config file"), "{text}");
+    assert!(text.contains(&missing.display().to_string()), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Odd input never panics
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn odd_input_does_not_panic() {
+    let deep_sequence = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let deep_mapping: String = (0..200)
+        .flat_map(|depth| ["  ".repeat(depth), "a:\n".to_owned()])
+        .collect();
+    let deep_list_item = format!(
+        "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {{name: x}}\n  spec: {}{}\n",
+        "{a: ".repeat(500),
+        "}".repeat(500)
+    );
+    let binary: String = (0u8..=255).map(char::from).collect();
+    let long_line = "x".repeat(1 << 20);
+    let inputs: Vec<&str> = vec![
+        "",
+        " ",
+        "\n\n\n",
+        "---",
+        "---\n---\n---",
+        "...",
+        "~",
+        "null",
+        "42",
+        "hello",
+        "\"just a string\"",
+        "- a\n- b\n",
+        "[1, 2, 3]",
+        "{}",
+        "[]",
+        "!!binary aGVsbG8=",
+        "? complex key\n: value\n",
+        "[1, 2]: 3\napiVersion: v1\n",
+        "apiVersion: 1\nkind: 2\n",
+        "apiVersion: [v1]\nkind: {Service: 1}\n",
+        "apiVersion: v1\nkind: Service\n",
+        "apiVersion: v1\nkind: Service\nmetadata: []\nspec: 5\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: [x]}\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: [1, 2]}\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: {port: 80}}\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: [{port: 1e99}]}\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: [{port: 99999999999999999999999}]}\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {type: NodePort, ports: [{port: 1, nodePort: -99999999999}]}\n",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: 7\n",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, labels: {kubernetes.io/service-name: 5}}\naddressType: IPv4\n",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, labels: {kubernetes.io/service-name: x}}\naddressType: IPv4\nendpoints: [{addresses: []}, {}, 3]\n",
+        "apiVersion: v1\nkind: List\nitems: [1, \"two\", [3], null, {}]\n",
+        "apiVersion: v1\nkind: List\nitems: null\n",
+        "a: &anchor [1, 2]\nb: *anchor\n",
+        "a: *undefined\n",
+        "a: &a [*a]\n",
+        "key: value\nkey: value\n",
+        "\t\tkind: Service",
+        "{{{{{{{{",
+        "]]]]",
+        ": : : :",
+        "%YAML 1.2\n---\napiVersion: v1\n",
+        "%BOGUS directive\n---\n",
+        "\u{feff}apiVersion: v1\nkind: Service\nmetadata: {name: bom}\n",
+        "\u{0}\u{1}\u{2}\u{3}",
+        "\u{fffd}\u{fffd}\u{202e}",
+        &deep_sequence,
+        &deep_mapping,
+        &deep_list_item,
+        &binary,
+        &long_line,
+    ];
+    for input in inputs {
+        let result = std::panic::catch_unwind(|| parse(input, NODES));
+        let shown: String = input.chars().take(60).collect();
+        let result = result.unwrap_or_else(|_| panic!("parse panicked on {shown:?}"));
+        if let Err(problems) = result {
+            assert!(!problems.is_empty(), "Err without problems for {shown:?}");
+            for problem in &problems {
+                // Every problem renders, and names a document that exists.
+                let _ = problem.to_string();
+                assert!(problem.location.document >= 1, "{problem}");
+            }
+        }
+    }
+}
+
+#[test]
+fn empty_input_is_an_empty_state() {
+    for input in ["", "---", "---\n---\n", "# only a comment\n", "~"] {
+        let loaded = parse(input, NODES)
+            .unwrap_or_else(|problems| panic!("{input:?}: {}", lines(&problems)));
+        assert!(loaded.state.service_ports.is_empty(), "{input:?}");
+        assert!(loaded.warnings.is_empty(), "{input:?}");
+    }
+}
+
+#[test]
+fn non_object_documents_are_problems() {
+    for input in [
+        "42",
+        "hello",
+        "[1, 2]",
+        "- apiVersion: v1\n  kind: Service\n",
+        "{}",
+    ] {
+        let problem = only_problem(input);
+        assert_problem(&problem, 1, None, "apiVersion", &["missing"]);
+    }
+}
+
+#[test]
+fn the_same_service_twice_is_an_error_naming_both_documents() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}
+"#;
+    let problems = parse(yaml, &[]).expect_err("a Service defined twice must be refused");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    let problem = &problems[0];
+    assert_eq!(problem.location.document, 2);
+    assert_eq!(problem.object.as_deref(), Some("Service default/web"));
+    assert_eq!(problem.field, "metadata.name");
+    assert!(problem.message.contains("document 1"), "{}", problem.message);
+}

@@ -1,0 +1,144 @@
+//! `cargo xtask demo`: the load balancer forwarding real connections, end to end.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use integration_tests::{
+    agent::Agent,
+    netns::{NODE_ADDR, NODE_IFACE, Netns, Topology},
+    probe::{self, Batch},
+};
+
+use crate::{cargo, require_root, workspace};
+
+const PREFIX: &str = "lbdemo";
+const PODS: [&str; 3] = ["web-0", "web-1", "web-2"];
+/// Must match `manifests/examples/demo.yaml`.
+const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
+
+pub fn run(requests: u32) -> anyhow::Result<()> {
+    require_root("the demo loads eBPF programs and creates network namespaces")?;
+    println!("==> building lb-agent (release) and the demo peers");
+    cargo(
+        &[
+            "build",
+            "--release",
+            "-p",
+            "lb-userspace",
+            "-p",
+            "integration-tests",
+            "--bins",
+        ],
+        &[],
+    )?;
+    let release = workspace().join("target/release");
+    let agent_bin = release.join("lb-agent");
+    let probe_bin = release.join("lb-probe");
+    let config = workspace().join("manifests/examples/demo.yaml");
+
+    Netns::remove_stale(PREFIX);
+    println!(
+        "==> topology: namespaces {PREFIX}-client (172.30.0.2), {PREFIX}-node ({NODE_ADDR}, \
+         lb-agent on {NODE_IFACE}), {PREFIX}-web-0..2 (10.244.1.10-12)"
+    );
+    let topology = Topology::create(PREFIX, &PODS)?;
+    let _servers = probe::start_backends(&topology, &probe_bin)?;
+    println!("==> lb-agent run --config manifests/examples/demo.yaml --iface {NODE_IFACE}");
+    let agent = Agent::start(
+        &topology.node,
+        &agent_bin,
+        &config,
+        NODE_IFACE,
+        &[],
+        Duration::from_secs(30),
+    )?;
+    for line in agent.log().lines() {
+        println!("    | {line}");
+    }
+
+    let frontends = [
+        ("NodePort TCP", "http", SocketAddr::from((NODE_ADDR, 30080))),
+        ("LoadBalancer TCP", "http", SocketAddr::from((LOAD_BALANCER_IP, 80))),
+        ("NodePort UDP", "udp", SocketAddr::from((NODE_ADDR, 30053))),
+        ("externalIP UDP", "udp", SocketAddr::from((EXTERNAL_IP, 53))),
+    ];
+    let mut results = Vec::new();
+    for (label, kind, target) in frontends {
+        println!("==> {requests} {kind} requests from the client to {target} ({label})");
+        let batch = probe::requests(&topology.client, &probe_bin, kind, target, requests)
+            .with_context(|| format!("requests to {target}"))?;
+        results.push((label, target, batch));
+    }
+
+    let log = agent.stop()?;
+    if let Some(counters) = log.lines().rev().find(|l| l.contains("counters:")) {
+        println!("==> data path {}", counters.split_once("counters:").map_or(counters, |c| c.1).trim());
+    }
+    print_table(&results);
+    println!("==> tearing down the namespaces");
+    drop(topology);
+
+    let mut problems = Vec::new();
+    for (label, target, batch) in &results {
+        if !batch.failures.is_empty() {
+            problems.push(format!(
+                "{label} {target}: {} failed, first: {}",
+                batch.failures.len(),
+                batch.failures[0]
+            ));
+        }
+        let per_backend = batch.per_backend();
+        for pod in PODS {
+            if !per_backend.contains_key(pod) {
+                problems.push(format!("{label} {target}: {pod} never answered"));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!("the demo did not go as expected:\n  {}", problems.join("\n  "));
+    }
+    println!("==> every backend answered through every frontend");
+    Ok(())
+}
+
+fn print_table(results: &[(&str, SocketAddr, Batch)]) {
+    let mut header = format!("{:<8}", "backend");
+    for (label, target, _) in results {
+        header.push_str(&format!(" | {:>22}", format!("{label} {}", target.port())));
+    }
+    header.push_str(" | client address seen by the backend");
+    println!();
+    println!("{header}");
+    println!("{}", "-".repeat(header.len()));
+    let mut seen: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (_, _, batch) in results {
+        for answer in &batch.answers {
+            let ips = seen.entry(answer.backend.as_str()).or_default();
+            let ip = answer.client_seen.ip().to_string();
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+    }
+    for pod in PODS {
+        let mut row = format!("{pod:<8}");
+        for (_, _, batch) in results {
+            let count = batch.per_backend().get(pod).copied().unwrap_or(0);
+            row.push_str(&format!(" | {count:>22}"));
+        }
+        let ips = seen.get(pod).map(|ips| ips.join(", ")).unwrap_or_default();
+        row.push_str(&format!(" | {ips}"));
+        println!("{row}");
+    }
+    let mut failed = format!("{:<8}", "failed");
+    for (_, _, batch) in results {
+        failed.push_str(&format!(" | {:>22}", batch.failures.len()));
+    }
+    println!("{failed}");
+    println!();
+}
