@@ -243,4 +243,24 @@ impl Topology {
         }
         Ok(topology)
     }
+
+    /// Turns checksum offload off on every veth, so that each sender computes full checksums and
+    /// each receiver verifies them. With offload on, veth passes packets with partial checksums
+    /// that receivers trust without checking, which would hide a wrong rewrite.
+    pub fn verify_checksums_at_every_hop(&self) -> anyhow::Result<()> {
+        let mut ends: Vec<(&Netns, String)> = vec![
+            (&self.client, "eth0".to_owned()),
+            (&self.node, NODE_IFACE.to_owned()),
+        ];
+        for (index, pod) in self.pods.iter().enumerate() {
+            ends.push((&pod.ns, "eth0".to_owned()));
+            ends.push((&self.node, format!("veth{index}")));
+        }
+        for (ns, iface) in ends {
+            run(ns
+                .command("ethtool")
+                .args(["-K", &iface, "tx", "off", "rx", "off"]))?;
+        }
+        Ok(())
+    }
 }

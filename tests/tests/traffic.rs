@@ -62,7 +62,13 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with(|_| ())
+}
+
+/// Like `setup`, with `adjust` run on the topology before anything starts in it.
+fn setup_with(adjust: impl FnOnce(&Topology)) -> Setup {
     let topology = Topology::create(&prefix(), &PODS).expect("creating the topology");
+    adjust(&topology);
     let servers = probe::start_backends(&topology, &probe_bin()).expect("starting backends");
     let agent = Agent::start(
         &topology.node,
@@ -154,6 +160,23 @@ fn udp_through_node_port_and_external_ip_answers_from_the_address_asked() {
     assert_balanced(&setup, &node_port, "UDP via NodePort");
     let external = setup.requests("udp", SocketAddr::from((EXTERNAL_IP, 53)), REQUESTS);
     assert_balanced(&setup, &external, "UDP via externalIP");
+}
+
+/// With checksum offload off on every veth, every receiver verifies every checksum, so a wrong
+/// incremental update in XDP (DNAT) or TC (reply SNAT) shows up as a lost request.
+#[test]
+fn translated_checksums_verify_at_every_hop() {
+    let setup = setup_with(|topology| {
+        topology
+            .verify_checksums_at_every_hop()
+            .expect("turning checksum offload off");
+    });
+    let tcp = setup.requests("http", SocketAddr::from((NODE_ADDR, 30080)), REQUESTS);
+    assert_balanced(&setup, &tcp, "TCP via NodePort, checksums verified");
+    let tcp = setup.requests("http", SocketAddr::from((LB_IP, 80)), REQUESTS);
+    assert_balanced(&setup, &tcp, "TCP via LoadBalancer IP, checksums verified");
+    let udp = setup.requests("udp", SocketAddr::from((EXTERNAL_IP, 53)), REQUESTS);
+    assert_balanced(&setup, &udp, "UDP via externalIP, checksums verified");
 }
 
 #[test]

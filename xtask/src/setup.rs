@@ -9,7 +9,12 @@ use anyhow::{Context as _, bail};
 /// compiler that builds the eBPF crate; see `../shared/toolchain.md`.
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Commands the tests and the demo run, and the Debian package of each.
-const COMMANDS: [(&str, &str); 3] = [("ip", "iproute2"), ("sysctl", "procps"), ("kill", "procps")];
+const COMMANDS: [(&str, &str); 4] = [
+    ("ip", "iproute2"),
+    ("sysctl", "procps"),
+    ("kill", "procps"),
+    ("ethtool", "ethtool"),
+];
 const BPFFS: &str = "/sys/fs/bpf";
 
 pub fn run() -> anyhow::Result<()> {
@@ -103,9 +108,11 @@ fn debian_packages() -> anyhow::Result<()> {
         .filter(|(command, _)| output("sh", &["-c", &format!("command -v {command}")]).is_none())
         .map(|&(_, package)| package)
         .collect();
+    missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {
-        let packages: Vec<&str> = COMMANDS.iter().map(|&(_, p)| p).collect();
+        let mut packages: Vec<&str> = COMMANDS.iter().map(|&(_, p)| p).collect();
+        packages.dedup();
         skipped(&format!("Debian packages ({} present)", packages.join(", ")));
         return Ok(());
     }
