@@ -102,7 +102,9 @@ fn validate(file: &std::path::Path, node_ips: &[Ipv4Addr]) -> anyhow::Result<()>
         file.display(),
         loaded.state.service_ports.len()
     );
-    print_summary(&loaded.state);
+    for line in summary(&loaded.state) {
+        println!("  {line}");
+    }
     Ok(())
 }
 
@@ -157,7 +159,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let mode = dataplane.attach(iface, choice)?;
         log::info!("{iface}: XDP attached in {mode} mode, TC on egress");
     }
-    print_summary(&loaded.state);
+    for line in summary(&loaded.state) {
+        log::info!("{line}");
+    }
     log::info!("{READY_LINE} on {}", args.ifaces.join(", "));
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -195,7 +199,9 @@ async fn serve(dataplane: &DataPlane, stats_interval: u64) -> anyhow::Result<()>
     }
 }
 
-fn print_summary(state: &DesiredState) {
+/// One line per service port: its frontends and where they lead.
+fn summary(state: &DesiredState) -> Vec<String> {
+    let mut lines = Vec::new();
     for port in &state.service_ports {
         let frontends: Vec<String> = port
             .frontends
@@ -215,14 +221,15 @@ fn print_summary(state: &DesiredState) {
         } else {
             endpoints.join(", ")
         };
-        log::info!(
+        lines.push(format!(
             "{} {}: {} -> {}",
             port.display_name(),
             port.protocol,
             frontends.join(" "),
             endpoints
-        );
+        ));
     }
+    lines
 }
 
 fn join(addrs: &[Ipv4Addr]) -> String {
