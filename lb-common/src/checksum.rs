@@ -11,7 +11,10 @@
 pub const fn fold(sum: u32) -> u16 {
     let sum = (sum & 0xffff) + (sum >> 16);
     let sum = (sum & 0xffff) + (sum >> 16);
-    #[expect(clippy::cast_possible_truncation, reason = "folded twice: fits in 16 bits")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "folded twice: fits in 16 bits"
+    )]
     let folded = sum as u16;
     folded
 }
@@ -42,7 +45,10 @@ impl Delta {
     #[must_use]
     #[inline(always)]
     pub const fn replace_u32(self, old: u32, new: u32) -> Self {
-        #[expect(clippy::cast_possible_truncation, reason = "splitting into 16-bit words")]
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "splitting into 16-bit words"
+        )]
         let this = self
             .replace_u16(old as u16, new as u16)
             .replace_u16((old >> 16) as u16, (new >> 16) as u16);
@@ -101,7 +107,9 @@ pub fn checksum_be(data: &[u8]) -> u16 {
 /// zero), big-endian.
 #[must_use]
 pub fn l4_checksum_be(src: [u8; 4], dst: [u8; 4], protocol: u8, segment: &[u8]) -> u16 {
-    let len = u16::try_from(segment.len()).unwrap_or(u16::MAX).to_be_bytes();
+    let len = u16::try_from(segment.len())
+        .unwrap_or(u16::MAX)
+        .to_be_bytes();
     let mut pseudo = [0u8; 12];
     pseudo[0..4].copy_from_slice(&src);
     pseudo[4..8].copy_from_slice(&dst);
@@ -145,7 +153,8 @@ mod tests {
             let new_dst = [next(), next(), next(), next()];
             let new_port = [next(), next()];
             // 8-byte header: sport, dport, len, check; then an odd-length payload.
-            let mut seg: std::vec::Vec<u8> = (0..8 + (seed % 23) as usize).map(|_| next()).collect();
+            let mut seg: std::vec::Vec<u8> =
+                (0..8 + (seed % 23) as usize).map(|_| next()).collect();
             seg[6] = 0;
             seg[7] = 0;
             let full_old = l4_checksum_be(src, old_dst, 6, &seg);
@@ -182,7 +191,9 @@ mod tests {
         // Rewrite the destination incrementally; the header must still verify.
         let old = ne_u32(&hdr[16..20]);
         let new = u32::from_ne_bytes([10, 244, 1, 10]);
-        let check = Delta::new().replace_u32(old, new).apply(ne_u16(&hdr[10..12]));
+        let check = Delta::new()
+            .replace_u32(old, new)
+            .apply(ne_u16(&hdr[10..12]));
         hdr[16..20].copy_from_slice(&[10, 244, 1, 10]);
         hdr[10..12].copy_from_slice(&check.to_ne_bytes());
         assert_eq!(checksum_be(&hdr), 0);

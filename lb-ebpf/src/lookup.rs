@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap},
 };
 use lb_common::{
-    Backend, CONNTRACK_ENTRIES, DropReason, FlowTarget, FlowKey, MAX_BACKENDS,
+    Backend, CONNTRACK_ENTRIES, DropReason, FlowKey, FlowTarget, MAX_BACKENDS,
     MAX_BACKENDS_PER_SERVICE, MAX_FRONTENDS, MAX_SERVICES, Service, backend_slot_index, direction,
 };
 

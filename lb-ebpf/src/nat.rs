@@ -1,7 +1,7 @@
 //! Address and port translation with checksum updates.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{DropReason, FlowTarget, IPPROTO_UDP, checksum::Delta};
@@ -81,9 +81,19 @@ pub fn tc_rewrite_source(
     ctx.store(IPV4_SRC_OFFSET, &target.nat_addr_be, 0)
         .map_err(fail)?;
 
+    // A UDP datagram without checksum has no field that absorbs the port change, so on a
+    // CHECKSUM_COMPLETE skb the store itself must update `skb->csum`. With a checksum, the
+    // checksum field's change offsets the port's and `skb->csum` must stay as it is.
+    let udp_without_checksum =
+        udp != 0 && ctx.load::<u16>(reply.l4_check_offset).map_err(fail)? == 0;
+    let store_flags = if udp_without_checksum {
+        u64::from(BPF_F_RECOMPUTE_CSUM)
+    } else {
+        0
+    };
     let (old_port, new_port) = (u64::from(tuple.src_port_be), u64::from(target.nat_port_be));
     ctx.l4_csum_replace(reply.l4_check_offset, old_port, new_port, udp | 2)
         .map_err(fail)?;
-    ctx.store(reply.src_port_offset, &target.nat_port_be, 0)
+    ctx.store(reply.src_port_offset, &target.nat_port_be, store_flags)
         .map_err(fail)
 }

@@ -9,7 +9,13 @@ use crate::{lookup, parse::Tuple};
 #[inline(always)]
 pub fn backend(service: &Service, tuple: &Tuple) -> Result<FlowTarget, DropReason> {
     let ports = (u32::from(tuple.src_port_be) << 16) | u32::from(tuple.dst_port_be);
-    let hash = flow_hash(tuple.src_addr_be, tuple.dst_addr_be, ports, tuple.protocol, 0);
+    let hash = flow_hash(
+        tuple.src_addr_be,
+        tuple.dst_addr_be,
+        ports,
+        tuple.protocol,
+        0,
+    );
     // `checked_rem`: a `%` that could divide by zero is a reachable panic the verifier rejects.
     let slot = hash
         .checked_rem(service.backend_count)

@@ -270,13 +270,7 @@ struct Reader {
 }
 
 impl Reader {
-    fn problem(
-        &mut self,
-        location: &Location,
-        object: Option<&str>,
-        field: &str,
-        message: String,
-    ) {
+    fn problem(&mut self, location: &Location, object: Option<&str>, field: &str, message: String) {
         self.problems.push(Problem {
             location: location.clone(),
             object: object.map(str::to_owned),
@@ -303,7 +297,11 @@ impl Reader {
             ("", _) | (_, "") => self.problem(
                 &location,
                 None,
-                if api_version.is_empty() { "apiVersion" } else { "kind" },
+                if api_version.is_empty() {
+                    "apiVersion"
+                } else {
+                    "kind"
+                },
                 "missing; every document must be a Kubernetes object with apiVersion and kind \
                  (v1 Service or discovery.k8s.io/v1 EndpointSlice)"
                     .to_owned(),
@@ -730,7 +728,12 @@ impl Reader {
                              protocol can belong to one Service port only",
                             frontend.addr, frontend.port, port.protocol
                         );
-                        self.problem(&service.location, Some(&service.object), &port.field, message);
+                        self.problem(
+                            &service.location,
+                            Some(&service.object),
+                            &port.field,
+                            message,
+                        );
                     } else {
                         claimed.insert(claim, (owner, here));
                     }

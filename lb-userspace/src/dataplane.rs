@@ -55,7 +55,10 @@ pub enum DataPlaneError {
     )]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no {kind} {name}: the embedded object and the agent disagree")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("the kernel refused program {name}: {source}")]
     Program {
         name: &'static str,
@@ -253,7 +256,11 @@ impl DataPlane {
                 };
                 let link = attach_xdp(xdp, mode).map_err(|source| DataPlaneError::AttachXdp {
                     iface: iface.to_owned(),
-                    mode: if mode == AttachedMode::Native { "native" } else { "generic" },
+                    mode: if mode == AttachedMode::Native {
+                        "native"
+                    } else {
+                        "generic"
+                    },
                     source,
                 })?;
                 (link, mode)

@@ -17,7 +17,11 @@ use lb_userspace::{
 const READY_LINE: &str = "lb-agent is serving";
 
 #[derive(Parser)]
-#[command(name = "lb-agent", version, about = "eBPF/XDP load balancer for Kubernetes Services")]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "eBPF/XDP load balancer for Kubernetes Services"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -194,10 +194,17 @@ mod tests {
         };
         let contents = MapContents::from_state(&state).unwrap();
         assert_eq!(contents.backends.len(), 2);
-        assert_eq!(contents.backends.keys().copied().collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(
+            contents.backends.keys().copied().collect::<Vec<_>>(),
+            [1, 2]
+        );
         assert_eq!(contents.slots[&backend_slot_index(2, 0)], 2);
         assert_eq!(contents.slots[&backend_slot_index(1, 1)], 2);
-        let services: Vec<_> = contents.frontends.values().map(|s| (s.id, s.backend_count)).collect();
+        let services: Vec<_> = contents
+            .frontends
+            .values()
+            .map(|s| (s.id, s.backend_count))
+            .collect();
         assert_eq!(services, [(1, 2), (2, 1)]);
     }
 

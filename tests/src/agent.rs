@@ -41,11 +41,7 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut process = Process::spawn(&mut command)?;
-        let stderr = process
-            .child_mut()
-            .stderr
-            .take()
-            .context("agent stderr")?;
+        let stderr = process.child_mut().stderr.take().context("agent stderr")?;
         let log = Arc::new(Mutex::new(String::new()));
         let sink = Arc::clone(&log);
         std::thread::spawn(move || {
@@ -63,10 +59,16 @@ impl Agent {
                 return Ok(agent);
             }
             if let Some(status) = agent.process.child_mut().try_wait()? {
-                bail!("lb-agent exited with {status} before serving:\n{}", agent.log());
+                bail!(
+                    "lb-agent exited with {status} before serving:\n{}",
+                    agent.log()
+                );
             }
             if Instant::now() > deadline {
-                bail!("lb-agent did not serve within {timeout:?}:\n{}", agent.log());
+                bail!(
+                    "lb-agent did not serve within {timeout:?}:\n{}",
+                    agent.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -205,8 +205,18 @@ impl Topology {
         let node_ip = NODE_ADDR.to_string();
 
         ip(&[
-            "link", "add", "eth0", "netns", topology.client.name(), "type", "veth", "peer", "name",
-            NODE_IFACE, "netns", topology.node.name(),
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            topology.client.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            NODE_IFACE,
+            "netns",
+            topology.node.name(),
         ])?;
         let client = &topology.client;
         client.ip(&["addr", "add", &client_cidr, "dev", "eth0"])?;
@@ -229,8 +239,18 @@ impl Topology {
             };
             let host_side = format!("veth{index}");
             ip(&[
-                "link", "add", "eth0", "netns", pod.ns.name(), "type", "veth", "peer", "name",
-                &host_side, "netns", topology.node.name(),
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                pod.ns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &host_side,
+                "netns",
+                topology.node.name(),
             ])?;
             topology
                 .node

@@ -40,9 +40,13 @@ pub fn requests(
     target: SocketAddr,
     count: u32,
 ) -> anyhow::Result<Batch> {
-    let output = run(ns
-        .command(&probe_bin.to_string_lossy())
-        .args([kind, "--target", &target.to_string(), "--count", &count.to_string()]))?;
+    let output = run(ns.command(&probe_bin.to_string_lossy()).args([
+        kind,
+        "--target",
+        &target.to_string(),
+        "--count",
+        &count.to_string(),
+    ]))?;
     let mut batch = Batch::default();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let mut words = line.split_whitespace();

@@ -131,7 +131,11 @@ fn tcp_through_node_port_and_load_balancer_ip_reaches_every_backend() {
     let load_balancer = setup.requests("http", SocketAddr::from((LB_IP, 80)), REQUESTS);
     assert_balanced(&setup, &load_balancer, "TCP via LoadBalancer IP");
 
-    let log = setup.agent.expect("agent").stop().expect("stopping lb-agent");
+    let log = setup
+        .agent
+        .expect("agent")
+        .stop()
+        .expect("stopping lb-agent");
     assert!(log.contains("detached from eth0"), "{log}");
     // Each connection's first packet is a new flow, and every later one is tracked.
     let counters = log
@@ -147,8 +151,14 @@ fn tcp_through_node_port_and_load_balancer_ip_reaches_every_backend() {
             .unwrap_or(0)
     };
     assert_eq!(value("forward_new"), u64::from(2 * REQUESTS), "{counters}");
-    assert!(value("forward_tracked") >= u64::from(2 * REQUESTS * 3), "{counters}");
-    assert!(value("reply_translated") >= u64::from(2 * REQUESTS * 3), "{counters}");
+    assert!(
+        value("forward_tracked") >= u64::from(2 * REQUESTS * 3),
+        "{counters}"
+    );
+    assert!(
+        value("reply_translated") >= u64::from(2 * REQUESTS * 3),
+        "{counters}"
+    );
     assert_eq!(value("xdp_drop"), 0, "{counters}");
 }
 
@@ -201,7 +211,11 @@ fn the_nodes_own_connections_are_untouched() {
     assert!(inbound.failures.is_empty(), "{:?}", inbound.failures);
     assert_eq!(inbound.per_backend().get("node-local"), Some(&10));
     let inbound_udp = setup.requests("udp", SocketAddr::from((NODE_ADDR, 9001)), 10);
-    assert_eq!(inbound_udp.per_backend().get("node-local"), Some(&10), "{inbound_udp:?}");
+    assert_eq!(
+        inbound_udp.per_backend().get("node-local"),
+        Some(&10),
+        "{inbound_udp:?}"
+    );
 
     let outbound = probe::requests(
         &setup.topology.node,

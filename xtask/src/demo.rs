@@ -63,7 +63,11 @@ pub fn run(requests: u32) -> anyhow::Result<()> {
 
     let frontends = [
         ("NodePort TCP", "http", SocketAddr::from((NODE_ADDR, 30080))),
-        ("LoadBalancer TCP", "http", SocketAddr::from((LOAD_BALANCER_IP, 80))),
+        (
+            "LoadBalancer TCP",
+            "http",
+            SocketAddr::from((LOAD_BALANCER_IP, 80)),
+        ),
         ("NodePort UDP", "udp", SocketAddr::from((NODE_ADDR, 30053))),
         ("externalIP UDP", "udp", SocketAddr::from((EXTERNAL_IP, 53))),
     ];
@@ -77,7 +81,13 @@ pub fn run(requests: u32) -> anyhow::Result<()> {
 
     let log = agent.stop()?;
     if let Some(counters) = log.lines().rev().find(|l| l.contains("counters:")) {
-        println!("==> data path {}", counters.split_once("counters:").map_or(counters, |c| c.1).trim());
+        println!(
+            "==> data path {}",
+            counters
+                .split_once("counters:")
+                .map_or(counters, |c| c.1)
+                .trim()
+        );
     }
     print_table(&results);
     println!("==> tearing down the namespaces");
@@ -100,7 +110,10 @@ pub fn run(requests: u32) -> anyhow::Result<()> {
         }
     }
     if !problems.is_empty() {
-        bail!("the demo did not go as expected:\n  {}", problems.join("\n  "));
+        bail!(
+            "the demo did not go as expected:\n  {}",
+            problems.join("\n  ")
+        );
     }
     println!("==> every backend answered through every frontend");
     Ok(())

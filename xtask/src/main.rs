@@ -78,7 +78,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     // Namespaces a killed earlier run could not remove.
     integration_tests::netns::Netns::remove_stale("lbt");
     println!("==> building lb-agent and the test peers");
-    cargo(&["build", "-p", "lb-userspace", "-p", "integration-tests"], &[])?;
+    cargo(
+        &["build", "-p", "lb-userspace", "-p", "integration-tests"],
+        &[],
+    )?;
     let agent = workspace().join("target/debug/lb-agent");
     println!("==> cargo test (unit, BPF_PROG_TEST_RUN, network namespaces)");
     let mut args = vec!["test", "--no-fail-fast"];

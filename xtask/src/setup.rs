@@ -113,7 +113,10 @@ fn debian_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         let mut packages: Vec<&str> = COMMANDS.iter().map(|&(_, p)| p).collect();
         packages.dedup();
-        skipped(&format!("Debian packages ({} present)", packages.join(", ")));
+        skipped(&format!(
+            "Debian packages ({} present)",
+            packages.join(", ")
+        ));
         return Ok(());
     }
     println!("    installing {}", missing.join(" "));

@@ -2124,5 +2124,9 @@ spec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}
     assert_eq!(problem.location.document, 2);
     assert_eq!(problem.object.as_deref(), Some("Service default/web"));
     assert_eq!(problem.field, "metadata.name");
-    assert!(problem.message.contains("document 1"), "{}", problem.message);
+    assert!(
+        problem.message.contains("document 1"),
+        "{}",
+        problem.message
+    );
 }

@@ -1,0 +1,1345 @@
+//! The data path as tables of packets, run through `BPF_PROG_TEST_RUN`.
+//!
+//! Every test loads its own `DataPlane`, fills the maps from one desired state (a TCP and a UDP
+//! service port answering on a clusterIP, a nodePort, a loadBalancer IP and an externalIP, each
+//! with three endpoints, plus a service port without endpoints), and sends typed frames through
+//! the XDP and TC programs. A case names the frame, the verdict, what the output frame must be
+//! (byte for byte, with both checksums recomputed from scratch), and the counter deltas.
+//!
+//! Needs root (`CAP_BPF`, `CAP_NET_ADMIN`) to load the programs.
+
+use std::{
+    ffi::c_long,
+    fmt::Write as _,
+    io,
+    mem::size_of,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use aya::{
+    TestRun, TestRunOptions, TestRunResult,
+    programs::{ProgramError, SchedClassifier},
+};
+use integration_tests::frame::{
+    CLIENT_MAC, ETH_HLEN, ETH_P_IP, IPV4_CHECK_OFFSET, IPV4_DST_OFFSET, IPV4_OPT_NOP,
+    IPV4_OPT_ROUTER_ALERT, IPV4_SRC_OFFSET, Ipv4Frame, Ipv4L4, L4, L4Checksum, NODE_MAC, TCP_ACK,
+    TCP_PSH, TCP_SYN, arp_request, differing_offsets, icmp_echo_request, ipv6_udp, truncate,
+    verify_ipv4_checksum, verify_l4_checksum,
+};
+use lb_common::{
+    Counter, DropReason, FlowKey, FlowTarget, checksum::l4_checksum_be, direction, hash::flow_hash,
+};
+use lb_userspace::{
+    dataplane::{Counters, DataPlane},
+    maps::MapContents,
+    model::{DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePort},
+};
+
+// Program return values (include/uapi/linux/bpf.h, pkt_cls.h).
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
+const NODE_PORT: u16 = 30_080;
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+const SERVICE_PORT: u16 = 80;
+const ENDPOINTS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 244, 1, 11),
+    Ipv4Addr::new(10, 244, 1, 12),
+    Ipv4Addr::new(10, 244, 1, 13),
+];
+const TARGET_PORT: u16 = 8080;
+/// A service port with no ready endpoint.
+const EMPTY_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
+const EMPTY_NODE_PORT: u16 = 30_090;
+/// Outside the cluster.
+const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 5);
+/// A pod on another node, reaching the service by its clusterIP.
+const POD_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 7);
+/// A server the node itself talks to.
+const REMOTE_SERVER: Ipv4Addr = Ipv4Addr::new(1, 1, 1, 1);
+
+fn sock(addr: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(addr, port)
+}
+
+fn node_port() -> SocketAddrV4 {
+    sock(NODE_IP, NODE_PORT)
+}
+
+fn cluster_ip() -> SocketAddrV4 {
+    sock(CLUSTER_IP, SERVICE_PORT)
+}
+
+fn lb_ip() -> SocketAddrV4 {
+    sock(LB_IP, SERVICE_PORT)
+}
+
+fn external_ip() -> SocketAddrV4 {
+    sock(EXTERNAL_IP, SERVICE_PORT)
+}
+
+fn client(port: u16) -> SocketAddrV4 {
+    sock(CLIENT, port)
+}
+
+fn web(protocol: Protocol) -> ServicePort {
+    let frontend = |kind, addr, port| Frontend { kind, addr, port };
+    ServicePort {
+        service: "default/web".to_owned(),
+        port_name: protocol.to_string().to_lowercase(),
+        protocol,
+        frontends: vec![
+            frontend(FrontendKind::ClusterIp, CLUSTER_IP, SERVICE_PORT),
+            frontend(FrontendKind::NodePort, NODE_IP, NODE_PORT),
+            frontend(FrontendKind::LoadBalancer, LB_IP, SERVICE_PORT),
+            frontend(FrontendKind::ExternalIp, EXTERNAL_IP, SERVICE_PORT),
+        ],
+        endpoints: ENDPOINTS
+            .iter()
+            .map(|&addr| Endpoint {
+                addr,
+                port: TARGET_PORT,
+                pod: None,
+            })
+            .collect(),
+    }
+}
+
+fn desired_state() -> DesiredState {
+    DesiredState {
+        service_ports: vec![
+            ServicePort {
+                service: "default/empty".to_owned(),
+                port_name: String::new(),
+                protocol: Protocol::Tcp,
+                frontends: vec![
+                    Frontend {
+                        kind: FrontendKind::ClusterIp,
+                        addr: EMPTY_CLUSTER_IP,
+                        port: SERVICE_PORT,
+                    },
+                    Frontend {
+                        kind: FrontendKind::NodePort,
+                        addr: NODE_IP,
+                        port: EMPTY_NODE_PORT,
+                    },
+                ],
+                endpoints: Vec::new(),
+            },
+            web(Protocol::Tcp),
+            web(Protocol::Udp),
+        ],
+    }
+}
+
+/// The backend the data path must pick for a new flow: the same hash over the packet's 5-tuple
+/// (fields in network byte order read as native integers), modulo the endpoint count, indexing
+/// the endpoints in the order the state lists them.
+fn expected_backend(l4: L4, from: SocketAddrV4, frontend: SocketAddrV4) -> SocketAddrV4 {
+    let ne = |addr: &Ipv4Addr| u32::from_ne_bytes(addr.octets());
+    let ports = (u32::from(from.port().to_be()) << 16) | u32::from(frontend.port().to_be());
+    let hash = flow_hash(ne(from.ip()), ne(frontend.ip()), ports, l4.number(), 0);
+    let slot = usize::try_from(hash % 3).expect("a slot index fits in usize");
+    sock(ENDPOINTS[slot], TARGET_PORT)
+}
+
+/// What a program did with one frame.
+struct Run {
+    verdict: u32,
+    out: Vec<u8>,
+}
+
+fn test_run<P>(program: &P, frame: &[u8]) -> Result<Run, ProgramError>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    // Room to spare: the programs never grow a frame, but a too-small buffer is ENOSPC.
+    let mut out = vec![0_u8; frame.len() + 256];
+    let TestRunResult {
+        return_value,
+        data_size_out,
+        duration: _,
+        ctx_size_out: _,
+    } = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ..TestRunOptions::default()
+    })?;
+    out.truncate(usize::try_from(data_size_out).expect("u32 fits in usize"));
+    Ok(Run {
+        verdict: return_value,
+        out,
+    })
+}
+
+/// `BPF_PROG_TEST_RUN` (include/uapi/linux/bpf.h `enum bpf_cmd`).
+const BPF_PROG_TEST_RUN: c_long = 10;
+/// Test-run flag (Linux 6.11, commit "bpf: add `CHECKSUM_COMPLETE` to bpf test progs"): the
+/// kernel gives the skb `ip_summed = CHECKSUM_COMPLETE` with `skb->csum` summed over the frame
+/// from the network header, and after the run fails with `EBADMSG` unless `skb->csum` still
+/// matches the output frame. aya 0.14's `TestRunAttrs` cannot set it, hence the raw syscall.
+const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
+
+/// The `test` member of `union bpf_attr` (include/uapi/linux/bpf.h), up to `batch_size`.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// Runs the TC program on `frame` as a `CHECKSUM_COMPLETE` skb (see
+/// [`BPF_F_TEST_SKB_CHECKSUM_COMPLETE`]): what a NIC with full receive checksums hands the
+/// stack, and the state in which `skb->csum` must be kept right by the program's helpers.
+fn tc_test_run_checksum_complete(program: &SchedClassifier, frame: &[u8]) -> io::Result<Run> {
+    let fd = program
+        .fd()
+        .unwrap_or_else(|e| panic!("the TC program has no fd: {e}"))
+        .as_fd()
+        .as_raw_fd();
+    let mut out = vec![0_u8; frame.len() + 256];
+    let len = |n: usize| u32::try_from(n).expect("test frames are small");
+    let mut attr = TestRunAttr {
+        prog_fd: u32::try_from(fd).expect("file descriptors are not negative"),
+        data_size_in: len(frame.len()),
+        data_size_out: len(out.len()),
+        data_in: frame.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        flags: BPF_F_TEST_SKB_CHECKSUM_COMPLETE,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: `attr` is a zero-initialised prefix of `union bpf_attr` for this command, of the
+    // size passed; `data_in` and `data_out` point to buffers of the sizes given that outlive
+    // the call, and the kernel writes at most `data_size_out` bytes to `data_out`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &raw mut attr,
+            size_of::<TestRunAttr>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    out.truncate(usize::try_from(attr.data_size_out).expect("u32 fits in usize"));
+    Ok(Run {
+        verdict: attr.retval,
+        out,
+    })
+}
+
+/// A loaded data plane with the maps filled from [`desired_state`].
+struct Lb {
+    dp: DataPlane,
+}
+
+impl Lb {
+    fn new() -> Self {
+        let mut dp = DataPlane::load()
+            .unwrap_or_else(|e| panic!("loading the data plane failed (run as root): {e}"));
+        let contents = MapContents::from_state(&desired_state())
+            .unwrap_or_else(|e| panic!("the test state does not fit the maps: {e}"));
+        dp.apply(contents)
+            .unwrap_or_else(|e| panic!("filling the maps failed: {e}"));
+        Lb { dp }
+    }
+
+    fn try_xdp(&mut self, frame: &[u8]) -> Result<Run, ProgramError> {
+        let program = self
+            .dp
+            .xdp_program()
+            .unwrap_or_else(|e| panic!("no XDP program: {e}"));
+        test_run(program, frame)
+    }
+
+    fn xdp(&mut self, case: &str, frame: &[u8]) -> Run {
+        self.try_xdp(frame)
+            .unwrap_or_else(|e| panic!("{case}: XDP test run failed: {e} ({e:?})"))
+    }
+
+    fn tc(&mut self, case: &str, frame: &[u8]) -> Run {
+        let program = self
+            .dp
+            .tc_program()
+            .unwrap_or_else(|e| panic!("no TC program: {e}"));
+        test_run(program, frame)
+            .unwrap_or_else(|e| panic!("{case}: TC test run failed: {e} ({e:?})"))
+    }
+
+    fn tc_checksum_complete(&mut self, frame: &[u8]) -> io::Result<Run> {
+        let program = self
+            .dp
+            .tc_program()
+            .unwrap_or_else(|e| panic!("no TC program: {e}"));
+        tc_test_run_checksum_complete(program, frame)
+    }
+
+    fn counters(&self) -> Counters {
+        self.dp
+            .counters()
+            .unwrap_or_else(|e| panic!("reading the counters failed: {e}"))
+    }
+
+    fn flows(&self) -> Vec<(FlowKey, FlowTarget)> {
+        self.dp
+            .flows()
+            .unwrap_or_else(|e| panic!("reading the conntrack table failed: {e}"))
+    }
+
+    /// Runs `frame` through XDP and checks the verdict and that the counters moved by exactly
+    /// `counters` and `drops` (every other counter by 0).
+    fn expect_xdp(
+        &mut self,
+        case: &str,
+        frame: &[u8],
+        verdict: u32,
+        counters: &[(Counter, u64)],
+        drops: &[(DropReason, u64)],
+    ) -> Vec<u8> {
+        let before = self.counters();
+        let Run { verdict: got, out } = self.xdp(case, frame);
+        let after = self.counters();
+        assert_eq!(got, verdict, "{case}: XDP verdict (1 drop, 2 pass)");
+        assert_deltas(case, &before, &after, counters, drops);
+        out
+    }
+
+    /// Like [`Lb::expect_xdp`] for the TC program.
+    fn expect_tc(
+        &mut self,
+        case: &str,
+        frame: &[u8],
+        verdict: u32,
+        counters: &[(Counter, u64)],
+        drops: &[(DropReason, u64)],
+    ) -> Vec<u8> {
+        let before = self.counters();
+        let Run { verdict: got, out } = self.tc(case, frame);
+        let after = self.counters();
+        assert_eq!(got, verdict, "{case}: TC verdict (0 ok, 2 shot)");
+        assert_deltas(case, &before, &after, counters, drops);
+        out
+    }
+}
+
+/// How much each counter and drop reason moved.
+type Deltas = (Vec<(Counter, u64)>, Vec<(DropReason, u64)>);
+
+/// Non-zero counter changes, in counter order.
+fn deltas(before: &Counters, after: &Counters) -> Deltas {
+    let counters = Counter::ALL
+        .iter()
+        .map(|&c| (c, after.get(c) - before.get(c)))
+        .filter(|&(_, n)| n != 0)
+        .collect();
+    let drops = DropReason::ALL
+        .iter()
+        .map(|&r| (r, after.drops(r) - before.drops(r)))
+        .filter(|&(_, n)| n != 0)
+        .collect();
+    (counters, drops)
+}
+
+fn assert_deltas(
+    case: &str,
+    before: &Counters,
+    after: &Counters,
+    counters: &[(Counter, u64)],
+    drops: &[(DropReason, u64)],
+) {
+    let sorted_counters = |list: &[(Counter, u64)]| {
+        let mut list = list.to_vec();
+        list.sort_by_key(|&(c, _)| c as u32);
+        list
+    };
+    let sorted_drops = |list: &[(DropReason, u64)]| {
+        let mut list = list.to_vec();
+        list.sort_by_key(|&(r, _)| r as u32);
+        list
+    };
+    let (got_counters, got_drops) = deltas(before, after);
+    assert_eq!(
+        (got_counters, got_drops),
+        (sorted_counters(counters), sorted_drops(drops)),
+        "{case}: counter deltas (all counters now: {after})"
+    );
+}
+
+/// Panics unless `out` equals `expected`, listing the differing bytes.
+fn assert_frame_eq(case: &str, out: &[u8], expected: &[u8]) {
+    if out == expected {
+        return;
+    }
+    let mut report = format!(
+        "{case}: output frame differs from the expected one ({} bytes out, {} expected)",
+        out.len(),
+        expected.len()
+    );
+    if out.len() == expected.len() {
+        for i in differing_offsets(out, expected) {
+            let _ = write!(
+                report,
+                "\n  offset {i}: {:#04x}, expected {:#04x}",
+                out[i], expected[i]
+            );
+        }
+    }
+    panic!("{report}");
+}
+
+/// Panics unless both checksums of `out` verify by full recomputation and the L4 one is `l4`.
+fn assert_checksums(case: &str, out: &[u8], l4: L4Checksum) {
+    if let Err(e) = verify_ipv4_checksum(out) {
+        panic!("{case}: {e}");
+    }
+    match verify_l4_checksum(out) {
+        Ok(got) => assert_eq!(got, l4, "{case}: L4 checksum"),
+        Err(e) => panic!("{case}: {e}"),
+    }
+}
+
+/// Panics if `input` and `out` differ anywhere but at `allowed` offsets.
+fn assert_changed_only(case: &str, input: &[u8], out: &[u8], allowed: &[usize]) {
+    assert_eq!(input.len(), out.len(), "{case}: frame length changed");
+    let stray: Vec<usize> = differing_offsets(input, out)
+        .into_iter()
+        .filter(|i| !allowed.contains(i))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "{case}: bytes changed outside the rewritten fields: {stray:?}"
+    );
+}
+
+/// The offsets DNAT may change: IPv4 checksum, destination address, destination port, L4
+/// checksum.
+fn dnat_offsets(ip: &Ipv4L4) -> Vec<usize> {
+    let mut offsets = vec![IPV4_CHECK_OFFSET, IPV4_CHECK_OFFSET + 1];
+    offsets.extend(IPV4_DST_OFFSET..IPV4_DST_OFFSET + 4);
+    offsets.extend([ip.dst_port_offset(), ip.dst_port_offset() + 1]);
+    offsets.extend([ip.l4_check_offset(), ip.l4_check_offset() + 1]);
+    offsets
+}
+
+/// The offsets SNAT may change: IPv4 checksum, source address, source port, L4 checksum.
+fn snat_offsets(ip: &Ipv4L4) -> Vec<usize> {
+    let mut offsets = vec![IPV4_CHECK_OFFSET, IPV4_CHECK_OFFSET + 1];
+    offsets.extend(IPV4_SRC_OFFSET..IPV4_SRC_OFFSET + 4);
+    offsets.extend([ip.src_port_offset(), ip.src_port_offset() + 1]);
+    offsets.extend([ip.l4_check_offset(), ip.l4_check_offset() + 1]);
+    offsets
+}
+
+fn parse(case: &str, frame: &[u8]) -> Ipv4L4 {
+    Ipv4L4::parse(frame).unwrap_or_else(|e| panic!("{case}: reading the frame back: {e}"))
+}
+
+/// A UDP payload ending in two bytes chosen so that the datagram `from -> to`, as built, has a
+/// computed checksum of 0, which RFC 768 sends as 0xffff.
+fn payload_summing_to_zero_checksum(from: SocketAddrV4, to: SocketAddrV4) -> Vec<u8> {
+    let mut payload = b"zero".to_vec();
+    payload.extend([0, 0]);
+    let datagram = Ipv4Frame::udp(from, to).with_payload(payload.clone());
+    // With the last word 0 the checksum is C = !sum; putting C there makes the sum 0xffff, so
+    // the checksum computes to 0. The word is at an even offset (8-byte header + 4 bytes).
+    let c = l4_checksum_be(
+        from.ip().octets(),
+        to.ip().octets(),
+        L4::Udp.number(),
+        &datagram.segment(),
+    );
+    let n = payload.len();
+    payload[n - 2..].copy_from_slice(&c.to_be_bytes());
+    payload
+}
+
+/// One flow to a frontend: its first packet and a later one.
+struct DnatCase {
+    name: &'static str,
+    first: Ipv4Frame,
+    later: Ipv4Frame,
+    /// The L4 checksum the translated packets carry.
+    l4_checksum: L4Checksum,
+}
+
+#[expect(clippy::too_many_lines, reason = "a table of cases")]
+fn dnat_cases() -> Vec<DnatCase> {
+    let tcp = |name, from, to| {
+        let first = Ipv4Frame::tcp(from, to);
+        let later = first
+            .clone()
+            .with_tcp_flags(TCP_ACK | TCP_PSH)
+            .with_payload(*b"GET / HTTP/1.1\r\n\r\n");
+        DnatCase {
+            name,
+            first,
+            later,
+            l4_checksum: L4Checksum::Valid,
+        }
+    };
+    let udp = |name, from, to| {
+        let first = Ipv4Frame::udp(from, to).with_payload(*b"query");
+        let later = first.clone().with_payload(*b"second datagram");
+        DnatCase {
+            name,
+            first,
+            later,
+            l4_checksum: L4Checksum::Valid,
+        }
+    };
+    let with = |mut case: DnatCase, f: &dyn Fn(Ipv4Frame) -> Ipv4Frame| {
+        case.first = f(case.first);
+        case.later = f(case.later);
+        case
+    };
+    let max_options = [IPV4_OPT_NOP; 40];
+
+    let zero_from = client(40_016);
+    let zero_backend = expected_backend(L4::Udp, zero_from, node_port());
+    let zero_payload = payload_summing_to_zero_checksum(zero_from, zero_backend);
+
+    vec![
+        tcp("TCP nodePort", client(40_001), node_port()),
+        udp("UDP nodePort", client(40_002), node_port()),
+        tcp("TCP loadBalancer IP", client(40_003), lb_ip()),
+        udp("UDP loadBalancer IP", client(40_004), lb_ip()),
+        tcp(
+            "TCP clusterIP from a pod",
+            sock(POD_CLIENT, 40_005),
+            cluster_ip(),
+        ),
+        udp(
+            "UDP clusterIP from a pod",
+            sock(POD_CLIENT, 40_006),
+            cluster_ip(),
+        ),
+        tcp("TCP externalIP", client(40_007), external_ip()),
+        udp("UDP externalIP", client(40_008), external_ip()),
+        with(
+            tcp(
+                "TCP nodePort, IPv4 option (IHL 6)",
+                client(40_009),
+                node_port(),
+            ),
+            &|f| f.with_options(&IPV4_OPT_ROUTER_ALERT),
+        ),
+        with(
+            udp(
+                "UDP clusterIP, IPv4 option (IHL 6)",
+                client(40_010),
+                cluster_ip(),
+            ),
+            &|f| f.with_options(&IPV4_OPT_ROUTER_ALERT),
+        ),
+        with(
+            tcp(
+                "TCP loadBalancer IP, 40 bytes of options (IHL 15)",
+                client(40_011),
+                lb_ip(),
+            ),
+            &|f| f.with_options(&max_options),
+        ),
+        with(
+            udp(
+                "UDP nodePort, 40 bytes of options (IHL 15)",
+                client(40_012),
+                node_port(),
+            ),
+            &|f| f.with_options(&max_options),
+        ),
+        DnatCase {
+            l4_checksum: L4Checksum::UdpNone,
+            ..with(
+                udp(
+                    "UDP without checksum (0 stays 0)",
+                    client(40_013),
+                    node_port(),
+                ),
+                &Ipv4Frame::without_udp_checksum,
+            )
+        },
+        with(
+            udp("UDP, odd payload length", client(40_014), node_port()),
+            &|f| f.with_payload(*b"odd"),
+        ),
+        // 14 + 20 + 8 + 4 = 46 bytes; Ethernet pads to 60. The padding is not in the checksum.
+        with(
+            udp("UDP with Ethernet padding", client(40_015), cluster_ip()),
+            &|f| f.with_payload(*b"tiny").with_trailer(14),
+        ),
+        // The L4 checksum the rewrite computes is 0, which UDP must send as 0xffff.
+        with(
+            udp(
+                "UDP whose new checksum computes to 0 (sent as 0xffff)",
+                zero_from,
+                node_port(),
+            ),
+            &|f| f.with_payload(zero_payload.clone()),
+        ),
+        with(
+            tcp(
+                "TCP nodePort, IHL 6, with payload",
+                client(40_017),
+                node_port(),
+            ),
+            &|f| {
+                f.with_options(&IPV4_OPT_ROUTER_ALERT)
+                    .with_payload(*b"odd payload")
+            },
+        ),
+    ]
+}
+
+#[test]
+fn dnat_translates_every_frontend_kind() {
+    let mut lb = Lb::new();
+    for DnatCase {
+        name,
+        first,
+        later,
+        l4_checksum,
+    } in dnat_cases()
+    {
+        let frontend = first.dst;
+        let backend = expected_backend(first.l4, first.src, frontend);
+        for (packet, counter, which) in [
+            (&first, Counter::ForwardNew, "first packet"),
+            (&later, Counter::ForwardTracked, "later packet"),
+        ] {
+            let case = format!(
+                "{name}, {which}, {} -> {frontend} (backend {backend})",
+                packet.src
+            );
+            let input = packet.build();
+            let out = lb.expect_xdp(
+                &case,
+                &input,
+                XDP_PASS,
+                &[(Counter::XdpSeen, 1), (counter, 1)],
+                &[],
+            );
+            let got = parse(&case, &out);
+            assert_eq!(
+                (got.src, got.dst),
+                (packet.src, backend),
+                "{case}: addresses"
+            );
+            assert_checksums(&case, &out, l4_checksum);
+            assert_changed_only(&case, &input, &out, &dnat_offsets(&got));
+            // The whole frame as if the client had sent it to the backend: checksums included.
+            assert_frame_eq(&case, &out, &packet.clone().with_dst(backend).build());
+            if name.contains("0xffff") {
+                let check_at = got.l4_check_offset();
+                assert_eq!(
+                    out[check_at..check_at + 2],
+                    [0xff, 0xff],
+                    "{case}: UDP checksum"
+                );
+            }
+        }
+
+        // Both directions are tracked: the reply key is what the backend will send back.
+        let ne = |addr: &SocketAddrV4| u32::from_ne_bytes(addr.ip().octets());
+        let forward = FlowKey {
+            src_addr_be: ne(&first.src),
+            dst_addr_be: ne(&frontend),
+            src_port_be: first.src.port().to_be(),
+            dst_port_be: frontend.port().to_be(),
+            protocol: first.l4.number(),
+            direction: direction::FORWARD,
+            _pad: [0; 2],
+        };
+        let reply = FlowKey {
+            src_addr_be: ne(&backend),
+            dst_addr_be: ne(&first.src),
+            src_port_be: backend.port().to_be(),
+            dst_port_be: first.src.port().to_be(),
+            direction: direction::REPLY,
+            ..forward
+        };
+        let flows = lb.flows();
+        let target = |key: &FlowKey| {
+            let Some(&(_, target)) = flows.iter().find(|(k, _)| k == key) else {
+                panic!("{name}: no conntrack entry {key:?}");
+            };
+            (target.nat_addr_be, target.nat_port_be)
+        };
+        assert_eq!(
+            target(&forward),
+            (ne(&backend), backend.port().to_be()),
+            "{name}: forward entry names the backend"
+        );
+        assert_eq!(
+            target(&reply),
+            (ne(&frontend), frontend.port().to_be()),
+            "{name}: reply entry names the frontend"
+        );
+    }
+}
+
+#[test]
+fn flows_spread_over_all_backends_and_stay_on_theirs() {
+    const FLOWS: u16 = 300;
+    let mut lb = Lb::new();
+    let ports = 20_000..20_000 + FLOWS;
+    let mut chosen = Vec::new();
+    let mut per_backend = [0_u32; 3];
+    for port in ports.clone() {
+        let packet = Ipv4Frame::tcp(client(port), node_port());
+        let case = format!("new flow from port {port}");
+        let out = lb.expect_xdp(
+            &case,
+            &packet.build(),
+            XDP_PASS,
+            &[(Counter::XdpSeen, 1), (Counter::ForwardNew, 1)],
+            &[],
+        );
+        let backend = parse(&case, &out).dst;
+        assert_eq!(
+            backend,
+            expected_backend(L4::Tcp, client(port), node_port()),
+            "{case}: backend differs from the flow hash's choice"
+        );
+        let slot = ENDPOINTS
+            .iter()
+            .position(|e| e == backend.ip())
+            .unwrap_or_else(|| panic!("{case}: {backend} is no endpoint"));
+        per_backend[slot] += 1;
+        chosen.push(backend);
+    }
+    assert!(
+        per_backend.iter().all(|&n| n > 0),
+        "{FLOWS} flows left a backend without any: {per_backend:?}"
+    );
+    assert_eq!(
+        lb.flows().len(),
+        usize::from(FLOWS) * 2,
+        "two conntrack entries per flow"
+    );
+
+    // Every later packet of each flow goes where its first one went.
+    let before = lb.counters();
+    for (port, backend) in ports.zip(chosen) {
+        let packet = Ipv4Frame::tcp(client(port), node_port())
+            .with_tcp_flags(TCP_ACK)
+            .with_payload(*b"data");
+        let case = format!("tracked flow from port {port}");
+        let Run { verdict, out } = lb.xdp(&case, &packet.build());
+        assert_eq!(verdict, XDP_PASS, "{case}");
+        assert_eq!(
+            parse(&case, &out).dst,
+            backend,
+            "{case}: flow moved to another backend"
+        );
+    }
+    assert_deltas(
+        "tracked flows",
+        &before,
+        &lb.counters(),
+        &[(Counter::XdpSeen, 300), (Counter::ForwardTracked, 300)],
+        &[],
+    );
+}
+
+/// One flow's reply, leaving the backend's node through TC egress.
+struct ReplyCase {
+    name: &'static str,
+    /// The client's packet to the frontend, sent through XDP first.
+    request: Ipv4Frame,
+    /// The backend's answer with everything but the addresses; the addresses come from the flow.
+    reply: fn(SocketAddrV4, SocketAddrV4) -> Ipv4Frame,
+    l4_checksum: L4Checksum,
+}
+
+fn syn_ack(from: SocketAddrV4, to: SocketAddrV4) -> Ipv4Frame {
+    let mut reply = Ipv4Frame::tcp(from, to).with_tcp_flags(TCP_SYN | TCP_ACK);
+    reply.ack = 0x0102_0305;
+    reply.src_mac = NODE_MAC;
+    reply.dst_mac = CLIENT_MAC;
+    reply
+}
+
+fn tcp_data(from: SocketAddrV4, to: SocketAddrV4) -> Ipv4Frame {
+    syn_ack(from, to)
+        .with_tcp_flags(TCP_ACK | TCP_PSH)
+        .with_payload(*b"HTTP/1.1 200 OK\r\n\r\nhello")
+}
+
+fn udp_answer(from: SocketAddrV4, to: SocketAddrV4) -> Ipv4Frame {
+    Ipv4Frame::udp(from, to).with_payload(*b"answer")
+}
+
+fn reply_cases() -> Vec<ReplyCase> {
+    let valid = L4Checksum::Valid;
+    vec![
+        ReplyCase {
+            name: "TCP nodePort SYN-ACK",
+            request: Ipv4Frame::tcp(client(41_001), node_port()),
+            reply: syn_ack,
+            l4_checksum: valid,
+        },
+        ReplyCase {
+            name: "TCP loadBalancer IP, data with odd length",
+            request: Ipv4Frame::tcp(client(41_002), lb_ip()),
+            reply: tcp_data,
+            l4_checksum: valid,
+        },
+        ReplyCase {
+            name: "TCP clusterIP, reply with an IPv4 option",
+            request: Ipv4Frame::tcp(sock(POD_CLIENT, 41_003), cluster_ip()),
+            reply: |from, to| tcp_data(from, to).with_options(&IPV4_OPT_ROUTER_ALERT),
+            l4_checksum: valid,
+        },
+        ReplyCase {
+            name: "UDP nodePort",
+            request: Ipv4Frame::udp(client(41_004), node_port()).with_payload(*b"query"),
+            reply: udp_answer,
+            l4_checksum: valid,
+        },
+        ReplyCase {
+            name: "UDP externalIP, 40 bytes of options",
+            request: Ipv4Frame::udp(client(41_005), external_ip()).with_payload(*b"query"),
+            reply: |from, to| udp_answer(from, to).with_options(&[IPV4_OPT_NOP; 40]),
+            l4_checksum: valid,
+        },
+        ReplyCase {
+            name: "UDP reply without checksum (0 stays 0)",
+            request: Ipv4Frame::udp(client(41_006), node_port()).with_payload(*b"query"),
+            reply: |from, to| udp_answer(from, to).without_udp_checksum(),
+            l4_checksum: L4Checksum::UdpNone,
+        },
+        ReplyCase {
+            name: "UDP reply with Ethernet padding",
+            request: Ipv4Frame::udp(client(41_007), cluster_ip()).with_payload(*b"query"),
+            reply: |from, to| {
+                Ipv4Frame::udp(from, to)
+                    .with_payload(*b"ok")
+                    .with_trailer(16)
+            },
+            l4_checksum: valid,
+        },
+        ReplyCase {
+            name: "UDP reply whose new checksum computes to 0 (sent as 0xffff)",
+            request: Ipv4Frame::udp(client(41_008), node_port()).with_payload(*b"query"),
+            // The payload makes the *translated* reply (frontend -> client) sum to zero.
+            reply: |from, to| {
+                Ipv4Frame::udp(from, to)
+                    .with_payload(payload_summing_to_zero_checksum(node_port(), to))
+            },
+            l4_checksum: valid,
+        },
+    ]
+}
+
+#[test]
+fn tc_translates_replies_back_to_the_frontend() {
+    let mut lb = Lb::new();
+    for ReplyCase {
+        name,
+        request,
+        reply,
+        l4_checksum,
+    } in reply_cases()
+    {
+        let frontend = request.dst;
+        let backend = expected_backend(request.l4, request.src, frontend);
+        let forward = lb.xdp(name, &request.build());
+        assert_eq!(forward.verdict, XDP_PASS, "{name}: forward packet");
+        assert_eq!(
+            parse(name, &forward.out).dst,
+            backend,
+            "{name}: forward packet"
+        );
+
+        let reply = reply(backend, request.src);
+        let input = reply.build();
+        let case = format!("{name}: {backend} -> {} (frontend {frontend})", request.src);
+        let out = lb.expect_tc(
+            &case,
+            &input,
+            TC_ACT_OK,
+            &[(Counter::TcSeen, 1), (Counter::ReplyTranslated, 1)],
+            &[],
+        );
+        let got = parse(&case, &out);
+        assert_eq!(
+            (got.src, got.dst),
+            (frontend, request.src),
+            "{case}: addresses"
+        );
+        assert_checksums(&case, &out, l4_checksum);
+        assert_changed_only(&case, &input, &out, &snat_offsets(&got));
+        assert_frame_eq(&case, &out, &reply.clone().with_src(frontend).build());
+        if name.contains("0xffff") {
+            let check_at = got.l4_check_offset();
+            assert_eq!(
+                out[check_at..check_at + 2],
+                [0xff, 0xff],
+                "{case}: UDP checksum field"
+            );
+        }
+    }
+}
+
+/// The reply table again, each reply handed to TC as a `CHECKSUM_COMPLETE` skb (see
+/// [`BPF_F_TEST_SKB_CHECKSUM_COMPLETE`]): the frame must come out the same, and the kernel
+/// checks that the program's helpers kept `skb->csum` equal to the sum of the new frame.
+///
+/// Every case runs; the failures are listed together at the end.
+#[test]
+fn tc_keeps_skb_csum_right_on_checksum_complete_skbs() {
+    const EBADMSG: i32 = 74;
+    const EINVAL: i32 = 22;
+    let mut lb = Lb::new();
+    let mut failures = Vec::new();
+    for ReplyCase {
+        name,
+        request,
+        reply,
+        ..
+    } in reply_cases()
+    {
+        let frontend = request.dst;
+        let backend = expected_backend(request.l4, request.src, frontend);
+        let forward = lb.xdp(name, &request.build());
+        assert_eq!(forward.verdict, XDP_PASS, "{name}: forward packet");
+
+        let reply = reply(backend, request.src);
+        let case = format!("{name}: {backend} -> {} (frontend {frontend})", request.src);
+        match lb.tc_checksum_complete(&reply.build()) {
+            Ok(Run { verdict, out }) => {
+                assert_eq!(verdict, TC_ACT_OK, "{case}: TC verdict");
+                assert_frame_eq(&case, &out, &reply.clone().with_src(frontend).build());
+            }
+            Err(e) if e.raw_os_error() == Some(EBADMSG) => failures.push(format!(
+                "{case}: EBADMSG: after the program ran, skb->csum no longer matched the frame"
+            )),
+            Err(e) if e.raw_os_error() == Some(EINVAL) => panic!(
+                "{case}: the kernel refused BPF_F_TEST_SKB_CHECKSUM_COMPLETE (Linux 6.11+): {e}"
+            ),
+            Err(e) => panic!("{case}: TC test run failed: {e}"),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "CHECKSUM_COMPLETE replies with a stale skb->csum:\n  {}",
+        failures.join("\n  ")
+    );
+}
+
+#[test]
+fn tc_leaves_other_egress_traffic_alone() {
+    let mut lb = Lb::new();
+    // A tracked flow, so a reply table exists and near misses are tested against it.
+    let tracked_client = client(42_000);
+    let backend = expected_backend(L4::Tcp, tracked_client, node_port());
+    let forward = lb.xdp(
+        "tracked flow",
+        &Ipv4Frame::tcp(tracked_client, node_port()).build(),
+    );
+    assert_eq!(forward.verdict, XDP_PASS, "tracked flow");
+
+    let v6 = |addr: u16, port| {
+        SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, addr), port, 0, 0)
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("ARP request", arp_request(NODE_MAC, NODE_IP, CLIENT)),
+        (
+            "IPv6 UDP",
+            ipv6_udp(v6(0x10, 30_080), v6(0x5, 42_000), b"v6"),
+        ),
+        (
+            "ICMP echo request",
+            icmp_echo_request(*backend.ip(), CLIENT, 1, 1, b"ping"),
+        ),
+        (
+            "the node's own connection",
+            Ipv4Frame::tcp(sock(NODE_IP, 40_000), sock(REMOTE_SERVER, 443)).build(),
+        ),
+        (
+            "backend to an untracked client port",
+            Ipv4Frame::tcp(backend, client(42_001)).build(),
+        ),
+        (
+            "tracked client, but from another backend port",
+            Ipv4Frame::tcp(sock(*backend.ip(), 9090), tracked_client).build(),
+        ),
+        (
+            "tracked backend and client, but UDP",
+            Ipv4Frame::udp(backend, tracked_client).build(),
+        ),
+        (
+            "tracked reply, but a fragment",
+            Ipv4Frame::tcp(backend, tracked_client)
+                .with_fragment(true, 0)
+                .build(),
+        ),
+    ];
+    for (name, frame) in cases {
+        let out = lb.expect_tc(
+            name,
+            &frame,
+            TC_ACT_OK,
+            &[(Counter::TcSeen, 1), (Counter::TcPass, 1)],
+            &[],
+        );
+        assert_frame_eq(name, &out, &frame);
+    }
+}
+
+#[test]
+fn tc_drops_a_tracked_reply_too_short_to_rewrite() {
+    let mut lb = Lb::new();
+    let from = client(43_000);
+    let backend = expected_backend(L4::Tcp, from, node_port());
+    let forward = lb.xdp("forward", &Ipv4Frame::tcp(from, node_port()).build());
+    assert_eq!(forward.verdict, XDP_PASS, "forward");
+    // The ports are there (so the reply is found), the TCP checksum field is not.
+    let reply = truncate(&Ipv4Frame::tcp(backend, from).build(), ETH_HLEN + 20 + 8);
+    lb.expect_tc(
+        "tracked TCP reply cut 8 bytes into the TCP header",
+        &reply,
+        TC_ACT_SHOT,
+        &[(Counter::TcSeen, 1), (Counter::TcDrop, 1)],
+        &[(DropReason::RewriteFailed, 1)],
+    );
+}
+
+#[test]
+fn traffic_for_no_service_passes_untouched() {
+    let mut lb = Lb::new();
+    let v6 = |addr: u16, port| {
+        SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, addr), port, 0, 0)
+    };
+    let cases: Vec<(&str, Vec<u8>, Counter)> = vec![
+        (
+            "ARP request for the node",
+            arp_request(CLIENT_MAC, CLIENT, NODE_IP),
+            Counter::PassNotIpv4,
+        ),
+        (
+            "IPv6 UDP to the nodePort number",
+            ipv6_udp(v6(5, 40_000), v6(0x10, NODE_PORT), b"v6"),
+            Counter::PassNotIpv4,
+        ),
+        (
+            "ICMP echo to the node",
+            icmp_echo_request(CLIENT, NODE_IP, 1, 1, b"ping"),
+            Counter::PassNotTcpUdp,
+        ),
+        (
+            "ICMP echo to a clusterIP",
+            icmp_echo_request(POD_CLIENT, CLUSTER_IP, 1, 2, b"ping"),
+            Counter::PassNotTcpUdp,
+        ),
+        (
+            "TCP to the node's SSH port",
+            Ipv4Frame::tcp(client(44_001), sock(NODE_IP, 22)).build(),
+            Counter::PassNotService,
+        ),
+        (
+            "TCP to the node on the service port (not a nodePort)",
+            Ipv4Frame::tcp(client(44_002), sock(NODE_IP, SERVICE_PORT)).build(),
+            Counter::PassNotService,
+        ),
+        (
+            "UDP to the node on a port next to the nodePort",
+            Ipv4Frame::udp(client(44_003), sock(NODE_IP, NODE_PORT + 1)).build(),
+            Counter::PassNotService,
+        ),
+        (
+            "TCP to a clusterIP on another port",
+            Ipv4Frame::tcp(sock(POD_CLIENT, 44_004), sock(CLUSTER_IP, 81)).build(),
+            Counter::PassNotService,
+        ),
+        (
+            "TCP to the nodePort on another address",
+            Ipv4Frame::tcp(
+                client(44_005),
+                sock(Ipv4Addr::new(192, 168, 50, 11), NODE_PORT),
+            )
+            .build(),
+            Counter::PassNotService,
+        ),
+        (
+            "reply to the node's own TCP connection",
+            Ipv4Frame::tcp(sock(REMOTE_SERVER, 443), sock(NODE_IP, 40_000))
+                .with_tcp_flags(TCP_SYN | TCP_ACK)
+                .build(),
+            Counter::PassNotService,
+        ),
+        (
+            "reply to the node's own DNS query",
+            Ipv4Frame::udp(sock(REMOTE_SERVER, 53), sock(NODE_IP, 53_000))
+                .with_payload(*b"a")
+                .build(),
+            Counter::PassNotService,
+        ),
+        (
+            "an endpoint's traffic to a client",
+            Ipv4Frame::tcp(sock(ENDPOINTS[0], TARGET_PORT), client(44_006)).build(),
+            Counter::PassNotService,
+        ),
+    ];
+    for (name, frame, counter) in cases {
+        let out = lb.expect_xdp(
+            name,
+            &frame,
+            XDP_PASS,
+            &[(Counter::XdpSeen, 1), (counter, 1)],
+            &[],
+        );
+        assert_frame_eq(name, &out, &frame);
+    }
+    assert!(
+        lb.flows().is_empty(),
+        "traffic for no service created conntrack entries"
+    );
+}
+
+/// Rewrites the IPv4 version/IHL byte of a built frame (the header checksum is left stale,
+/// as it would be on a corrupted frame).
+fn with_version_ihl(mut frame: Vec<u8>, version_ihl: u8) -> Vec<u8> {
+    frame[ETH_HLEN] = version_ihl;
+    frame
+}
+
+/// How a malformed frame must be handled.
+enum Outcome {
+    /// Passed to the stack untouched, counting this counter.
+    Pass(Counter),
+    /// Dropped for this reason.
+    Drop(DropReason),
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "a table of cases")]
+fn malformed_and_fragmented_frames() {
+    let mut lb = Lb::new();
+    let tcp = Ipv4Frame::tcp(client(45_000), node_port()).build();
+    let udp = Ipv4Frame::udp(client(45_001), node_port())
+        .with_payload(*b"query")
+        .build();
+    let tcp_options = Ipv4Frame::tcp(client(45_002), node_port())
+        .with_options(&IPV4_OPT_ROUTER_ALERT)
+        .build();
+    let tcp_max_options = Ipv4Frame::tcp(client(45_003), node_port())
+        .with_options(&[IPV4_OPT_NOP; 40])
+        .build();
+    let fragment = |more, offset| {
+        Ipv4Frame::udp(client(45_004), node_port())
+            .with_payload(*b"fragment")
+            .with_fragment(more, offset)
+            .build()
+    };
+    let ip_only = ETH_HLEN + 20;
+    let mut ethernet_only = vec![0_u8; ETH_HLEN];
+    ethernet_only[..6].copy_from_slice(&NODE_MAC);
+    ethernet_only[6..12].copy_from_slice(&CLIENT_MAC);
+    ethernet_only[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
+
+    let cases: Vec<(&str, Vec<u8>, Outcome)> = vec![
+        // BPF_PROG_TEST_RUN refuses XDP frames shorter than ETH_HLEN (see the test below), so an
+        // Ethernet header with nothing after it is the shortest frame the program can be shown.
+        (
+            "Ethernet header only, EtherType IPv4",
+            ethernet_only,
+            Outcome::Pass(Counter::PassIpv4Invalid),
+        ),
+        (
+            "IPv4 header cut at 19 bytes",
+            truncate(&tcp, ETH_HLEN + 19),
+            Outcome::Pass(Counter::PassIpv4Invalid),
+        ),
+        (
+            "IHL 4 (header shorter than 20 bytes)",
+            with_version_ihl(tcp.clone(), 0x44),
+            Outcome::Pass(Counter::PassIpv4Invalid),
+        ),
+        (
+            "IHL 0",
+            with_version_ihl(tcp.clone(), 0x40),
+            Outcome::Pass(Counter::PassIpv4Invalid),
+        ),
+        (
+            "version 6 under EtherType IPv4",
+            with_version_ihl(tcp.clone(), 0x65),
+            Outcome::Pass(Counter::PassIpv4Invalid),
+        ),
+        (
+            "TCP cut to 10 bytes after the IP header",
+            truncate(&tcp, ip_only + 10),
+            Outcome::Drop(DropReason::L4HeaderTruncated),
+        ),
+        (
+            "TCP cut to 19 bytes (no urgent pointer)",
+            truncate(&tcp, ip_only + 19),
+            Outcome::Drop(DropReason::L4HeaderTruncated),
+        ),
+        (
+            "TCP with no L4 bytes at all",
+            truncate(&tcp, ip_only),
+            Outcome::Drop(DropReason::L4HeaderTruncated),
+        ),
+        (
+            "TCP after an IPv4 option, cut to 10 bytes",
+            truncate(&tcp_options, ip_only + 4 + 10),
+            Outcome::Drop(DropReason::L4HeaderTruncated),
+        ),
+        (
+            "IHL 15 with the options cut short",
+            truncate(&tcp_max_options, ip_only + 30),
+            Outcome::Drop(DropReason::L4HeaderTruncated),
+        ),
+        (
+            "UDP cut to 7 bytes",
+            truncate(&udp, ip_only + 7),
+            Outcome::Drop(DropReason::L4HeaderTruncated),
+        ),
+        (
+            "UDP cut to its ports",
+            truncate(&udp, ip_only + 4),
+            Outcome::Drop(DropReason::L4HeaderTruncated),
+        ),
+        // The drop policy (lb-ebpf/src/parse.rs) applies before the frontend lookup, so a cut
+        // TCP header is dropped whatever its destination.
+        (
+            "TCP to the SSH port cut to 10 bytes",
+            truncate(
+                &Ipv4Frame::tcp(client(45_005), sock(NODE_IP, 22)).build(),
+                ip_only + 10,
+            ),
+            Outcome::Drop(DropReason::L4HeaderTruncated),
+        ),
+        (
+            "first fragment (MF set, offset 0) to the nodePort",
+            fragment(true, 0),
+            Outcome::Pass(Counter::PassFragment),
+        ),
+        (
+            "middle fragment (MF set, offset 185)",
+            fragment(true, 185),
+            Outcome::Pass(Counter::PassFragment),
+        ),
+        (
+            "last fragment (MF clear, offset 185)",
+            fragment(false, 185),
+            Outcome::Pass(Counter::PassFragment),
+        ),
+        // A later fragment carries no L4 header, so its shortness is no reason to drop it.
+        (
+            "later fragment with 4 bytes of payload",
+            truncate(&fragment(false, 185), ip_only + 4),
+            Outcome::Pass(Counter::PassFragment),
+        ),
+    ];
+    for (name, frame, outcome) in cases {
+        match outcome {
+            Outcome::Pass(counter) => {
+                let out = lb.expect_xdp(
+                    name,
+                    &frame,
+                    XDP_PASS,
+                    &[(Counter::XdpSeen, 1), (counter, 1)],
+                    &[],
+                );
+                assert_frame_eq(name, &out, &frame);
+            }
+            Outcome::Drop(reason) => {
+                lb.expect_xdp(
+                    name,
+                    &frame,
+                    XDP_DROP,
+                    &[(Counter::XdpSeen, 1), (Counter::XdpDrop, 1)],
+                    &[(reason, 1)],
+                );
+            }
+        }
+    }
+    assert!(
+        lb.flows().is_empty(),
+        "malformed frames created conntrack entries"
+    );
+}
+
+/// The kernel checks the input size before the program runs (`bpf_test_init`: `size <
+/// ETH_HLEN` is `-EINVAL`), so a frame cut inside the Ethernet header cannot reach the program
+/// through `BPF_PROG_TEST_RUN`; on a real NIC such runts are dropped by the hardware.
+#[test]
+fn frames_shorter_than_ethernet_are_refused_by_test_run() {
+    let mut lb = Lb::new();
+    let frame = Ipv4Frame::tcp(client(46_000), node_port()).build();
+    for len in [0, 1, 10, ETH_HLEN - 1] {
+        let before = lb.counters();
+        match lb.try_xdp(&truncate(&frame, len)) {
+            Err(ProgramError::SyscallError(aya::sys::SyscallError { call, io_error }))
+                if io_error.kind() == io::ErrorKind::InvalidInput =>
+            {
+                assert_eq!(call, "bpf_prog_test_run", "{len} bytes");
+            }
+            Err(other) => panic!("{len}-byte frame: expected EINVAL, got {other} ({other:?})"),
+            Ok(Run { verdict, .. }) => {
+                panic!("{len}-byte frame: the kernel ran the program (verdict {verdict})")
+            }
+        }
+        assert_deltas(
+            &format!("{len}-byte frame"),
+            &before,
+            &lb.counters(),
+            &[],
+            &[],
+        );
+    }
+}
+
+#[test]
+fn service_without_endpoints_drops() {
+    let mut lb = Lb::new();
+    let cases = [
+        (
+            "clusterIP of a service without endpoints",
+            sock(EMPTY_CLUSTER_IP, SERVICE_PORT),
+        ),
+        (
+            "nodePort of a service without endpoints",
+            sock(NODE_IP, EMPTY_NODE_PORT),
+        ),
+    ];
+    for (name, frontend) in cases {
+        for packet in [
+            Ipv4Frame::tcp(client(47_000), frontend),
+            Ipv4Frame::tcp(client(47_000), frontend).with_tcp_flags(TCP_ACK),
+        ] {
+            lb.expect_xdp(
+                name,
+                &packet.build(),
+                XDP_DROP,
+                &[(Counter::XdpSeen, 1), (Counter::XdpDrop, 1)],
+                &[(DropReason::NoBackend, 1)],
+            );
+        }
+    }
+    assert!(lb.flows().is_empty(), "a dropped flow was tracked");
+}
