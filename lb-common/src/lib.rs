@@ -5,6 +5,14 @@
 //! exactly as they appear in the packet (`*_be` fields hold the packet's bytes read as a native
 //! integer), so the data path never swaps bytes.
 #![cfg_attr(not(test), no_std)]
+#![expect(
+    clippy::inline_always,
+    reason = "the data path calls these; the verifier needs them inlined into each program"
+)]
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "explicit padding fields are part of each map type's layout and must be settable"
+)]
 
 pub mod checksum;
 pub mod hash;
@@ -45,7 +53,7 @@ pub const IPPROTO_UDP: u8 = 17;
 
 /// Where a packet to `addr:port/protocol` is going: the key of the `FRONTENDS` map.
 ///
-/// One Service port has several frontends: its clusterIP, each LoadBalancer ingress IP and
+/// One Service port has several frontends: its clusterIP, each `LoadBalancer` ingress IP and
 /// externalIP on the Service port, and each node address on the nodePort.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -191,6 +199,7 @@ impl Counter {
     }
 }
 
+#[expect(clippy::cast_possible_truncation, reason = "a handful of counters")]
 pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;
 
 /// Why a packet was dropped: indexes of the per-CPU `DROPS` array. Numbers are stable and never

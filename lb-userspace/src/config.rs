@@ -1,14 +1,14 @@
 //! The config file: a multi-document YAML stream of Kubernetes objects, as users write them or as
 //! `kubectl get svc,endpointslices -o yaml` prints them (a `v1` `List`).
 //!
-//! Read: `v1` `Service` and `discovery.k8s.io/v1` `EndpointSlice`; an EndpointSlice belongs to the
+//! Read: `v1` `Service` and `discovery.k8s.io/v1` `EndpointSlice`; an `EndpointSlice` belongs to the
 //! Service named by its `kubernetes.io/service-name` label in the same namespace. Other kinds are
 //! skipped with a warning. Every problem found is reported at once, each naming the file, the
 //! document, the object and the field.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt,
+    fmt::{self, Write as _},
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::model::{DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePort};
 
-/// The label that links an EndpointSlice to its Service.
+/// The label that links an `EndpointSlice` to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The API server's default `--service-node-port-range`.
 pub const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
@@ -85,7 +85,7 @@ fn render_problems(file: &Path, problems: &[Problem]) -> String {
         if problems.len() == 1 { "" } else { "s" }
     );
     for problem in problems {
-        out.push_str(&format!("\n  - {problem}"));
+        let _ = write!(out, "\n  - {problem}");
     }
     out
 }
@@ -97,7 +97,7 @@ pub struct Loaded {
     pub warnings: Vec<String>,
 }
 
-/// Reads and validates `file`. `node_ips` are the addresses NodePorts are served on.
+/// Reads and validates `file`. `node_ips` are the addresses `NodePorts` are served on.
 pub fn load_file(file: &Path, node_ips: &[Ipv4Addr]) -> Result<Loaded, ConfigError> {
     let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
         file: file.to_owned(),
@@ -252,6 +252,14 @@ struct PortEntry {
     node_port: Option<u16>,
 }
 
+/// How a Service's type decides its node ports.
+struct NodePortRules<'a> {
+    service_type: &'a str,
+    has_node_ports: bool,
+    /// False when `allocateLoadBalancerNodePorts: false` lets a port go without one.
+    required: bool,
+}
+
 /// Endpoints per (namespace, service name, port name, protocol).
 type EndpointIndex = BTreeMap<(String, String, String, Protocol), BTreeSet<Endpoint>>;
 
@@ -265,7 +273,7 @@ struct Reader {
     warnings: Vec<String>,
     services: Vec<ServiceEntry>,
     endpoints: EndpointIndex,
-    /// Services that EndpointSlices point at, to warn about slices with no Service.
+    /// Services that `EndpointSlices` point at, to warn about slices with no Service.
     slice_targets: BTreeMap<(String, String), String>,
 }
 
@@ -291,7 +299,7 @@ impl Reader {
             .unwrap_or_default()
             .to_owned();
         match (api_version.as_str(), kind.as_str()) {
-            ("v1", "List") => self.list(value, &location),
+            ("v1", "List") => self.list(&value, &location),
             ("v1", "Service") => self.service(value, location),
             ("discovery.k8s.io/v1", "EndpointSlice") => self.endpoint_slice(value, &location),
             ("", _) | (_, "") => self.problem(
@@ -312,7 +320,7 @@ impl Reader {
         }
     }
 
-    fn list(&mut self, value: serde_yaml::Value, location: &Location) {
+    fn list(&mut self, value: &serde_yaml::Value, location: &Location) {
         let Some(items) = value.get("items").and_then(serde_yaml::Value::as_sequence) else {
             self.problem(
                 location,
@@ -400,55 +408,12 @@ impl Reader {
             }
         };
 
-        // Addresses the Service answers on with its own port number.
-        let mut service_ips = Vec::new();
-        match service.spec.cluster_ip.as_deref() {
-            None | Some("" | "None") => {}
-            Some(ip) => match ip.parse::<Ipv4Addr>() {
-                Ok(addr) => service_ips.push((FrontendKind::ClusterIp, addr)),
-                Err(_) if ip.parse::<std::net::Ipv6Addr>().is_ok() => {
-                    self.warnings.push(format!(
-                        "{location} ({object}): clusterIP {ip} is IPv6, which lb-agent does not \
-                         serve yet; skipped"
-                    ));
-                }
-                Err(_) => at(
-                    self,
-                    "spec.clusterIP",
-                    format!("{ip:?} is not an IPv4 address, \"None\" or empty"),
-                ),
-            },
-        }
-        for (i, ip) in service.spec.external_ips.iter().enumerate() {
-            match ip.parse::<Ipv4Addr>() {
-                Ok(addr) => service_ips.push((FrontendKind::ExternalIp, addr)),
-                Err(_) => at(
-                    self,
-                    &format!("spec.externalIPs[{i}]"),
-                    format!("{ip:?} is not an IPv4 address"),
-                ),
-            }
-        }
-        if has_load_balancer {
-            for (i, ingress) in service.status.load_balancer.ingress.iter().enumerate() {
-                match (&ingress.ip, &ingress.hostname) {
-                    (Some(ip), _) => match ip.parse::<Ipv4Addr>() {
-                        Ok(addr) => service_ips.push((FrontendKind::LoadBalancer, addr)),
-                        Err(_) => at(
-                            self,
-                            &format!("status.loadBalancer.ingress[{i}].ip"),
-                            format!("{ip:?} is not an IPv4 address"),
-                        ),
-                    },
-                    (None, Some(hostname)) => self.warnings.push(format!(
-                        "{location} ({object}): load balancer ingress {hostname} has no ip; \
-                         only addresses are served"
-                    )),
-                    (None, None) => {}
-                }
-            }
-        }
-
+        let service_ips = self.service_ips(&service, has_load_balancer, &location, &object);
+        let rules = NodePortRules {
+            service_type,
+            has_node_ports,
+            required: node_ports_required,
+        };
         let mut ports = Vec::new();
         let mut seen_names = BTreeSet::new();
         for (i, port) in service.spec.ports.iter().enumerate() {
@@ -461,82 +426,11 @@ impl Reader {
                     format!("port name {name:?} is used twice; every port needs its own name"),
                 );
             }
-            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
-                "TCP" => Protocol::Tcp,
-                "UDP" => Protocol::Udp,
-                "SCTP" => {
-                    self.warnings.push(format!(
-                        "{location} ({object}): {field} is SCTP, which lb-agent does not serve; \
-                         skipped"
-                    ));
-                    continue;
-                }
-                other => {
-                    at(
-                        self,
-                        &format!("{field}.protocol"),
-                        format!("unknown protocol {other:?}; use TCP or UDP"),
-                    );
-                    continue;
-                }
-            };
-            let Some(service_port) = port_number(port.port) else {
-                at(
-                    self,
-                    &format!("{field}.port"),
-                    format!("{} is not a port; use 1-65535", port.port),
-                );
-                continue;
-            };
-            let node_port = if has_node_ports {
-                match port.node_port {
-                    Some(n) => match u16::try_from(n) {
-                        Ok(n) if NODE_PORT_RANGE.contains(&n) => Some(n),
-                        _ => {
-                            at(
-                                self,
-                                &format!("{field}.nodePort"),
-                                format!(
-                                    "{n} is outside the node port range {}-{}",
-                                    NODE_PORT_RANGE.start(),
-                                    NODE_PORT_RANGE.end()
-                                ),
-                            );
-                            continue;
-                        }
-                    },
-                    None if !node_ports_required => None,
-                    None => {
-                        at(
-                            self,
-                            &format!("{field}.nodePort"),
-                            format!(
-                                "required for type {service_type}: lb-agent does not assign node \
-                                 ports yet; set one in {}-{}",
-                                NODE_PORT_RANGE.start(),
-                                NODE_PORT_RANGE.end()
-                            ),
-                        );
-                        continue;
-                    }
-                }
-            } else {
-                None
-            };
-            ports.push(PortEntry {
-                field,
-                name,
-                protocol,
-                frontends_on_service_ips: service_ips
-                    .iter()
-                    .map(|&(kind, addr)| Frontend {
-                        kind,
-                        addr,
-                        port: service_port,
-                    })
-                    .collect(),
-                node_port,
-            });
+            if let Some(entry) =
+                self.service_port(port, field, name, &service_ips, &rules, &location, &object)
+            {
+                ports.push(entry);
+            }
         }
 
         if let Some(first) = self
@@ -558,6 +452,168 @@ impl Reader {
             name,
             ports,
         });
+    }
+
+    /// The addresses a Service answers on with its own port number: `clusterIP`, `externalIPs`,
+    /// and (for type `LoadBalancer`) its load balancer ingress IPs.
+    fn service_ips(
+        &mut self,
+        service: &ServiceObject,
+        has_load_balancer: bool,
+        location: &Location,
+        object: &str,
+    ) -> Vec<(FrontendKind, Ipv4Addr)> {
+        let mut service_ips = Vec::new();
+        match service.spec.cluster_ip.as_deref() {
+            None | Some("" | "None") => {}
+            Some(ip) => match ip.parse::<Ipv4Addr>() {
+                Ok(addr) => service_ips.push((FrontendKind::ClusterIp, addr)),
+                Err(_) if ip.parse::<std::net::Ipv6Addr>().is_ok() => {
+                    self.warnings.push(format!(
+                        "{location} ({object}): clusterIP {ip} is IPv6, which lb-agent does not \
+                         serve yet; skipped"
+                    ));
+                }
+                Err(_) => self.problem(
+                    location,
+                    Some(object),
+                    "spec.clusterIP",
+                    format!("{ip:?} is not an IPv4 address, \"None\" or empty"),
+                ),
+            },
+        }
+        for (i, ip) in service.spec.external_ips.iter().enumerate() {
+            match ip.parse::<Ipv4Addr>() {
+                Ok(addr) => service_ips.push((FrontendKind::ExternalIp, addr)),
+                Err(_) => self.problem(
+                    location,
+                    Some(object),
+                    &format!("spec.externalIPs[{i}]"),
+                    format!("{ip:?} is not an IPv4 address"),
+                ),
+            }
+        }
+        if has_load_balancer {
+            for (i, ingress) in service.status.load_balancer.ingress.iter().enumerate() {
+                match (&ingress.ip, &ingress.hostname) {
+                    (Some(ip), _) => match ip.parse::<Ipv4Addr>() {
+                        Ok(addr) => service_ips.push((FrontendKind::LoadBalancer, addr)),
+                        Err(_) => self.problem(
+                            location,
+                            Some(object),
+                            &format!("status.loadBalancer.ingress[{i}].ip"),
+                            format!("{ip:?} is not an IPv4 address"),
+                        ),
+                    },
+                    (None, Some(hostname)) => self.warnings.push(format!(
+                        "{location} ({object}): load balancer ingress {hostname} has no ip; \
+                         only addresses are served"
+                    )),
+                    (None, None) => {}
+                }
+            }
+        }
+
+        service_ips
+    }
+
+    /// One `spec.ports[]` entry, or `None` (with a problem or warning recorded) if it cannot be
+    /// served.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the port plus the Service context it needs"
+    )]
+    fn service_port(
+        &mut self,
+        port: &ServicePortSpec,
+        field: String,
+        name: String,
+        service_ips: &[(FrontendKind, Ipv4Addr)],
+        rules: &NodePortRules<'_>,
+        location: &Location,
+        object: &str,
+    ) -> Option<PortEntry> {
+        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            "SCTP" => {
+                self.warnings.push(format!(
+                    "{location} ({object}): {field} is SCTP, which lb-agent does not serve; \
+                     skipped"
+                ));
+                return None;
+            }
+            other => {
+                self.problem(
+                    location,
+                    Some(object),
+                    &format!("{field}.protocol"),
+                    format!("unknown protocol {other:?}; use TCP or UDP"),
+                );
+                return None;
+            }
+        };
+        let Some(service_port) = port_number(port.port) else {
+            self.problem(
+                location,
+                Some(object),
+                &format!("{field}.port"),
+                format!("{} is not a port; use 1-65535", port.port),
+            );
+            return None;
+        };
+        let node_port = if rules.has_node_ports {
+            match port.node_port {
+                Some(n) => match u16::try_from(n) {
+                    Ok(n) if NODE_PORT_RANGE.contains(&n) => Some(n),
+                    _ => {
+                        self.problem(
+                            location,
+                            Some(object),
+                            &format!("{field}.nodePort"),
+                            format!(
+                                "{n} is outside the node port range {}-{}",
+                                NODE_PORT_RANGE.start(),
+                                NODE_PORT_RANGE.end()
+                            ),
+                        );
+                        return None;
+                    }
+                },
+                None if !rules.required => None,
+                None => {
+                    self.problem(
+                        location,
+                        Some(object),
+                        &format!("{field}.nodePort"),
+                        format!(
+                            "required for type {}: lb-agent does not assign node \
+                             ports yet; set one in {}-{}",
+                            rules.service_type,
+                            NODE_PORT_RANGE.start(),
+                            NODE_PORT_RANGE.end()
+                        ),
+                    );
+                    return None;
+                }
+            }
+        } else {
+            None
+        };
+        Some(PortEntry {
+            field,
+            name,
+            protocol,
+            frontends_on_service_ips: service_ips
+                .iter()
+                .map(|&(kind, addr)| Frontend {
+                    kind,
+                    addr,
+                    port: service_port,
+                })
+                .collect(),
+            node_port,
+        })
     }
 
     fn endpoint_slice(&mut self, value: serde_yaml::Value, location: &Location) {
@@ -600,34 +656,7 @@ impl Reader {
             .entry((namespace.clone(), service.clone()))
             .or_insert_with(|| format!("{location} ({object})"));
 
-        let mut ports = Vec::new();
-        for (i, port) in slice.ports.iter().enumerate() {
-            let field = format!("ports[{i}]");
-            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
-                "TCP" => Protocol::Tcp,
-                "UDP" => Protocol::Udp,
-                "SCTP" => continue,
-                other => {
-                    self.problem(
-                        location,
-                        Some(&object),
-                        &format!("{field}.protocol"),
-                        format!("unknown protocol {other:?}; use TCP or UDP"),
-                    );
-                    continue;
-                }
-            };
-            let Some(number) = port.port.and_then(port_number) else {
-                self.problem(
-                    location,
-                    Some(&object),
-                    &format!("{field}.port"),
-                    "missing or not a port; use 1-65535".to_owned(),
-                );
-                continue;
-            };
-            ports.push((port.name.clone().unwrap_or_default(), protocol, number));
-        }
+        let ports = self.slice_ports(&slice.ports, location, &object);
 
         for (i, endpoint) in slice.endpoints.iter().enumerate() {
             // The API says an unset `ready` means unknown, to be read as ready.
@@ -667,6 +696,44 @@ impl Reader {
                     });
             }
         }
+    }
+
+    /// The TCP and UDP ports of an `EndpointSlice`: (port name, protocol, number).
+    fn slice_ports(
+        &mut self,
+        ports: &[EndpointPortSpec],
+        location: &Location,
+        object: &str,
+    ) -> Vec<(String, Protocol, u16)> {
+        let mut served = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let field = format!("ports[{i}]");
+            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                "SCTP" => continue,
+                other => {
+                    self.problem(
+                        location,
+                        Some(object),
+                        &format!("{field}.protocol"),
+                        format!("unknown protocol {other:?}; use TCP or UDP"),
+                    );
+                    continue;
+                }
+            };
+            let Some(number) = port.port.and_then(port_number) else {
+                self.problem(
+                    location,
+                    Some(object),
+                    &format!("{field}.port"),
+                    "missing or not a port; use 1-65535".to_owned(),
+                );
+                continue;
+            };
+            served.push((port.name.clone().unwrap_or_default(), protocol, number));
+        }
+        served
     }
 
     /// The object's namespace and name; namespace defaults to `default` as `kubectl` does.

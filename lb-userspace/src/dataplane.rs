@@ -289,15 +289,14 @@ impl DataPlane {
         };
         let tc_program = tc_program(&mut self.ebpf)?;
         // Kernels from 6.6 attach through TCX links; older ones need a clsact qdisc first.
-        let tc_link = match tc_program.attach(iface, TcAttachType::Egress) {
-            Ok(link) => link,
-            Err(_) => {
-                // An "already exists" error here is fine: the qdisc is shared.
-                let _ = tc::qdisc_add_clsact(iface);
-                tc_program
-                    .attach(iface, TcAttachType::Egress)
-                    .map_err(tc_error)?
-            }
+        let tc_link = if let Ok(link) = tc_program.attach(iface, TcAttachType::Egress) {
+            link
+        } else {
+            // An "already exists" error here is fine: the qdisc is shared.
+            let _ = tc::qdisc_add_clsact(iface);
+            tc_program
+                .attach(iface, TcAttachType::Egress)
+                .map_err(tc_error)?
         };
         self.attachments.push(Attachment {
             iface: iface.to_owned(),
@@ -311,15 +310,15 @@ impl DataPlane {
     pub fn detach_all(&mut self) -> Vec<String> {
         let mut detached = Vec::new();
         while let Some(attachment) = self.attachments.pop() {
-            if let Ok(tc) = tc_program(&mut self.ebpf) {
-                if let Err(e) = tc.detach(attachment.tc) {
-                    log::warn!("{}: detaching TC egress: {e}", attachment.iface);
-                }
+            if let Ok(tc) = tc_program(&mut self.ebpf)
+                && let Err(e) = tc.detach(attachment.tc)
+            {
+                log::warn!("{}: detaching TC egress: {e}", attachment.iface);
             }
-            if let Ok(xdp) = xdp_program(&mut self.ebpf) {
-                if let Err(e) = xdp.detach(attachment.xdp) {
-                    log::warn!("{}: detaching XDP: {e}", attachment.iface);
-                }
+            if let Ok(xdp) = xdp_program(&mut self.ebpf)
+                && let Err(e) = xdp.detach(attachment.xdp)
+            {
+                log::warn!("{}: detaching XDP: {e}", attachment.iface);
             }
             detached.push(attachment.iface);
         }
@@ -373,12 +372,12 @@ impl DataPlane {
             .collect()
     }
 
-    /// The XDP program, for BPF_PROG_TEST_RUN.
+    /// The XDP program, for `BPF_PROG_TEST_RUN`.
     pub fn xdp_program(&mut self) -> Result<&mut Xdp, DataPlaneError> {
         xdp_program(&mut self.ebpf)
     }
 
-    /// The TC egress program, for BPF_PROG_TEST_RUN.
+    /// The TC egress program, for `BPF_PROG_TEST_RUN`.
     pub fn tc_program(&mut self) -> Result<&mut SchedClassifier, DataPlaneError> {
         tc_program(&mut self.ebpf)
     }
@@ -397,18 +396,17 @@ impl Drop for DataPlane {
 }
 
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataPlaneError> {
-    let name = program_names::XDP_INGRESS;
-    ebpf.program_mut(name)
-        .ok_or(DataPlaneError::Missing {
-            kind: "program",
-            name,
-        })?
-        .try_into()
-        .map_err(|source| DataPlaneError::Program { name, source })
+    program(ebpf, program_names::XDP_INGRESS)
 }
 
 fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataPlaneError> {
-    let name = program_names::TC_EGRESS;
+    program(ebpf, program_names::TC_EGRESS)
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataPlaneError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(DataPlaneError::Missing {
             kind: "program",

@@ -1,4 +1,4 @@
-//! `lb-agent`: fills the data path's maps from Kubernetes Service and EndpointSlice manifests and
+//! `lb-agent`: fills the data path's maps from Kubernetes Service and `EndpointSlice` manifests and
 //! attaches it to the node's interfaces.
 
 use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
@@ -34,9 +34,9 @@ enum Command {
     Run(RunArgs),
     /// Check a config file without touching the kernel; exits 2 if it has problems.
     Validate {
-        /// Multi-document YAML of v1 Service and discovery.k8s.io/v1 EndpointSlice objects.
+        /// Multi-document YAML of v1 Service and discovery.k8s.io/v1 `EndpointSlice` objects.
         file: PathBuf,
-        /// Node addresses NodePorts would be served on (only affects the summary).
+        /// Node addresses `NodePorts` would be served on (only affects the summary).
         #[arg(long = "node-ip")]
         node_ips: Vec<Ipv4Addr>,
     },
@@ -44,7 +44,7 @@ enum Command {
 
 #[derive(Parser)]
 struct RunArgs {
-    /// Multi-document YAML of v1 Service and discovery.k8s.io/v1 EndpointSlice objects.
+    /// Multi-document YAML of v1 Service and discovery.k8s.io/v1 `EndpointSlice` objects.
     #[arg(long)]
     config: PathBuf,
     /// Interface to serve on (repeatable): XDP on ingress, TC on egress.
@@ -53,7 +53,7 @@ struct RunArgs {
     /// This node's name (used by node-local policies); defaults to the host name.
     #[arg(long)]
     node_name: Option<String>,
-    /// Addresses NodePorts answer on (repeatable); defaults to the IPv4 addresses of the
+    /// Addresses `NodePorts` answer on (repeatable); defaults to the IPv4 addresses of the
     /// interfaces.
     #[arg(long = "node-ip")]
     node_ips: Vec<Ipv4Addr>,

@@ -229,7 +229,10 @@ mod tests {
     #[test]
     fn too_many_endpoints_names_the_service() {
         let many: Vec<[u8; 4]> = (0..=MAX_BACKENDS_PER_SERVICE)
-            .map(|i| [10, 1, (i >> 8) as u8, i as u8])
+            .map(|i| {
+                let [.., hi, lo] = i.to_be_bytes();
+                [10, 1, hi, lo]
+            })
             .collect();
         let state = DesiredState {
             service_ports: vec![port("big", [10, 96, 0, 1], &many)],

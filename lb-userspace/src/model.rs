@@ -59,7 +59,7 @@ pub struct Frontend {
 pub struct Endpoint {
     pub addr: Ipv4Addr,
     pub port: u16,
-    /// The pod behind the address, when the EndpointSlice names it (for logs only).
+    /// The pod behind the address, when the `EndpointSlice` names it (for logs only).
     pub pod: Option<String>,
 }
 

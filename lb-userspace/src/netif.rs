@@ -31,7 +31,7 @@ pub fn ipv4_addresses(iface: &str) -> std::io::Result<Vec<Ipv4Addr>> {
                 && !entry.ifa_addr.is_null()
                 && i32::from((*entry.ifa_addr).sa_family) == libc::AF_INET
             {
-                let sin = &*entry.ifa_addr.cast::<libc::sockaddr_in>();
+                let sin = entry.ifa_addr.cast::<libc::sockaddr_in>().read_unaligned();
                 addrs.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
             }
             cursor = entry.ifa_next;

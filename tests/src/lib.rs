@@ -1,5 +1,5 @@
 //! Shared pieces of the integration tests and the demo: a typed frame builder for
-//! BPF_PROG_TEST_RUN tables, network namespaces that delete themselves, and runners for the
+//! `BPF_PROG_TEST_RUN` tables, network namespaces that delete themselves, and runners for the
 //! agent and the probe inside them.
 
 pub mod agent;

@@ -2,6 +2,7 @@
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     net::{Ipv4Addr, SocketAddr},
     time::Duration,
 };
@@ -122,7 +123,7 @@ pub fn run(requests: u32) -> anyhow::Result<()> {
 fn print_table(results: &[(&str, SocketAddr, Batch)]) {
     let mut header = format!("{:<8}", "backend");
     for (label, target, _) in results {
-        header.push_str(&format!(" | {:>22}", format!("{label} {}", target.port())));
+        let _ = write!(header, " | {:>22}", format!("{label} {}", target.port()));
     }
     header.push_str(" | client address seen by the backend");
     println!();
@@ -142,15 +143,15 @@ fn print_table(results: &[(&str, SocketAddr, Batch)]) {
         let mut row = format!("{pod:<8}");
         for (_, _, batch) in results {
             let count = batch.per_backend().get(pod).copied().unwrap_or(0);
-            row.push_str(&format!(" | {count:>22}"));
+            let _ = write!(row, " | {count:>22}");
         }
         let ips = seen.get(pod).map(|ips| ips.join(", ")).unwrap_or_default();
-        row.push_str(&format!(" | {ips}"));
+        let _ = write!(row, " | {ips}");
         println!("{row}");
     }
     let mut failed = format!("{:<8}", "failed");
     for (_, _, batch) in results {
-        failed.push_str(&format!(" | {:>22}", batch.failures.len()));
+        let _ = write!(failed, " | {:>22}", batch.failures.len());
     }
     println!("{failed}");
     println!();

@@ -23,14 +23,14 @@ enum Task {
     /// Install what this machine lacks (idempotent): nightly rust-src, bpf-linker for LLVM 22,
     /// Debian packages for the tests and demo, and a mounted bpffs.
     Setup,
-    /// Run the whole test suite: unit, BPF_PROG_TEST_RUN and network-namespace tests (root).
+    /// Run the whole test suite: unit, `BPF_PROG_TEST_RUN` and network-namespace tests (root).
     Test {
         /// Extra arguments for `cargo test`, after `--` (for example a test name filter).
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
     /// Build, create a demo topology in network namespaces, run lb-agent on it with
-    /// manifests/examples/demo.yaml, send requests through the NodePort and the LoadBalancer IP,
+    /// manifests/examples/demo.yaml, send requests through the `NodePort` and the `LoadBalancer` IP,
     /// print what each backend saw, and tear everything down.
     Demo {
         /// Requests per frontend.

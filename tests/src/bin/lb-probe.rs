@@ -73,9 +73,9 @@ fn main() -> ExitCode {
             count,
             timeout_ms,
         } => {
-            for _ in 0..count {
-                report(http_request(target, Duration::from_millis(timeout_ms)));
-            }
+            requests(count, || {
+                http_request(target, Duration::from_millis(timeout_ms))
+            });
             Ok(())
         }
         Command::Udp {
@@ -83,9 +83,9 @@ fn main() -> ExitCode {
             count,
             timeout_ms,
         } => {
-            for _ in 0..count {
-                report(udp_request(target, Duration::from_millis(timeout_ms)));
-            }
+            requests(count, || {
+                udp_request(target, Duration::from_millis(timeout_ms))
+            });
             Ok(())
         }
     };
@@ -98,10 +98,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn report(result: Result<String, String>) {
-    match result {
-        Ok(line) => println!("ok {line}"),
-        Err(reason) => println!("fail {reason}"),
+/// Makes `count` requests, printing one result line each.
+fn requests(count: u32, mut request: impl FnMut() -> Result<String, String>) {
+    for _ in 0..count {
+        match request() {
+            Ok(line) => println!("ok {line}"),
+            Err(reason) => println!("fail {reason}"),
+        }
     }
 }
 
