@@ -5,15 +5,14 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap},
 };
 use lb_common::{
-    Backend, CONNTRACK_ENTRIES, DropReason, FlowKey, FlowTarget, MAX_BACKENDS,
+    Backend, CONNTRACK_ENTRIES, DropReason, FlowKey, FlowTarget, FrontendKey, MAX_BACKENDS,
     MAX_BACKENDS_PER_SERVICE, MAX_FRONTENDS, MAX_SERVICES, Service, backend_slot_index, direction,
 };
 
 use crate::parse::Tuple;
 
 #[map(name = "FRONTENDS")]
-static FRONTENDS: HashMap<lb_common::FrontendKey, Service> =
-    HashMap::with_max_entries(MAX_FRONTENDS, 0);
+static FRONTENDS: HashMap<FrontendKey, Service> = HashMap::with_max_entries(MAX_FRONTENDS, 0);
 
 /// Row `service.id` holds the backend ids of that service port in slots `0..backend_count`.
 #[map(name = "BACKEND_SLOTS")]
@@ -29,7 +28,7 @@ static CONNTRACK: LruHashMap<FlowKey, FlowTarget> =
     LruHashMap::with_max_entries(CONNTRACK_ENTRIES, 0);
 
 #[inline(always)]
-pub fn frontend(key: &lb_common::FrontendKey) -> Option<Service> {
+pub fn frontend(key: &FrontendKey) -> Option<Service> {
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     unsafe { FRONTENDS.get(key).copied() }
 }
