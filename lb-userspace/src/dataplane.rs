@@ -381,12 +381,6 @@ impl DataPlane {
     pub fn tc_program(&mut self) -> Result<&mut SchedClassifier, DataPlaneError> {
         tc_program(&mut self.ebpf)
     }
-
-    /// The map contents last applied.
-    #[must_use]
-    pub fn contents(&self) -> &MapContents {
-        &self.contents
-    }
 }
 
 impl Drop for DataPlane {

@@ -141,11 +141,6 @@ impl Process {
         Ok(Process { child })
     }
 
-    #[must_use]
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     pub fn child_mut(&mut self) -> &mut Child {
         &mut self.child
     }
