@@ -533,22 +533,21 @@ impl Reader {
         location: &Location,
         object: &str,
     ) -> Option<PortEntry> {
-        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
-            "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            "SCTP" => {
+        let protocol = match parse_protocol(port.protocol.as_deref()) {
+            Ok(Some(protocol)) => protocol,
+            Ok(None) => {
                 self.warnings.push(format!(
                     "{location} ({object}): {field} is SCTP, which lb-agent does not serve; \
                      skipped"
                 ));
                 return None;
             }
-            other => {
+            Err(message) => {
                 self.problem(
                     location,
                     Some(object),
                     &format!("{field}.protocol"),
-                    format!("unknown protocol {other:?}; use TCP or UDP"),
+                    message,
                 );
                 return None;
             }
@@ -708,16 +707,16 @@ impl Reader {
         let mut served = Vec::new();
         for (i, port) in ports.iter().enumerate() {
             let field = format!("ports[{i}]");
-            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
-                "TCP" => Protocol::Tcp,
-                "UDP" => Protocol::Udp,
-                "SCTP" => continue,
-                other => {
+            let protocol = match parse_protocol(port.protocol.as_deref()) {
+                Ok(Some(protocol)) => protocol,
+                // SCTP endpoints are valid; the Service side already warned that it is not served.
+                Ok(None) => continue,
+                Err(message) => {
                     self.problem(
                         location,
                         Some(object),
                         &format!("{field}.protocol"),
-                        format!("unknown protocol {other:?}; use TCP or UDP"),
+                        message,
                     );
                     continue;
                 }
@@ -838,6 +837,16 @@ impl Reader {
             state: DesiredState { service_ports },
             warnings: self.warnings,
         })
+    }
+}
+
+/// A port's protocol (TCP when unset): `Ok(None)` for SCTP, which is valid but not served.
+fn parse_protocol(protocol: Option<&str>) -> Result<Option<Protocol>, String> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Ok(Some(Protocol::Tcp)),
+        "UDP" => Ok(Some(Protocol::Udp)),
+        "SCTP" => Ok(None),
+        other => Err(format!("unknown protocol {other:?}; use TCP or UDP")),
     }
 }
 
