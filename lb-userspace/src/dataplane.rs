@@ -22,8 +22,8 @@ use crate::maps::{MapContents, MapUpdate, diff};
 /// The eBPF object built by `build.rs` from `lb-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// How to attach XDP to an interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How to attach XDP to an interface (the agent's `--xdp-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpModeChoice {
     /// Native where the driver supports it, generic otherwise.
     Auto,
@@ -79,7 +79,7 @@ pub enum DataPlaneError {
     )]
     AttachXdp {
         iface: String,
-        mode: &'static str,
+        mode: AttachedMode,
         #[source]
         source: aya::programs::ProgramError,
     },
@@ -239,48 +239,31 @@ impl DataPlane {
                 iface: iface.to_owned(),
             });
         }
+        let (first, fallback) = match choice {
+            XdpModeChoice::Auto => (AttachedMode::Native, Some(AttachedMode::Generic)),
+            XdpModeChoice::Native => (AttachedMode::Native, None),
+            XdpModeChoice::Generic => (AttachedMode::Generic, None),
+        };
         let xdp = xdp_program(&mut self.ebpf)?;
-        let attach_xdp = |xdp: &mut Xdp, mode: AttachedMode| {
+        let mut attach_xdp = |mode: AttachedMode| {
             let flags = match mode {
                 AttachedMode::Native => XdpMode::Driver,
                 AttachedMode::Generic => XdpMode::Skb,
             };
             xdp.attach(iface, flags)
-        };
-        let (xdp_link, mode) = match choice {
-            XdpModeChoice::Native | XdpModeChoice::Generic => {
-                let mode = if choice == XdpModeChoice::Native {
-                    AttachedMode::Native
-                } else {
-                    AttachedMode::Generic
-                };
-                let link = attach_xdp(xdp, mode).map_err(|source| DataPlaneError::AttachXdp {
+                .map_err(|source| DataPlaneError::AttachXdp {
                     iface: iface.to_owned(),
-                    mode: if mode == AttachedMode::Native {
-                        "native"
-                    } else {
-                        "generic"
-                    },
+                    mode,
                     source,
-                })?;
-                (link, mode)
+                })
+        };
+        let (xdp_link, mode) = match (attach_xdp(first), fallback) {
+            (Ok(link), _) => (link, first),
+            (Err(error), Some(second)) => {
+                log::info!("{error}; falling back to {second} mode");
+                (attach_xdp(second)?, second)
             }
-            XdpModeChoice::Auto => match attach_xdp(xdp, AttachedMode::Native) {
-                Ok(link) => (link, AttachedMode::Native),
-                Err(native_error) => {
-                    log::info!(
-                        "{iface}: native XDP is not available ({native_error}); using generic"
-                    );
-                    let link = attach_xdp(xdp, AttachedMode::Generic).map_err(|source| {
-                        DataPlaneError::AttachXdp {
-                            iface: iface.to_owned(),
-                            mode: "generic",
-                            source,
-                        }
-                    })?;
-                    (link, AttachedMode::Generic)
-                }
-            },
+            (Err(error), None) => return Err(error),
         };
 
         let tc_error = |source| DataPlaneError::AttachTc {

@@ -4,7 +4,7 @@
 use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use lb_userspace::{
     config::{self, ConfigError},
     dataplane::{DataPlane, XdpModeChoice},
@@ -58,18 +58,11 @@ struct RunArgs {
     #[arg(long = "node-ip")]
     node_ips: Vec<Ipv4Addr>,
     /// XDP attach mode: native where the driver supports it, generic otherwise (auto).
-    #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
-    xdp_mode: ModeArg,
+    #[arg(long, value_enum, default_value_t = XdpModeChoice::Auto)]
+    xdp_mode: XdpModeChoice,
     /// Seconds between counter reports in the log; 0 turns them off.
     #[arg(long, default_value_t = 10)]
     stats_interval: u64,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum ModeArg {
-    Auto,
-    Native,
-    Generic,
 }
 
 fn main() -> ExitCode {
@@ -154,13 +147,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         join(&node_ips),
         loaded.state.service_ports.len()
     );
-    let choice = match args.xdp_mode {
-        ModeArg::Auto => XdpModeChoice::Auto,
-        ModeArg::Native => XdpModeChoice::Native,
-        ModeArg::Generic => XdpModeChoice::Generic,
-    };
     for iface in &args.ifaces {
-        let mode = dataplane.attach(iface, choice)?;
+        let mode = dataplane.attach(iface, args.xdp_mode)?;
         log::info!("{iface}: XDP attached in {mode} mode, TC on egress");
     }
     for line in summary(&loaded.state) {

@@ -42,17 +42,19 @@ impl MapContents {
     /// Numbers service ports and backends in the state's (sorted) order, so the same state
     /// always gives the same maps. Ids start at 1: 0 means "unset" in the data path.
     pub fn from_state(state: &DesiredState) -> Result<Self, CapacityError> {
-        let too_many = |count: usize, limit: u32| u32::try_from(count).map_or(true, |c| c >= limit);
-        if too_many(state.service_ports.len(), MAX_SERVICES) {
+        // Ids 0 of services and backends are never used, so one slot of each holds nothing.
+        let (max_services, max_backends) = (MAX_SERVICES - 1, MAX_BACKENDS - 1);
+        let exceeds = |count: usize, max: u32| u32::try_from(count).map_or(true, |c| c > max);
+        if exceeds(state.service_ports.len(), max_services) {
             return Err(CapacityError::TooManyServices {
                 count: state.service_ports.len(),
-                limit: MAX_SERVICES - 1,
+                limit: max_services,
             });
         }
         let mut contents = MapContents::default();
         let mut backend_ids: BTreeMap<(u32, u16), u32> = BTreeMap::new();
         for (service_id, port) in (1..).zip(&state.service_ports) {
-            if too_many(port.endpoints.len(), MAX_BACKENDS_PER_SERVICE + 1) {
+            if exceeds(port.endpoints.len(), MAX_BACKENDS_PER_SERVICE) {
                 return Err(CapacityError::TooManyEndpoints {
                     service: port.display_name(),
                     count: port.endpoints.len(),
@@ -91,13 +93,13 @@ impl MapContents {
                 contents.frontends.insert(key, service);
             }
         }
-        if too_many(contents.backends.len(), MAX_BACKENDS) {
+        if exceeds(contents.backends.len(), max_backends) {
             return Err(CapacityError::TooManyBackends {
                 count: contents.backends.len(),
-                limit: MAX_BACKENDS - 1,
+                limit: max_backends,
             });
         }
-        if too_many(contents.frontends.len(), MAX_FRONTENDS + 1) {
+        if exceeds(contents.frontends.len(), MAX_FRONTENDS) {
             return Err(CapacityError::TooManyFrontends {
                 count: contents.frontends.len(),
                 limit: MAX_FRONTENDS,

@@ -3,21 +3,18 @@
 //! Needs root (CI is root).
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
 use integration_tests::{
-    agent::Agent,
-    netns::{CLIENT_ADDR, NODE_ADDR, NODE_IFACE, Process, Topology},
+    demo::{Demo, PODS, http_load_balancer, http_node_port, udp_external_ip, udp_node_port},
+    netns::{CLIENT_ADDR, NODE_ADDR, Process, Topology},
     probe::{self, Batch},
 };
 
-const PODS: [&str; 3] = ["web-0", "web-1", "web-2"];
-const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
-const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
 const REQUESTS: u32 = 60;
 
 fn workspace() -> PathBuf {
@@ -54,51 +51,24 @@ fn prefix() -> String {
     )
 }
 
-struct Setup {
-    // Field order is drop order: agent first (detaches), then servers, then namespaces.
-    agent: Option<Agent>,
-    _servers: Vec<Process>,
-    topology: Topology,
-}
-
-fn setup() -> Setup {
-    setup_with(|_| ())
+fn setup() -> Demo {
+    setup_with(|_| Ok(()))
 }
 
 /// Like `setup`, with `adjust` run on the topology before anything starts in it.
-fn setup_with(adjust: impl FnOnce(&Topology)) -> Setup {
-    let topology = Topology::create(&prefix(), &PODS).expect("creating the topology");
-    adjust(&topology);
-    let servers = probe::start_backends(&topology, &probe_bin()).expect("starting backends");
-    let agent = Agent::start(
-        &topology.node,
-        &agent_bin(),
-        &workspace().join("manifests/examples/demo.yaml"),
-        NODE_IFACE,
-        &[],
-        Duration::from_secs(30),
-    )
-    .expect("starting lb-agent");
-    Setup {
-        agent: Some(agent),
-        _servers: servers,
-        topology,
-    }
+fn setup_with(adjust: impl FnOnce(&Topology) -> anyhow::Result<()>) -> Demo {
+    Demo::start(&prefix(), &workspace(), &agent_bin(), &probe_bin(), adjust)
+        .unwrap_or_else(|e| panic!("starting the demo: {e:#}"))
 }
 
-impl Setup {
-    fn requests(&self, kind: &str, target: SocketAddr, count: u32) -> Batch {
-        probe::requests(&self.topology.client, &probe_bin(), kind, target, count)
-            .unwrap_or_else(|e| panic!("{kind} requests to {target}: {e:#}"))
-    }
-
-    fn agent_log(&self) -> String {
-        self.agent.as_ref().map(Agent::log).unwrap_or_default()
-    }
+/// `count` requests through `target`; any harness failure fails the test.
+fn requests(demo: &Demo, kind: &str, target: SocketAddr, count: u32) -> Batch {
+    demo.requests(kind, target, count)
+        .unwrap_or_else(|e| panic!("{kind} requests to {target}: {e:#}"))
 }
 
 /// Every request answered, by every backend, each seeing the client's own address.
-fn assert_balanced(setup: &Setup, batch: &Batch, what: &str) {
+fn assert_balanced(setup: &Demo, batch: &Batch, what: &str) {
     assert!(
         batch.failures.is_empty(),
         "{what}: {} of {REQUESTS} failed: {:?}\nagent log:\n{}",
@@ -126,9 +96,9 @@ fn assert_balanced(setup: &Setup, batch: &Batch, what: &str) {
 #[test]
 fn tcp_through_node_port_and_load_balancer_ip_reaches_every_backend() {
     let setup = setup();
-    let node_port = setup.requests("http", SocketAddr::from((NODE_ADDR, 30080)), REQUESTS);
+    let node_port = requests(&setup, "http", http_node_port(), REQUESTS);
     assert_balanced(&setup, &node_port, "TCP via NodePort");
-    let load_balancer = setup.requests("http", SocketAddr::from((LB_IP, 80)), REQUESTS);
+    let load_balancer = requests(&setup, "http", http_load_balancer(), REQUESTS);
     assert_balanced(&setup, &load_balancer, "TCP via LoadBalancer IP");
 
     let log = setup
@@ -166,9 +136,9 @@ fn tcp_through_node_port_and_load_balancer_ip_reaches_every_backend() {
 fn udp_through_node_port_and_external_ip_answers_from_the_address_asked() {
     let setup = setup();
     // lb-probe fails any answer that does not come from exactly the target address and port.
-    let node_port = setup.requests("udp", SocketAddr::from((NODE_ADDR, 30053)), REQUESTS);
+    let node_port = requests(&setup, "udp", udp_node_port(), REQUESTS);
     assert_balanced(&setup, &node_port, "UDP via NodePort");
-    let external = setup.requests("udp", SocketAddr::from((EXTERNAL_IP, 53)), REQUESTS);
+    let external = requests(&setup, "udp", udp_external_ip(), REQUESTS);
     assert_balanced(&setup, &external, "UDP via externalIP");
 }
 
@@ -176,16 +146,12 @@ fn udp_through_node_port_and_external_ip_answers_from_the_address_asked() {
 /// incremental update in XDP (DNAT) or TC (reply SNAT) shows up as a lost request.
 #[test]
 fn translated_checksums_verify_at_every_hop() {
-    let setup = setup_with(|topology| {
-        topology
-            .verify_checksums_at_every_hop()
-            .expect("turning checksum offload off");
-    });
-    let tcp = setup.requests("http", SocketAddr::from((NODE_ADDR, 30080)), REQUESTS);
+    let setup = setup_with(Topology::verify_checksums_at_every_hop);
+    let tcp = requests(&setup, "http", http_node_port(), REQUESTS);
     assert_balanced(&setup, &tcp, "TCP via NodePort, checksums verified");
-    let tcp = setup.requests("http", SocketAddr::from((LB_IP, 80)), REQUESTS);
+    let tcp = requests(&setup, "http", http_load_balancer(), REQUESTS);
     assert_balanced(&setup, &tcp, "TCP via LoadBalancer IP, checksums verified");
-    let udp = setup.requests("udp", SocketAddr::from((EXTERNAL_IP, 53)), REQUESTS);
+    let udp = requests(&setup, "udp", udp_external_ip(), REQUESTS);
     assert_balanced(&setup, &udp, "UDP via externalIP, checksums verified");
 }
 
@@ -207,10 +173,10 @@ fn the_nodes_own_connections_are_untouched() {
     let _client_server = Process::spawn(&mut client_server_cmd).expect("client server");
     std::thread::sleep(Duration::from_millis(300));
 
-    let inbound = setup.requests("http", SocketAddr::from((NODE_ADDR, 9000)), 10);
+    let inbound = requests(&setup, "http", SocketAddr::from((NODE_ADDR, 9000)), 10);
     assert!(inbound.failures.is_empty(), "{:?}", inbound.failures);
     assert_eq!(inbound.per_backend().get("node-local"), Some(&10));
-    let inbound_udp = setup.requests("udp", SocketAddr::from((NODE_ADDR, 9001)), 10);
+    let inbound_udp = requests(&setup, "udp", SocketAddr::from((NODE_ADDR, 9001)), 10);
     assert_eq!(
         inbound_udp.per_backend().get("node-local"),
         Some(&10),
@@ -235,7 +201,7 @@ fn the_nodes_own_connections_are_untouched() {
 #[test]
 fn after_sigterm_the_program_is_detached() {
     let mut setup = setup();
-    let before = setup.requests("http", SocketAddr::from((NODE_ADDR, 30080)), 5);
+    let before = requests(&setup, "http", http_node_port(), 5);
     assert_eq!(before.answers.len(), 5, "{:?}", before.failures);
     setup
         .agent
@@ -244,7 +210,7 @@ fn after_sigterm_the_program_is_detached() {
         .stop()
         .expect("stopping lb-agent");
     // With the data path gone the NodePort is just a closed port on the node.
-    let after = setup.requests("http", SocketAddr::from((NODE_ADDR, 30080)), 3);
+    let after = requests(&setup, "http", http_node_port(), 3);
     assert_eq!(after.answers.len(), 0, "{after:?}");
     assert!(
         after.failures.iter().all(|f| f.contains("refused")),

@@ -1,26 +1,19 @@
 //! `cargo xtask demo`: the load balancer forwarding real connections, end to end.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    net::{Ipv4Addr, SocketAddr},
-    time::Duration,
-};
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
 use anyhow::{Context as _, bail};
 use integration_tests::{
-    agent::Agent,
-    netns::{NODE_ADDR, NODE_IFACE, Netns, Topology},
-    probe::{self, Batch},
+    demo::{
+        CONFIG, Demo, PODS, http_load_balancer, http_node_port, udp_external_ip, udp_node_port,
+    },
+    netns::{NODE_ADDR, NODE_IFACE, Netns},
+    probe::Batch,
 };
 
 use crate::{cargo, require_root, workspace};
 
 const PREFIX: &str = "lbdemo";
-const PODS: [&str; 3] = ["web-0", "web-1", "web-2"];
-/// Must match `manifests/examples/demo.yaml`.
-const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
-const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
 
 pub fn run(requests: u32) -> anyhow::Result<()> {
     require_root("the demo loads eBPF programs and creates network namespaces")?;
@@ -40,47 +33,34 @@ pub fn run(requests: u32) -> anyhow::Result<()> {
     let release = workspace().join("target/release");
     let agent_bin = release.join("lb-agent");
     let probe_bin = release.join("lb-probe");
-    let config = workspace().join("manifests/examples/demo.yaml");
 
     Netns::remove_stale(PREFIX);
     println!(
         "==> topology: namespaces {PREFIX}-client (172.30.0.2), {PREFIX}-node ({NODE_ADDR}, \
          lb-agent on {NODE_IFACE}), {PREFIX}-web-0..2 (10.244.1.10-12)"
     );
-    let topology = Topology::create(PREFIX, &PODS)?;
-    let _servers = probe::start_backends(&topology, &probe_bin)?;
-    println!("==> lb-agent run --config manifests/examples/demo.yaml --iface {NODE_IFACE}");
-    let agent = Agent::start(
-        &topology.node,
-        &agent_bin,
-        &config,
-        NODE_IFACE,
-        &[],
-        Duration::from_secs(30),
-    )?;
-    for line in agent.log().lines() {
+    println!("==> lb-agent run --config {CONFIG} --iface {NODE_IFACE}");
+    let mut demo = Demo::start(PREFIX, &workspace(), &agent_bin, &probe_bin, |_| Ok(()))?;
+    for line in demo.agent_log().lines() {
         println!("    | {line}");
     }
 
     let frontends = [
-        ("NodePort TCP", "http", SocketAddr::from((NODE_ADDR, 30080))),
-        (
-            "LoadBalancer TCP",
-            "http",
-            SocketAddr::from((LOAD_BALANCER_IP, 80)),
-        ),
-        ("NodePort UDP", "udp", SocketAddr::from((NODE_ADDR, 30053))),
-        ("externalIP UDP", "udp", SocketAddr::from((EXTERNAL_IP, 53))),
+        ("NodePort TCP", "http", http_node_port()),
+        ("LoadBalancer TCP", "http", http_load_balancer()),
+        ("NodePort UDP", "udp", udp_node_port()),
+        ("externalIP UDP", "udp", udp_external_ip()),
     ];
     let mut results = Vec::new();
     for (label, kind, target) in frontends {
         println!("==> {requests} {kind} requests from the client to {target} ({label})");
-        let batch = probe::requests(&topology.client, &probe_bin, kind, target, requests)
+        let batch = demo
+            .requests(kind, target, requests)
             .with_context(|| format!("requests to {target}"))?;
         results.push((label, target, batch));
     }
 
-    let log = agent.stop()?;
+    let log = demo.agent.take().context("the agent is running")?.stop()?;
     if let Some(counters) = log.lines().rev().find(|l| l.contains("counters:")) {
         println!(
             "==> data path {}",
@@ -92,7 +72,7 @@ pub fn run(requests: u32) -> anyhow::Result<()> {
     }
     print_table(&results);
     println!("==> tearing down the namespaces");
-    drop(topology);
+    drop(demo);
 
     let mut problems = Vec::new();
     for (label, target, batch) in &results {

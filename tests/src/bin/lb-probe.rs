@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
 struct Cli {
@@ -38,23 +38,19 @@ enum Command {
         lifetime_secs: u64,
     },
     /// Make COUNT HTTP requests to TARGET, one TCP connection each.
-    Http {
-        #[arg(long)]
-        target: SocketAddr,
-        #[arg(long, default_value_t = 1)]
-        count: u32,
-        #[arg(long, default_value_t = 2000)]
-        timeout_ms: u64,
-    },
+    Http(Requests),
     /// Send COUNT datagrams to TARGET, one socket each, and wait for each answer.
-    Udp {
-        #[arg(long)]
-        target: SocketAddr,
-        #[arg(long, default_value_t = 1)]
-        count: u32,
-        #[arg(long, default_value_t = 2000)]
-        timeout_ms: u64,
-    },
+    Udp(Requests),
+}
+
+#[derive(Args)]
+struct Requests {
+    #[arg(long)]
+    target: SocketAddr,
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
 }
 
 /// Upper bound on a request or answer; anything longer is cut.
@@ -68,24 +64,12 @@ fn main() -> ExitCode {
             udp,
             lifetime_secs,
         } => serve(&name, tcp, udp, Duration::from_secs(lifetime_secs)),
-        Command::Http {
-            target,
-            count,
-            timeout_ms,
-        } => {
-            requests(count, || {
-                http_request(target, Duration::from_millis(timeout_ms))
-            });
+        Command::Http(args) => {
+            requests(&args, http_request);
             Ok(())
         }
-        Command::Udp {
-            target,
-            count,
-            timeout_ms,
-        } => {
-            requests(count, || {
-                udp_request(target, Duration::from_millis(timeout_ms))
-            });
+        Command::Udp(args) => {
+            requests(&args, udp_request);
             Ok(())
         }
     };
@@ -98,10 +82,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Makes `count` requests, printing one result line each.
-fn requests(count: u32, mut request: impl FnMut() -> Result<String, String>) {
-    for _ in 0..count {
-        match request() {
+/// Makes `args.count` requests, printing one result line each.
+fn requests(args: &Requests, request: fn(SocketAddr, Duration) -> Result<String, String>) {
+    for _ in 0..args.count {
+        match request(args.target, Duration::from_millis(args.timeout_ms)) {
             Ok(line) => println!("ok {line}"),
             Err(reason) => println!("fail {reason}"),
         }
