@@ -692,6 +692,8 @@ impl Reader {
                         addr,
                         port: *number,
                         pod: pod.clone(),
+                        node_name: None,
+                        state: crate::model::EndpointState::Ready,
                     });
             }
         }
@@ -820,6 +822,7 @@ impl Reader {
                     protocol: port.protocol,
                     frontends,
                     endpoints,
+                    ..ServicePort::default()
                 });
             }
         }

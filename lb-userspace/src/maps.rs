@@ -181,8 +181,11 @@ mod tests {
                     addr: Ipv4Addr::from(a),
                     port: 8080,
                     pod: None,
+                    node_name: None,
+                    state: crate::model::EndpointState::Ready,
                 })
                 .collect(),
+            ..ServicePort::default()
         }
     }
 

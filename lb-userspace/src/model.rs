@@ -2,8 +2,9 @@
 
 use std::{fmt, net::Ipv4Addr};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum Protocol {
+    #[default]
     Tcp,
     Udp,
 }
@@ -54,17 +55,74 @@ pub struct Frontend {
     pub port: u16,
 }
 
-/// A ready endpoint of a service port: where its traffic is translated to.
+/// An endpoint's conditions as kube-proxy reads them. Endpoints that are not serving at all are
+/// never part of the desired state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum EndpointState {
+    /// `ready` (an unset `ready` reads as true): takes new flows.
+    #[default]
+    Ready,
+    /// `serving` and `terminating` but not `ready`: takes new flows only while no endpoint of
+    /// the same set (all, or this node's) is ready.
+    Terminating,
+}
+
+/// A serving endpoint of a service port: where its traffic is translated to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
     pub addr: Ipv4Addr,
     pub port: u16,
     /// The pod behind the address, when the `EndpointSlice` names it (for logs only).
     pub pod: Option<String>,
+    /// The endpoint's `nodeName`; node-local policies and SNAT compare it with this node's name.
+    pub node_name: Option<String>,
+    pub state: EndpointState,
+}
+
+/// `externalTrafficPolicy` / `internalTrafficPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum TrafficPolicy {
+    /// Any endpoint on any node.
+    #[default]
+    Cluster,
+    /// Only endpoints on this node; none means the traffic is dropped.
+    Local,
+}
+
+/// How a new flow picks its backend (annotation `lb-agent/backend-selection`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Selection {
+    /// Maglev consistent hashing of the 5-tuple: every node picks the same backend.
+    #[default]
+    Maglev,
+    /// A random backend per new flow.
+    Random,
+}
+
+/// An IPv4 CIDR block, as in `loadBalancerSourceRanges`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv4Cidr {
+    /// The network address (host bits are zero).
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Ipv4Cidr {
+    #[must_use]
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len)).unwrap_or(0);
+        u32::from(addr) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
 }
 
 /// One port of one Service, with every address it answers on and its ready endpoints.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicePort {
     /// `namespace/name`.
     pub service: String,
@@ -74,6 +132,15 @@ pub struct ServicePort {
     pub frontends: Vec<Frontend>,
     /// Sorted and without duplicates, so the same input always gives the same maps.
     pub endpoints: Vec<Endpoint>,
+    /// Which endpoints serve the nodePort, loadBalancer and externalIP frontends.
+    pub external_policy: TrafficPolicy,
+    /// Which endpoints serve the clusterIP frontend.
+    pub internal_policy: TrafficPolicy,
+    /// `sessionAffinity: ClientIP`: seconds a client stays with its backend (`None`: no affinity).
+    pub affinity_timeout_seconds: Option<u32>,
+    /// `loadBalancerSourceRanges`; empty means every source is allowed.
+    pub source_ranges: Vec<Ipv4Cidr>,
+    pub selection: Selection,
 }
 
 impl ServicePort {
