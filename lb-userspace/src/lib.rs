@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod maglev;
 pub mod maps;
 pub mod model;
 pub mod netif;
+pub mod podif;

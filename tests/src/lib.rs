@@ -3,6 +3,7 @@
 //! agent and the probe inside them.
 
 pub mod agent;
+pub mod cluster;
 pub mod demo;
 pub mod frame;
 pub mod netns;

@@ -1,0 +1,1 @@
+//! Maglev consistent hashing: the lookup table every node builds identically.

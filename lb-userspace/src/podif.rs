@@ -1,0 +1,1 @@
+//! Pod interfaces (`--pod-iface`): which host-side interfaces match, and when the set changes.

@@ -1,0 +1,1 @@
+//! The multi-node topology of the Service-semantics tests.
