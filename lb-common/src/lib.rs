@@ -21,9 +21,12 @@ use core::mem::size_of;
 
 /// Names of the maps in the eBPF object; the agent looks them up by these.
 pub mod map_names {
+    pub const SETTINGS: &str = "SETTINGS";
     pub const FRONTENDS: &str = "FRONTENDS";
-    pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
+    pub const MAGLEV: &str = "MAGLEV";
     pub const BACKENDS: &str = "BACKENDS";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    pub const AFFINITY: &str = "AFFINITY";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const COUNTERS: &str = "COUNTERS";
     pub const DROPS: &str = "DROPS";
@@ -31,25 +34,66 @@ pub mod map_names {
 
 /// Names of the programs in the eBPF object.
 pub mod program_names {
-    /// XDP on the node's interfaces: frontends -> DNAT to a backend.
+    /// XDP on the node's interfaces: frontends -> DNAT (and SNAT setup) to a backend; replies
+    /// and ICMP errors from remote backends -> back to the client.
     pub const XDP_INGRESS: &str = "lb_xdp_ingress";
-    /// TC egress on the same interfaces: backend replies -> the frontend address the client used.
+    /// TC egress on the same interfaces: local backends' replies -> the frontend address; SNAT
+    /// of flows to remote backends; ICMP errors about translated flows.
     pub const TC_EGRESS: &str = "lb_tc_egress";
+    /// TC ingress on pod interfaces (`--pod-iface`): what pods send to Services, and local
+    /// backends' replies to pods.
+    pub const TC_POD_INGRESS: &str = "lb_tc_pod_ingress";
 }
 
 /// Capacity of the frontend table: one entry per (address, port, protocol) a Service answers on.
 pub const MAX_FRONTENDS: u32 = 65_536;
-/// Service ports the data path can hold. Id 0 is never used, so a zeroed slot means "unset".
-pub const MAX_SERVICES: u32 = 4_096;
-/// Backends one service port can balance over.
-pub const MAX_BACKENDS_PER_SERVICE: u32 = 256;
-/// Distinct (endpoint address, target port) pairs across all services. Id 0 is never used.
+/// Default number of Maglev tables (one per service port and traffic policy in use).
+pub const DEFAULT_MAX_TABLES: u32 = 1_024;
+/// Backends across all service ports (one per service port and endpoint). Id 0 is never used.
 pub const MAX_BACKENDS: u32 = 65_536;
-/// Tracked flows; each connection uses two entries (one per direction).
+/// Tracked flow entries: two per connection (forward and reply), three when it is SNATed.
 pub const CONNTRACK_ENTRIES: u32 = 262_144;
+/// Clients remembered by `sessionAffinity: ClientIP`, across all service ports.
+pub const AFFINITY_ENTRIES: u32 = 65_536;
+/// CIDRs of `loadBalancerSourceRanges`, across all service ports.
+pub const SOURCE_RANGE_ENTRIES: u32 = 16_384;
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+
+/// How long an idle flow is kept, by state, in nanoseconds of `CLOCK_MONOTONIC` (the clock of
+/// `bpf_ktime_get_ns`). The values follow kube-proxy's conntrack settings where it has one.
+pub mod timeouts {
+    const SECOND: u64 = 1_000_000_000;
+    /// A TCP flow that has seen only SYNs in this direction.
+    pub const TCP_SYN: u64 = 60 * SECOND;
+    /// A TCP flow past its handshake (kube-proxy's `tcpEstablishedTimeout`, 24 h).
+    pub const TCP_ESTABLISHED: u64 = 86_400 * SECOND;
+    /// A TCP flow that has seen a FIN or RST.
+    pub const TCP_CLOSING: u64 = 10 * SECOND;
+    /// Any UDP flow.
+    pub const UDP: u64 = 60 * SECOND;
+    /// A tracked flow's expiry is only rewritten when it moves by more than this, so a busy flow
+    /// does not write its entry on every packet.
+    pub const REFRESH_GRANULARITY: u64 = SECOND;
+}
+
+/// The node-wide values the data path reads: the value of the single-entry `SETTINGS` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// M, the prime size of every Maglev table.
+    pub maglev_table_size: u32,
+    /// Seed of the flow hash (the same on every node, so every node picks the same backend).
+    pub hash_seed: u32,
+    /// The node address flows to other nodes' backends are SNATed to; 0 disables SNAT.
+    pub snat_addr_be: u32,
+    /// SNAT source ports, host byte order, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+const _: () = assert!(size_of::<Settings>() == 16);
 
 /// Where a packet to `addr:port/protocol` is going: the key of the `FRONTENDS` map.
 ///
@@ -65,39 +109,97 @@ pub struct FrontendKey {
 }
 const _: () = assert!(size_of::<FrontendKey>() == 8);
 
-/// The service port a frontend belongs to: the value of the `FRONTENDS` map.
+/// Bits of `Service::flags`.
+pub mod service_flags {
+    /// The frontend's traffic policy is `Local`: only this node's endpoints are in its table,
+    /// and an empty table is counted as `NoLocalBackend`.
+    pub const LOCAL_ONLY: u32 = 1;
+    /// New flows pick a random table entry instead of the flow hash's.
+    pub const RANDOM: u32 = 1 << 1;
+    /// Sources must match `SOURCE_RANGES` for this service id.
+    pub const SOURCE_RANGES: u32 = 1 << 2;
+}
+
+/// How a frontend's new flows are served: the value of the `FRONTENDS` map.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Service {
-    /// Index of this service port's row in `BACKEND_SLOTS`; never 0.
-    pub id: u32,
-    /// How many slots of the row hold a backend; 0 means no ready endpoint.
+    /// The service port; never 0. Keys affinity and source ranges, labels statistics.
+    pub service_id: u32,
+    /// Which Maglev table: entries `table * M .. (table + 1) * M` of `MAGLEV`.
+    pub table: u32,
+    /// How many backends the table spreads over; 0 means none (the packet is dropped).
     pub backend_count: u32,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 means no affinity.
+    pub affinity_timeout_s: u32,
+    pub flags: u32,
 }
-const _: () = assert!(size_of::<Service>() == 8);
+const _: () = assert!(size_of::<Service>() == 20);
 
-/// Index of a service's `slot`-th backend id in the `BACKEND_SLOTS` array.
-#[must_use]
-pub const fn backend_slot_index(service_id: u32, slot: u32) -> u32 {
-    service_id * MAX_BACKENDS_PER_SERVICE + slot
+/// Bits of `Backend::flags`.
+pub mod backend_flags {
+    /// The endpoint runs on this node: reached without SNAT.
+    pub const LOCAL: u8 = 1;
+    /// The endpoint is in its service port's cluster-wide table (it takes new flows there).
+    pub const IN_CLUSTER_TABLE: u8 = 1 << 1;
+    /// The endpoint is in its service port's node-local table.
+    pub const IN_LOCAL_TABLE: u8 = 1 << 2;
 }
 
-/// An endpoint address and target port: the value of the `BACKENDS` array, indexed by backend id.
+/// One endpoint of one service port: the value of the `BACKENDS` array, indexed by backend id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Backend {
     pub addr_be: u32,
     pub port_be: u16,
-    pub _pad: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    pub service_id: u32,
 }
-const _: () = assert!(size_of::<Backend>() == 8);
+const _: () = assert!(size_of::<Backend>() == 12);
+
+/// Key of the `SOURCE_RANGES` longest-prefix-match trie: a service id (big-endian, so its bits
+/// come first) and a source address. The prefix length is 32 + the CIDR's prefix length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRangeKey {
+    pub service_id_be: u32,
+    pub addr_be: u32,
+}
+const _: () = assert!(size_of::<SourceRangeKey>() == 8);
+
+/// Key of `AFFINITY`: which client, for which service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub client_addr_be: u32,
+}
+const _: () = assert!(size_of::<AffinityKey>() == 8);
+
+/// The backend a client sticks to, and until when. The address and port are kept so an entry
+/// whose backend id now names another endpoint (after a config change) is recognised as stale.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: [u8; 6],
+    pub expires_ns: u64,
+}
+const _: () = assert!(size_of::<AffinityValue>() == 24);
 
 /// Which way a conntrack entry translates.
 pub mod direction {
-    /// Client -> frontend, seen by XDP: rewrite the destination to the backend.
+    /// Client -> frontend, as the packet arrives: rewrite the destination to the backend.
     pub const FORWARD: u8 = 1;
-    /// Backend -> client, seen by TC egress: rewrite the source to the frontend.
+    /// Backend -> client (or -> this node's SNAT address and port): rewrite the source to the
+    /// frontend (and, when SNATed, the destination back to the client).
     pub const REPLY: u8 = 2;
+    /// Client -> remote backend, after DNAT, leaving the node: rewrite the source to the SNAT
+    /// address and port.
+    pub const SNAT: u8 = 3;
 }
 
 /// A flow's 5-tuple as it appears in the packet, plus the direction: the key of `CONNTRACK`.
@@ -114,20 +216,45 @@ pub struct FlowKey {
 }
 const _: () = assert!(size_of::<FlowKey>() == 16);
 
+/// Bits of `FlowEntry::flags`.
+pub mod flow_flags {
+    /// The flow goes to a backend on another node with this node's address as its source.
+    pub const SNAT: u8 = 1;
+}
+
+/// TCP states a flow entry can be in (UDP entries stay `OPEN`).
+pub mod tcp_state {
+    /// UDP, or TCP picked up mid-stream or past its handshake.
+    pub const OPEN: u8 = 0;
+    /// Only SYNs seen in this direction.
+    pub const SYN: u8 = 1;
+    /// A FIN or RST seen.
+    pub const CLOSING: u8 = 2;
+}
+
 /// What to write into a tracked packet: the value of `CONNTRACK`.
 ///
-/// For a `FORWARD` entry `nat_*` is the backend (the new destination); for a `REPLY` entry it is
-/// the frontend the client connected to (the new source).
+/// | direction | `nat_*` (written)            | `peer_*`                                  |
+/// |-----------|------------------------------|-------------------------------------------|
+/// | FORWARD   | backend: the new destination | SNAT address and port, if `SNAT`          |
+/// | REPLY     | frontend: the new source     | the client: the new destination, if `SNAT`|
+/// | SNAT      | SNAT address and port: source| the frontend (for ICMP errors)            |
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct FlowTarget {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
     pub nat_addr_be: u32,
     pub nat_port_be: u16,
-    pub _pad: u16,
+    pub peer_port_be: u16,
+    pub peer_addr_be: u32,
     pub service_id: u32,
     pub backend_id: u32,
+    pub flags: u8,
+    pub tcp_state: u8,
+    pub _pad: [u8; 2],
+    /// `CLOCK_MONOTONIC` nanoseconds after which the entry is idle (see `timeouts`).
+    pub expires_ns: u64,
 }
-const _: () = assert!(size_of::<FlowTarget>() == 16);
+const _: () = assert!(size_of::<FlowEntry>() == 32);
 
 /// What happened to a packet: indexes of the per-CPU `COUNTERS` array. Numbers are stable.
 #[repr(u32)]
@@ -160,10 +287,24 @@ pub enum Counter {
     TcPass = 11,
     /// Dropped by TC; the reason is counted in `DROPS`.
     TcDrop = 12,
+    /// A new flow to a backend on another node: source to be SNATed on the way out.
+    SnatNew = 13,
+    /// TC egress rewrote a flow's source to the SNAT address and port.
+    SnatTranslated = 14,
+    /// An ICMP error about a translated flow, rewritten for the address the peer used.
+    IcmpTranslated = 15,
+    /// Every packet the pod-interface TC program saw.
+    PodSeen = 16,
+    /// A new flow sent to the backend its client is pinned to (`sessionAffinity: ClientIP`).
+    AffinityHit = 17,
+    /// IPv4 packets with options (translated like any other; counted so they can be seen).
+    Ipv4Options = 18,
+    /// Frames with one or two VLAN tags (served like untagged ones).
+    VlanTagged = 19,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 20] = [
         Counter::XdpSeen,
         Counter::PassNotIpv4,
         Counter::PassIpv4Invalid,
@@ -177,6 +318,13 @@ impl Counter {
         Counter::ReplyTranslated,
         Counter::TcPass,
         Counter::TcDrop,
+        Counter::SnatNew,
+        Counter::SnatTranslated,
+        Counter::IcmpTranslated,
+        Counter::PodSeen,
+        Counter::AffinityHit,
+        Counter::Ipv4Options,
+        Counter::VlanTagged,
     ];
 
     #[must_use]
@@ -195,6 +343,13 @@ impl Counter {
             Counter::ReplyTranslated => "reply_translated",
             Counter::TcPass => "tc_pass",
             Counter::TcDrop => "tc_drop",
+            Counter::SnatNew => "snat_new",
+            Counter::SnatTranslated => "snat_translated",
+            Counter::IcmpTranslated => "icmp_translated",
+            Counter::PodSeen => "pod_seen",
+            Counter::AffinityHit => "affinity_hit",
+            Counter::Ipv4Options => "ipv4_options",
+            Counter::VlanTagged => "vlan_tagged",
         }
     }
 }
@@ -217,15 +372,25 @@ pub enum DropReason {
     ConntrackInsertFailed = 4,
     /// A packet rewrite helper failed in TC.
     RewriteFailed = 5,
+    /// A frontend with a `Local` traffic policy and no endpoint on this node (kube-proxy drops
+    /// these too).
+    NoLocalBackend = 6,
+    /// The source is outside the Service's `loadBalancerSourceRanges`.
+    SourceRangeDenied = 7,
+    /// Every SNAT port toward the chosen backend is in use.
+    SnatPortsExhausted = 8,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::L4HeaderTruncated,
         DropReason::NoBackend,
         DropReason::BackendMissing,
         DropReason::ConntrackInsertFailed,
         DropReason::RewriteFailed,
+        DropReason::NoLocalBackend,
+        DropReason::SourceRangeDenied,
+        DropReason::SnatPortsExhausted,
     ];
 
     #[must_use]
@@ -236,13 +401,16 @@ impl DropReason {
             DropReason::BackendMissing => "backend_missing",
             DropReason::ConntrackInsertFailed => "conntrack_insert_failed",
             DropReason::RewriteFailed => "rewrite_failed",
+            DropReason::NoLocalBackend => "no_local_backend",
+            DropReason::SourceRangeDenied => "source_range_denied",
+            DropReason::SnatPortsExhausted => "snat_ports_exhausted",
         }
     }
 }
 
 /// Size of the `DROPS` array: the highest reason number plus one.
-pub const DROP_REASON_SLOTS: u32 = 8;
-const _: () = assert!((DropReason::RewriteFailed as u32) < DROP_REASON_SLOTS);
+pub const DROP_REASON_SLOTS: u32 = 16;
+const _: () = assert!((DropReason::SnatPortsExhausted as u32) < DROP_REASON_SLOTS);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -256,5 +424,13 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::FlowTarget {}
+    unsafe impl aya::Pod for super::FlowEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Settings {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SourceRangeKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityValue {}
 }

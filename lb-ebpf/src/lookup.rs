@@ -1,31 +1,55 @@
-//! The maps the agent fills (frontends, backends) and the one the data path fills (conntrack).
+//! The maps: what the agent fills (settings, frontends, Maglev tables, backends, source ranges)
+//! and what the data path fills (affinity, conntrack).
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
 };
 use lb_common::{
-    Backend, CONNTRACK_ENTRIES, DropReason, FlowKey, FlowTarget, FrontendKey, MAX_BACKENDS,
-    MAX_BACKENDS_PER_SERVICE, MAX_FRONTENDS, MAX_SERVICES, Service, backend_slot_index, direction,
+    AFFINITY_ENTRIES, AffinityKey, AffinityValue, Backend, CONNTRACK_ENTRIES, DEFAULT_MAX_TABLES,
+    FlowEntry, FlowKey, FrontendKey, MAX_BACKENDS, MAX_FRONTENDS, SOURCE_RANGE_ENTRIES, Service,
+    Settings, SourceRangeKey,
 };
 
-use crate::parse::Tuple;
+#[map(name = "SETTINGS")]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 #[map(name = "FRONTENDS")]
 static FRONTENDS: HashMap<FrontendKey, Service> = HashMap::with_max_entries(MAX_FRONTENDS, 0);
 
-/// Row `service.id` holds the backend ids of that service port in slots `0..backend_count`.
-#[map(name = "BACKEND_SLOTS")]
-static BACKEND_SLOTS: Array<u32> =
-    Array::with_max_entries(MAX_SERVICES * MAX_BACKENDS_PER_SERVICE, 0);
+/// Every Maglev table, one after another: table `t` is entries `t * M .. (t + 1) * M`, each a
+/// backend id. The agent sizes it at load time (tables x M; this size is a placeholder) and
+/// writes new tables through a memory mapping: a table is megabytes, too much for one syscall
+/// per entry.
+#[map(name = "MAGLEV")]
+static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAX_TABLES, BPF_F_MMAPABLE);
 
 #[map(name = "BACKENDS")]
 static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Both directions of every translated flow. LRU, so the oldest idle flows make room.
+#[map(name = "SOURCE_RANGES")]
+static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::with_max_entries(SOURCE_RANGE_ENTRIES, 0);
+
+/// `sessionAffinity: ClientIP`. LRU, so the longest-unused clients make room.
+#[map(name = "AFFINITY")]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(AFFINITY_ENTRIES, 0);
+
+/// Every translated flow, one entry per direction (see `FlowEntry`). LRU, so the oldest idle
+/// flows make room when it is full; the agent also removes expired ones.
 #[map(name = "CONNTRACK")]
-static CONNTRACK: LruHashMap<FlowKey, FlowTarget> =
+static CONNTRACK: LruHashMap<FlowKey, FlowEntry> =
     LruHashMap::with_max_entries(CONNTRACK_ENTRIES, 0);
+
+/// `BPF_NOEXIST`: insert only if the key is free.
+const NOEXIST: u64 = 1;
+
+#[inline(always)]
+pub fn settings() -> Option<Settings> {
+    SETTINGS.get(0).copied()
+}
 
 #[inline(always)]
 pub fn frontend(key: &FrontendKey) -> Option<Service> {
@@ -33,50 +57,60 @@ pub fn frontend(key: &FrontendKey) -> Option<Service> {
     unsafe { FRONTENDS.get(key).copied() }
 }
 
+/// Entry `index` of the concatenated Maglev tables: a backend id (0: none).
 #[inline(always)]
-pub fn flow(key: &FlowKey) -> Option<FlowTarget> {
-    // SAFETY: as above; entries are only ever inserted whole.
-    unsafe { CONNTRACK.get(key).copied() }
+pub fn maglev_entry(index: u32) -> Option<u32> {
+    MAGLEV.get(index).copied()
 }
 
-/// The backend in `slot` of service `service_id`, if the slot names one (id 0 means empty).
+/// The backend with this id, if the id names one.
 #[inline(always)]
-pub fn backend_in_slot(service_id: u32, slot: u32) -> Option<(u32, Backend)> {
-    let id = *BACKEND_SLOTS.get(backend_slot_index(service_id, slot))?;
+pub fn backend(id: u32) -> Option<Backend> {
     if id == 0 {
         return None;
     }
-    let backend = *BACKENDS.get(id)?;
-    if backend.addr_be == 0 {
-        return None;
-    }
-    Some((id, backend))
+    BACKENDS.get(id).copied().filter(|b| b.addr_be != 0)
 }
 
-/// Tracks a new flow in both directions. The reply entry is written first, so that by the time
-/// the first packet reaches the backend, its answer can already be translated back.
+/// Whether `addr_be` lies in one of the source ranges of service `service_id`.
 #[inline(always)]
-pub fn track_flow(tuple: &Tuple, target: &FlowTarget) -> Result<(), DropReason> {
-    let reply_key = FlowKey {
-        src_addr_be: target.nat_addr_be,
-        dst_addr_be: tuple.src_addr_be,
-        src_port_be: target.nat_port_be,
-        dst_port_be: tuple.src_port_be,
-        protocol: tuple.protocol,
-        direction: direction::REPLY,
-        _pad: [0; 2],
-    };
-    let reply_target = FlowTarget {
-        nat_addr_be: tuple.dst_addr_be,
-        nat_port_be: tuple.dst_port_be,
-        _pad: 0,
-        service_id: target.service_id,
-        backend_id: target.backend_id,
-    };
-    CONNTRACK
-        .insert(&reply_key, &reply_target, 0)
-        .map_err(|_| DropReason::ConntrackInsertFailed)?;
-    CONNTRACK
-        .insert(&tuple.flow_key(direction::FORWARD), target, 0)
-        .map_err(|_| DropReason::ConntrackInsertFailed)
+pub fn source_allowed(service_id: u32, addr_be: u32) -> bool {
+    let key = Key::new(
+        64,
+        SourceRangeKey {
+            service_id_be: service_id.to_be(),
+            addr_be,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
+}
+
+#[inline(always)]
+pub fn affinity(key: &AffinityKey) -> Option<AffinityValue> {
+    // SAFETY: copied out at once; entries are only ever inserted whole.
+    unsafe { AFFINITY.get(key).copied() }
+}
+
+#[inline(always)]
+pub fn set_affinity(key: &AffinityKey, value: &AffinityValue) {
+    // Best effort: without the entry the client is balanced like any other, which is still a
+    // correct answer.
+    let _ = AFFINITY.insert(key, value, 0);
+}
+
+/// A tracked flow's entry, to read and refresh in place.
+#[inline(always)]
+pub fn flow_mut(key: &FlowKey) -> Option<*mut FlowEntry> {
+    CONNTRACK.get_ptr_mut(key)
+}
+
+#[inline(always)]
+pub fn insert_flow(key: &FlowKey, entry: &FlowEntry) -> Result<(), ()> {
+    CONNTRACK.insert(key, entry, 0).map_err(|_| ())
+}
+
+/// Inserts only if no entry has the key; `false` if one has.
+#[inline(always)]
+pub fn claim_flow(key: &FlowKey, entry: &FlowEntry) -> bool {
+    CONNTRACK.insert(key, entry, NOEXIST).is_ok()
 }

@@ -1,51 +1,90 @@
 //! The data path. A packet's journey, top to bottom:
 //!
 //! ```text
-//! XDP ingress (lb_xdp_ingress), on the node's interfaces
-//!   parse    Ethernet -> IPv4 -> TCP/UDP ports            (not ours: pass, counted)
-//!   lookup   FRONTENDS[dst addr, dst port, proto]          (no frontend: pass, counted)
-//!   track    CONNTRACK[flow, FORWARD] hit -> same backend  (every packet of a flow)
-//!   select   miss -> hash(flow) over the service's ready backends, track both directions
-//!   nat      DNAT to backend addr:port, incremental IPv4 + L4 checksum
-//!   -> XDP_PASS: the kernel routes the translated packet to the backend
+//! XDP ingress (lb_xdp_ingress), on the node's interfaces: packets from the network
+//!   parse    Ethernet (0-2 VLAN tags) -> IPv4 -> TCP/UDP ports, or an ICMP error
+//!   icmp     error about a translated flow -> rewritten for the address each end used
+//!   lookup   FRONTENDS[dst addr, dst port, proto] -> forward:
+//!     source   loadBalancerSourceRanges              (outside: drop, counted)
+//!     track    CONNTRACK[flow, FORWARD] hit -> same backend (every packet of a flow)
+//!     select   miss -> affinity, else MAGLEV[table][hash(flow) % M] -> backend
+//!     snat     backend on another node -> claim a SNAT port, track REPLY + SNAT + FORWARD
+//!     nat      DNAT to the backend, incremental IPv4 + L4 checksums
+//!   reply    CONNTRACK[flow, REPLY] hit (a remote backend's reply) -> source = frontend,
+//!            and for a SNATed flow destination = client
+//!   -> XDP_PASS: the kernel routes the translated packet on
 //!
-//! TC egress (lb_tc_egress), on the same interfaces
-//!   parse    the reply of a backend
-//!   track    CONNTRACK[flow, REPLY] hit -> frontend addr:port the client used
-//!   nat      SNAT back to the frontend with the kernel's checksum helpers
+//! TC egress (lb_tc_egress), on the same interfaces: packets leaving the node
+//!   reply    CONNTRACK[flow, REPLY] hit (a local backend's reply) -> source = frontend
+//!   snat     CONNTRACK[flow, SNAT] hit (a flow to a remote backend) -> source = SNAT port
+//!   icmp     error from a local backend or this node -> quote rewritten for the client
+//!
+//! TC ingress (lb_tc_pod_ingress), on pod interfaces (--pod-iface): packets pods send
+//!   lookup   FRONTENDS -> forward as above, without SNAT (pod addresses are routable)
+//!   reply    a local backend's reply -> source = frontend
+//!   icmp     as on egress
 //! ```
 //!
 //! Every outcome increments a `Counter`; every drop also increments its `DropReason`.
 #![no_std]
 #![no_main]
 
+mod flow;
+mod icmp;
 mod lookup;
 mod nat;
 mod parse;
 mod select;
 mod stats;
+mod track;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{Counter, DropReason, FlowKey, direction};
+use lb_common::{Counter, DropReason};
+use parse::{Frame, Parsed, Seen};
+
+use crate::flow::Origin;
 
 /// What the program decided for a packet it did not drop.
-enum Verdict {
+pub enum Verdict {
     /// Not service traffic, or not a packet we translate: hand it to the stack as it came.
     Pass(Counter),
     /// Translated; hand it to the stack, which routes it on.
     Translated(Counter),
 }
 
+impl Verdict {
+    #[inline(always)]
+    fn counter(&self) -> Counter {
+        match self {
+            Verdict::Pass(counter) | Verdict::Translated(counter) => *counter,
+        }
+    }
+}
+
+/// Parses and counts what the parser noticed on the way.
+#[inline(always)]
+fn parse<F: Frame>(frame: &F) -> Result<Parsed, DropReason> {
+    let mut seen = Seen::default();
+    let parsed = parse::packet(frame, &mut seen);
+    if seen.vlan_tagged {
+        stats::count(Counter::VlanTagged);
+    }
+    if seen.ipv4_options {
+        stats::count(Counter::Ipv4Options);
+    }
+    parsed
+}
+
 #[xdp]
 pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
     stats::count(Counter::XdpSeen);
     match try_xdp_ingress(&ctx) {
-        Ok(Verdict::Pass(counter) | Verdict::Translated(counter)) => {
-            stats::count(counter);
+        Ok(verdict) => {
+            stats::count(verdict.counter());
             xdp_action::XDP_PASS
         }
         Err(reason) => {
@@ -57,34 +96,59 @@ pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_xdp_ingress(ctx: &XdpContext) -> Result<Verdict, DropReason> {
-    let packet = match parse::xdp_ipv4_l4(ctx)? {
-        Ok(packet) => packet,
-        Err(not_ours) => return Ok(Verdict::Pass(not_ours)),
+    let packet = match parse(ctx)? {
+        Parsed::L4(packet) => packet,
+        Parsed::IcmpError(error) => return icmp::from_network(ctx, &error),
+        Parsed::Pass(counter) => return Ok(Verdict::Pass(counter)),
     };
-    let Some(service) = lookup::frontend(&packet.tuple.frontend_key()) else {
-        return Ok(Verdict::Pass(Counter::PassNotService));
-    };
-
-    let forward_key = packet.tuple.flow_key(direction::FORWARD);
-    let (target, counter) = match lookup::flow(&forward_key) {
-        Some(target) => (target, Counter::ForwardTracked),
-        None => {
-            let target = select::backend(&service, &packet.tuple)?;
-            lookup::track_flow(&packet.tuple, &target)?;
-            (target, Counter::ForwardNew)
-        }
-    };
-
-    nat::xdp_rewrite_destination(ctx, &packet, &target)?;
-    Ok(Verdict::Translated(counter))
+    if let Some(service) = lookup::frontend(&packet.tuple.frontend_key()) {
+        return flow::forward(ctx, &packet, &service, Origin::Network);
+    }
+    flow::reply(ctx, &packet).unwrap_or(Ok(Verdict::Pass(Counter::PassNotService)))
 }
 
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     stats::count(Counter::TcSeen);
-    match try_tc_egress(&ctx) {
-        Ok(Verdict::Pass(counter) | Verdict::Translated(counter)) => {
-            stats::count(counter);
+    tc_verdict(try_tc_egress(&ctx))
+}
+
+#[inline(always)]
+fn try_tc_egress(ctx: &TcContext) -> Result<Verdict, DropReason> {
+    let packet = match parse(ctx)? {
+        Parsed::L4(packet) => packet,
+        Parsed::IcmpError(error) => return icmp::leaving(ctx, &error),
+        Parsed::Pass(_) => return Ok(Verdict::Pass(Counter::TcPass)),
+    };
+    flow::reply(ctx, &packet)
+        .or_else(|| flow::snat(ctx, &packet))
+        .unwrap_or(Ok(Verdict::Pass(Counter::TcPass)))
+}
+
+#[classifier]
+pub fn lb_tc_pod_ingress(ctx: TcContext) -> i32 {
+    stats::count(Counter::PodSeen);
+    tc_verdict(try_tc_pod_ingress(&ctx))
+}
+
+#[inline(always)]
+fn try_tc_pod_ingress(ctx: &TcContext) -> Result<Verdict, DropReason> {
+    let packet = match parse(ctx)? {
+        Parsed::L4(packet) => packet,
+        Parsed::IcmpError(error) => return icmp::leaving(ctx, &error),
+        Parsed::Pass(_) => return Ok(Verdict::Pass(Counter::TcPass)),
+    };
+    if let Some(service) = lookup::frontend(&packet.tuple.frontend_key()) {
+        return flow::forward(ctx, &packet, &service, Origin::Pod);
+    }
+    flow::reply(ctx, &packet).unwrap_or(Ok(Verdict::Pass(Counter::TcPass)))
+}
+
+#[inline(always)]
+fn tc_verdict(result: Result<Verdict, DropReason>) -> i32 {
+    match result {
+        Ok(verdict) => {
+            stats::count(verdict.counter());
             TC_ACT_OK as i32
         }
         Err(reason) => {
@@ -92,20 +156,6 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
             TC_ACT_SHOT as i32
         }
     }
-}
-
-#[inline(always)]
-fn try_tc_egress(ctx: &TcContext) -> Result<Verdict, DropReason> {
-    // Anything we cannot parse here is not a reply we created: the XDP side never translated it.
-    let Some(reply) = parse::tc_ipv4_l4(ctx) else {
-        return Ok(Verdict::Pass(Counter::TcPass));
-    };
-    let key: FlowKey = reply.tuple.flow_key(direction::REPLY);
-    let Some(target) = lookup::flow(&key) else {
-        return Ok(Verdict::Pass(Counter::TcPass));
-    };
-    nat::tc_rewrite_source(ctx, &reply, &target)?;
-    Ok(Verdict::Translated(Counter::ReplyTranslated))
 }
 
 #[cfg(not(test))]

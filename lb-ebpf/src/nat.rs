@@ -1,99 +1,214 @@
 //! Address and port translation with checksum updates.
+//!
+//! XDP sees frames as the NIC delivered them, with complete checksums, so every rewrite there
+//! is a direct write plus the incremental update of RFC 1624. TC sees socket-built packets
+//! whose L4 checksum may be partial (offloaded), so TCP/UDP rewrites there go through the
+//! kernel helpers, which handle every `ip_summed` state. ICMP errors carry full checksums on
+//! both paths and are rewritten directly: every change is matched by its checksum field, so the
+//! sum over the packet (and a `CHECKSUM_COMPLETE` skb's `csum`) stays as it was.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{DropReason, FlowTarget, IPPROTO_UDP, checksum::Delta};
+use lb_common::{DropReason, IPPROTO_UDP, checksum::Delta};
 
-use crate::parse::{IPV4_CHECK_OFFSET, IPV4_SRC_OFFSET, TcPacket, XdpPacket, ptr_at};
+use crate::parse::{
+    Frame, ICMP_CHECK_OFFSET, IPV4_CHECK_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, IcmpError,
+    L4_DST_PORT_OFFSET, L4_SRC_PORT_OFFSET, L4Packet, ptr_at,
+};
 
-/// DNAT in XDP: destination address and port become the backend's.
-///
-/// One checksum delta covers the address (IPv4 header, and the L4 pseudo-header) and the port
-/// (L4 only). XDP sees frames as the NIC delivered them, with complete checksums, so the
-/// incremental update of RFC 1624 is exact.
-#[inline(always)]
-pub fn xdp_rewrite_destination(
-    ctx: &XdpContext,
-    packet: &XdpPacket,
-    target: &FlowTarget,
-) -> Result<(), DropReason> {
-    let tuple = &packet.tuple;
-    let address = Delta::new().replace_u32(tuple.dst_addr_be, target.nat_addr_be);
-    let address_and_port = address.replace_u16(tuple.dst_port_be, target.nat_port_be);
-    // The parser checked these; checking again here is what lets the verifier see it.
-    let (Some(dst_port), Some(l4_check)) = (
-        ptr_at::<[u8; 2]>(ctx, packet.dst_port_offset),
-        ptr_at::<[u8; 2]>(ctx, packet.l4_check_offset),
-    ) else {
-        return Err(DropReason::L4HeaderTruncated);
-    };
-    let ip = packet.ip;
-    // SAFETY: every pointer is bounds-checked and nothing has moved the packet data since;
-    // packet data has no alignment guarantee, hence unaligned accesses.
-    unsafe {
-        (&raw mut (*ip).dst_addr).write_unaligned(target.nat_addr_be.to_ne_bytes());
-        let ip_check = u16::from_ne_bytes((&raw const (*ip).check).read_unaligned());
-        (&raw mut (*ip).check).write_unaligned(address.apply(ip_check).to_ne_bytes());
-
-        dst_port.write_unaligned(target.nat_port_be.to_ne_bytes());
-        let old_check = u16::from_ne_bytes(l4_check.read_unaligned());
-        let new_check = if tuple.protocol == IPPROTO_UDP {
-            address_and_port.apply_udp(old_check)
-        } else {
-            address_and_port.apply(old_check)
-        };
-        l4_check.write_unaligned(new_check.to_ne_bytes());
-    }
-    Ok(())
+/// Which end of a packet to rewrite.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Source,
+    Destination,
 }
 
-/// SNAT in TC: a backend's reply leaves from the frontend address and port the client used.
-///
-/// TC sees socket-built packets whose L4 checksum may be partial (offloaded), so this uses the
-/// kernel helpers, which handle every `ip_summed` state: the address goes through the
-/// pseudo-header (`BPF_F_PSEUDO_HDR`), and a zero UDP checksum stays zero (`BPF_F_MARK_MANGLED_0`).
+impl End {
+    #[inline(always)]
+    fn addr_offset(self) -> usize {
+        match self {
+            End::Source => IPV4_SRC_OFFSET,
+            End::Destination => IPV4_DST_OFFSET,
+        }
+    }
+
+    #[inline(always)]
+    fn port_offset(self) -> usize {
+        match self {
+            End::Source => L4_SRC_PORT_OFFSET,
+            End::Destination => L4_DST_PORT_OFFSET,
+        }
+    }
+}
+
+/// An address and port in network byte order.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Addr {
+    pub addr_be: u32,
+    pub port_be: u16,
+}
+
+/// Writing a frame, on top of reading it.
+pub trait Rewrite: Frame {
+    fn write<T: Copy>(&self, offset: usize, value: T) -> Result<(), DropReason>;
+
+    /// Rewrites one end of a TCP or UDP packet: address, port, IPv4 and L4 checksums.
+    fn set_l4_end(&self, packet: &L4Packet, end: End, new: Addr) -> Result<(), DropReason>;
+}
+
 #[inline(always)]
-pub fn tc_rewrite_source(
-    ctx: &TcContext,
-    reply: &TcPacket,
-    target: &FlowTarget,
+fn current(packet: &L4Packet, end: End) -> Addr {
+    let t = &packet.tuple;
+    match end {
+        End::Source => Addr {
+            addr_be: t.src_addr_be,
+            port_be: t.src_port_be,
+        },
+        End::Destination => Addr {
+            addr_be: t.dst_addr_be,
+            port_be: t.dst_port_be,
+        },
+    }
+}
+
+impl Rewrite for XdpContext {
+    #[inline(always)]
+    fn write<T: Copy>(&self, offset: usize, value: T) -> Result<(), DropReason> {
+        // Checking here, right where the write happens, is what lets the verifier see it.
+        let ptr = ptr_at::<T>(self, offset).ok_or(DropReason::RewriteFailed)?;
+        // SAFETY: `ptr_at` checked the whole `T` lies in the packet; no alignment guarantee.
+        unsafe { ptr.write_unaligned(value) };
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn set_l4_end(&self, packet: &L4Packet, end: End, new: Addr) -> Result<(), DropReason> {
+        let old = current(packet, end);
+        // One delta covers the address (IPv4 header, and the L4 pseudo-header); the L4 one
+        // adds the port.
+        let address = Delta::new().replace_u32(old.addr_be, new.addr_be);
+        let address_and_port = address.replace_u16(old.port_be, new.port_be);
+        let at = packet.at;
+        let ip_check = read_u16(self, at.l3 + IPV4_CHECK_OFFSET)?;
+        let l4_check_offset = packet.l4_check_offset();
+        let l4_check = read_u16(self, l4_check_offset)?;
+        let new_l4_check = if packet.tuple.protocol == IPPROTO_UDP {
+            address_and_port.apply_udp(l4_check)
+        } else {
+            address_and_port.apply(l4_check)
+        };
+        self.write(at.l3 + end.addr_offset(), new.addr_be)?;
+        self.write(at.l3 + IPV4_CHECK_OFFSET, address.apply(ip_check))?;
+        self.write(at.l4 + end.port_offset(), new.port_be)?;
+        self.write(l4_check_offset, new_l4_check)
+    }
+}
+
+impl Rewrite for TcContext {
+    #[inline(always)]
+    fn write<T: Copy>(&self, offset: usize, value: T) -> Result<(), DropReason> {
+        self.store(offset, &value, 0)
+            .map_err(|_| DropReason::RewriteFailed)
+    }
+
+    /// The address goes through the pseudo-header (`BPF_F_PSEUDO_HDR`), and a zero UDP
+    /// checksum stays zero (`BPF_F_MARK_MANGLED_0`).
+    #[inline(always)]
+    fn set_l4_end(&self, packet: &L4Packet, end: End, new: Addr) -> Result<(), DropReason> {
+        let old = current(packet, end);
+        let udp = if packet.tuple.protocol == IPPROTO_UDP {
+            u64::from(BPF_F_MARK_MANGLED_0)
+        } else {
+            0
+        };
+        let fail = |_| DropReason::RewriteFailed;
+        let at = packet.at;
+        let check = packet.l4_check_offset();
+
+        let (old_addr, new_addr) = (u64::from(old.addr_be), u64::from(new.addr_be));
+        self.l4_csum_replace(check, old_addr, new_addr, u64::from(BPF_F_PSEUDO_HDR) | udp | 4)
+            .map_err(fail)?;
+        self.l3_csum_replace(at.l3 + IPV4_CHECK_OFFSET, old_addr, new_addr, 4)
+            .map_err(fail)?;
+        self.store(at.l3 + end.addr_offset(), &new.addr_be, 0)
+            .map_err(fail)?;
+
+        // A UDP datagram without checksum has no field that absorbs the port change, so on a
+        // CHECKSUM_COMPLETE skb the store itself must update `skb->csum`. With a checksum, the
+        // checksum field's change offsets the port's and `skb->csum` must stay as it is.
+        let udp_without_checksum = udp != 0 && self.load::<u16>(check).map_err(fail)? == 0;
+        let store_flags = if udp_without_checksum {
+            u64::from(BPF_F_RECOMPUTE_CSUM)
+        } else {
+            0
+        };
+        let (old_port, new_port) = (u64::from(old.port_be), u64::from(new.port_be));
+        self.l4_csum_replace(check, old_port, new_port, udp | 2)
+            .map_err(fail)?;
+        self.store(at.l4 + end.port_offset(), &new.port_be, store_flags)
+            .map_err(fail)
+    }
+}
+
+/// A 16-bit field as its bytes read natively: `Delta` works on fields in that form, the same
+/// form as the `*_be` addresses and ports, so no byte is ever swapped.
+#[inline(always)]
+fn read_u16<F: Frame>(frame: &F, offset: usize) -> Result<u16, DropReason> {
+    frame.read::<u16>(offset).ok_or(DropReason::RewriteFailed)
+}
+
+/// Rewrites the address of one end of an ICMP error's own IPv4 header.
+#[inline(always)]
+pub fn set_icmp_outer_addr<R: Rewrite>(
+    frame: &R,
+    error: &IcmpError,
+    end: End,
+    new_addr_be: u32,
 ) -> Result<(), DropReason> {
-    let tuple = &reply.tuple;
-    let udp = if tuple.protocol == IPPROTO_UDP {
-        u64::from(BPF_F_MARK_MANGLED_0)
-    } else {
-        0
+    let old = match end {
+        End::Source => error.outer.src_addr_be,
+        End::Destination => error.outer.dst_addr_be,
     };
-    let fail = |_| DropReason::RewriteFailed;
+    let l3 = error.outer_at.l3;
+    let check = read_u16(frame, l3 + IPV4_CHECK_OFFSET)?;
+    let delta = Delta::new().replace_u32(old, new_addr_be);
+    frame.write(l3 + end.addr_offset(), new_addr_be)?;
+    frame.write(l3 + IPV4_CHECK_OFFSET, delta.apply(check))
+}
 
-    let (old_addr, new_addr) = (u64::from(tuple.src_addr_be), u64::from(target.nat_addr_be));
-    ctx.l4_csum_replace(
-        reply.l4_check_offset,
-        old_addr,
-        new_addr,
-        u64::from(BPF_F_PSEUDO_HDR) | udp | 4,
-    )
-    .map_err(fail)?;
-    ctx.l3_csum_replace(IPV4_CHECK_OFFSET, old_addr, new_addr, 4)
-        .map_err(fail)?;
-    ctx.store(IPV4_SRC_OFFSET, &target.nat_addr_be, 0)
-        .map_err(fail)?;
-
-    // A UDP datagram without checksum has no field that absorbs the port change, so on a
-    // CHECKSUM_COMPLETE skb the store itself must update `skb->csum`. With a checksum, the
-    // checksum field's change offsets the port's and `skb->csum` must stay as it is.
-    let udp_without_checksum =
-        udp != 0 && ctx.load::<u16>(reply.l4_check_offset).map_err(fail)? == 0;
-    let store_flags = if udp_without_checksum {
-        u64::from(BPF_F_RECOMPUTE_CSUM)
-    } else {
-        0
+/// Rewrites one end of the packet an ICMP error quotes: its address (and the quoted IPv4
+/// checksum) and port, with the ICMP checksum absorbing every change. The quoted L4 checksum
+/// is left alone: receivers match the quote by addresses and ports and do not verify it.
+#[inline(always)]
+pub fn set_icmp_quoted_end<R: Rewrite>(
+    frame: &R,
+    error: &IcmpError,
+    end: End,
+    new: Addr,
+) -> Result<(), DropReason> {
+    let old = match end {
+        End::Source => Addr {
+            addr_be: error.inner.src_addr_be,
+            port_be: error.inner.src_port_be,
+        },
+        End::Destination => Addr {
+            addr_be: error.inner.dst_addr_be,
+            port_be: error.inner.dst_port_be,
+        },
     };
-    let (old_port, new_port) = (u64::from(tuple.src_port_be), u64::from(target.nat_port_be));
-    ctx.l4_csum_replace(reply.l4_check_offset, old_port, new_port, udp | 2)
-        .map_err(fail)?;
-    ctx.store(reply.src_port_offset, &target.nat_port_be, store_flags)
-        .map_err(fail)
+    let (inner_l3, inner_l4) = (error.inner_at.l3, error.inner_at.l4);
+    let icmp_check_offset = error.outer_at.l4 + ICMP_CHECK_OFFSET;
+    let inner_check = read_u16(frame, inner_l3 + IPV4_CHECK_OFFSET)?;
+    let icmp_check = read_u16(frame, icmp_check_offset)?;
+    let address = Delta::new().replace_u32(old.addr_be, new.addr_be);
+    let new_inner_check = address.apply(inner_check);
+    let icmp = address
+        .replace_u16(inner_check, new_inner_check)
+        .replace_u16(old.port_be, new.port_be);
+    frame.write(inner_l3 + end.addr_offset(), new.addr_be)?;
+    frame.write(inner_l3 + IPV4_CHECK_OFFSET, new_inner_check)?;
+    frame.write(inner_l4 + end.port_offset(), new.port_be)?;
+    frame.write(icmp_check_offset, icmp.apply(icmp_check))
 }

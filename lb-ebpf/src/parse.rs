@@ -3,34 +3,59 @@
 //! Drop policy, stated once: a frame we cannot identify as service traffic is passed to the stack
 //! untouched (and counted), because the stack applies its own rules to it; a TCP or UDP packet
 //! too short to hold its ports and checksum is dropped, because neither we nor the stack can do
-//! anything correct with it. IPv4 options are skipped by the header length; fragments are passed.
-
-use core::mem::size_of;
+//! anything correct with it.
+//!
+//! Up to two VLAN tags (802.1Q, 802.1ad: one tag or QinQ) are skipped, so tagged frames from a
+//! trunk are served like untagged ones. IPv4 options are skipped by the header length and
+//! counted. Fragments are passed untouched and counted (see the README's fragment rule).
+//!
+//! Both programs get the same `Parsed` answer: XDP reads packet memory directly, TC through the
+//! skb load helper (which also reads non-linear data). `Frame` is the one interface they share.
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use lb_common::{Counter, DropReason, FlowKey, FrontendKey, IPPROTO_TCP, IPPROTO_UDP};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use lb_common::{Counter, DropReason, FlowKey, FrontendKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 const ETH_P_IP: u16 = 0x0800;
-const ETH_HDR_LEN: usize = size_of::<EthHdr>();
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_HDR_LEN: usize = 14;
 const ETH_TYPE_OFFSET: usize = 12;
-const IPV4_MIN_HDR_LEN: usize = size_of::<Ipv4Hdr>();
-const IPV4_VIHL_OFFSET: usize = ETH_HDR_LEN;
-const IPV4_FRAGS_OFFSET: usize = ETH_HDR_LEN + 6;
-const IPV4_PROTO_OFFSET: usize = ETH_HDR_LEN + 9;
-pub const IPV4_CHECK_OFFSET: usize = ETH_HDR_LEN + 10;
-pub const IPV4_SRC_OFFSET: usize = ETH_HDR_LEN + 12;
-const IPV4_DST_OFFSET: usize = ETH_HDR_LEN + 16;
+const VLAN_TAG_LEN: usize = 4;
+/// One tag, or QinQ; a third tag is not something a node's trunk carries.
+const MAX_VLAN_TAGS: usize = 2;
+
+const IPV4_MIN_HDR_LEN: usize = 20;
+const IPV4_FRAGS_OFFSET: usize = 6;
+const IPV4_PROTO_OFFSET: usize = 9;
+pub const IPV4_CHECK_OFFSET: usize = 10;
+pub const IPV4_SRC_OFFSET: usize = 12;
+pub const IPV4_DST_OFFSET: usize = 16;
 /// The More Fragments flag and the fragment offset, in the host-order `frags` word.
 const IPV4_FRAGMENT_MASK: u16 = 0x3fff;
+
 /// Bytes from the L4 header's start that must be present: ports plus the checksum field.
 const TCP_MIN_LEN: usize = 20;
 const UDP_MIN_LEN: usize = 8;
-const TCP_CHECK_OFFSET: usize = 16;
-const UDP_CHECK_OFFSET: usize = 6;
-const L4_DST_PORT_OFFSET: usize = 2;
+pub const TCP_CHECK_OFFSET: usize = 16;
+pub const UDP_CHECK_OFFSET: usize = 6;
+const TCP_FLAGS_OFFSET: usize = 13;
+pub const L4_SRC_PORT_OFFSET: usize = 0;
+pub const L4_DST_PORT_OFFSET: usize = 2;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// Type, code, checksum and the 4-byte rest of header come before the quoted packet.
+const ICMP_HDR_LEN: usize = 8;
+pub const ICMP_CHECK_OFFSET: usize = 2;
 
 /// The addresses and ports of a TCP or UDP packet, in network byte order.
+#[derive(Clone, Copy)]
 pub struct Tuple {
     pub src_addr_be: u32,
     pub dst_addr_be: u32,
@@ -62,18 +87,95 @@ impl Tuple {
             _pad: [0; 2],
         }
     }
+
+    /// The key of a packet going the other way.
+    #[inline(always)]
+    pub fn reversed_flow_key(&self, direction: u8) -> FlowKey {
+        FlowKey {
+            src_addr_be: self.dst_addr_be,
+            dst_addr_be: self.src_addr_be,
+            src_port_be: self.dst_port_be,
+            dst_port_be: self.src_port_be,
+            protocol: self.protocol,
+            direction,
+            _pad: [0; 2],
+        }
+    }
 }
 
-/// A parsed packet in XDP, with where the fields DNAT rewrites are.
-///
-/// Offsets rather than pointers: the L4 header's offset depends on the IPv4 header length, and
-/// LLVM may rebuild a variable-offset pointer from the packet start, which loses the bounds the
-/// verifier saw. The writer re-checks each field with `ptr_at` right where it writes.
-pub struct XdpPacket {
+/// Where the headers of an IPv4 packet are in the frame. Offsets rather than pointers: they
+/// depend on VLAN tags and header lengths, and LLVM may rebuild a variable-offset pointer from
+/// the packet start, which loses the bounds the verifier saw. Writers re-check each field.
+#[derive(Clone, Copy)]
+pub struct Headers {
+    /// The IPv4 header.
+    pub l3: usize,
+    /// The TCP, UDP or ICMP header.
+    pub l4: usize,
+}
+
+/// A TCP or UDP packet.
+pub struct L4Packet {
     pub tuple: Tuple,
-    pub ip: *mut Ipv4Hdr,
-    pub dst_port_offset: usize,
-    pub l4_check_offset: usize,
+    pub at: Headers,
+    /// TCP flags (0 for UDP).
+    pub tcp_flags: u8,
+}
+
+impl L4Packet {
+    #[inline(always)]
+    pub fn l4_check_offset(&self) -> usize {
+        self.at.l4 + l4_check_field(self.tuple.protocol)
+    }
+}
+
+/// An ICMP error (destination unreachable, time exceeded, parameter problem) quoting a TCP or
+/// UDP packet: the one case where ICMP carries a flow we may have translated.
+pub struct IcmpError {
+    /// Source and destination of the ICMP packet itself (ports unused).
+    pub outer: Tuple,
+    pub outer_at: Headers,
+    /// The quoted packet, as it was sent.
+    pub inner: Tuple,
+    pub inner_at: Headers,
+}
+
+pub enum Parsed {
+    L4(L4Packet),
+    IcmpError(IcmpError),
+    /// Not something we translate: pass it and count this.
+    Pass(Counter),
+}
+
+/// Offset of the L4 checksum field from the L4 header.
+#[inline(always)]
+pub fn l4_check_field(protocol: u8) -> usize {
+    if protocol == IPPROTO_UDP {
+        UDP_CHECK_OFFSET
+    } else {
+        TCP_CHECK_OFFSET
+    }
+}
+
+/// Reading a frame: the one thing the parser needs from either program type.
+pub trait Frame {
+    fn read<T: Copy>(&self, offset: usize) -> Option<T>;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        // SAFETY: `ptr_at` checked that the whole `T` lies inside the packet; packet data has
+        // no alignment guarantee, hence the unaligned read.
+        ptr_at::<T>(self, offset).map(|p| unsafe { p.read_unaligned() })
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.load::<T>(offset).ok()
+    }
 }
 
 /// A pointer to a `T` at `offset` in the packet, if the whole `T` lies inside it.
@@ -87,109 +189,155 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-// SAFETY (for every `unsafe { &raw const (*hdr).field }` below): taking a field's address
-// through a pointer from `ptr_at` reads nothing and stays inside the checked header.
-#[inline(always)]
-fn read<T: Copy>(ptr: *const T) -> T {
-    // SAFETY: every pointer read here came from `ptr_at`, which checked it lies in the packet;
-    // packet data has no alignment guarantee, hence the unaligned read.
-    unsafe { ptr.read_unaligned() }
+/// What the counters learn besides the verdict: set by the parser, counted by the caller.
+#[derive(Default)]
+pub struct Seen {
+    pub vlan_tagged: bool,
+    pub ipv4_options: bool,
 }
 
-/// Parses Ethernet, IPv4 and the TCP/UDP ports.
-///
-/// `Ok(Ok(packet))`: a TCP or UDP packet to look up. `Ok(Err(counter))`: not something we
-/// translate; pass it and count `counter`. `Err(reason)`: drop.
+/// Parses Ethernet (with up to two VLAN tags), IPv4, and TCP/UDP ports or an ICMP error.
+/// `Err(reason)`: drop.
 #[inline(always)]
-pub fn xdp_ipv4_l4(ctx: &XdpContext) -> Result<Result<XdpPacket, Counter>, DropReason> {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return Ok(Err(Counter::PassNotIpv4));
+pub fn packet<F: Frame>(frame: &F, seen: &mut Seen) -> Result<Parsed, DropReason> {
+    let Some(l3) = l3_offset(frame, seen) else {
+        return Ok(Parsed::Pass(Counter::PassNotIpv4));
     };
-    if read(unsafe { &raw const (*eth).ether_type }) != ETH_P_IP.to_be() {
-        return Ok(Err(Counter::PassNotIpv4));
-    }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HDR_LEN) else {
-        return Ok(Err(Counter::PassIpv4Invalid));
+    let Some(ip) = ipv4(frame, l3, seen) else {
+        return Ok(Parsed::Pass(Counter::PassIpv4Invalid));
     };
-    let vihl = read(unsafe { &raw const (*ip).vihl });
-    let ip_hdr_len = usize::from(vihl & 0x0f) * 4;
-    if vihl >> 4 != 4 || ip_hdr_len < IPV4_MIN_HDR_LEN {
-        return Ok(Err(Counter::PassIpv4Invalid));
+    if ip.fragment {
+        return Ok(Parsed::Pass(Counter::PassFragment));
     }
-    if u16::from_be_bytes(read(unsafe { &raw const (*ip).frags })) & IPV4_FRAGMENT_MASK != 0 {
-        return Ok(Err(Counter::PassFragment));
+    let at = Headers { l3, l4: ip.l4 };
+    match ip.protocol {
+        IPPROTO_TCP | IPPROTO_UDP => {}
+        IPPROTO_ICMP => {
+            return Ok(match icmp_error(frame, &ip, at) {
+                Some(error) => Parsed::IcmpError(error),
+                None => Parsed::Pass(Counter::PassNotTcpUdp),
+            });
+        }
+        _ => return Ok(Parsed::Pass(Counter::PassNotTcpUdp)),
     }
-    let protocol = read(unsafe { &raw const (*ip).proto });
-    let (l4_min_len, check_offset) = match protocol {
-        IPPROTO_TCP => (TCP_MIN_LEN, TCP_CHECK_OFFSET),
-        IPPROTO_UDP => (UDP_MIN_LEN, UDP_CHECK_OFFSET),
-        _ => return Ok(Err(Counter::PassNotTcpUdp)),
+    let min_len = if ip.protocol == IPPROTO_TCP {
+        TCP_MIN_LEN
+    } else {
+        UDP_MIN_LEN
     };
-
-    let l4_offset = ETH_HDR_LEN + ip_hdr_len;
-    // Check the whole minimal L4 header once; the field pointers below lie inside it.
-    if ptr_at::<u8>(ctx, l4_offset + l4_min_len - 1).is_none() {
+    // Check the whole minimal L4 header once: the fields read and written lie inside it.
+    if frame.read::<u8>(at.l4 + min_len - 1).is_none() {
         return Err(DropReason::L4HeaderTruncated);
     }
-    let Some(ports) = ptr_at::<[u16; 2]>(ctx, l4_offset) else {
-        return Err(DropReason::L4HeaderTruncated);
+    let [src_port_be, dst_port_be] = frame
+        .read::<[u16; 2]>(at.l4)
+        .ok_or(DropReason::L4HeaderTruncated)?;
+    let tcp_flags = if ip.protocol == IPPROTO_TCP {
+        frame
+            .read::<u8>(at.l4 + TCP_FLAGS_OFFSET)
+            .ok_or(DropReason::L4HeaderTruncated)?
+    } else {
+        0
     };
-    let [src_port_be, dst_port_be] = read(ports);
-
-    Ok(Ok(XdpPacket {
+    Ok(Parsed::L4(L4Packet {
         tuple: Tuple {
-            src_addr_be: u32::from_ne_bytes(read(unsafe { &raw const (*ip).src_addr })),
-            dst_addr_be: u32::from_ne_bytes(read(unsafe { &raw const (*ip).dst_addr })),
+            src_addr_be: ip.src_addr_be,
+            dst_addr_be: ip.dst_addr_be,
             src_port_be,
             dst_port_be,
-            protocol,
+            protocol: ip.protocol,
         },
-        ip,
-        dst_port_offset: l4_offset + L4_DST_PORT_OFFSET,
-        l4_check_offset: l4_offset + check_offset,
+        at,
+        tcp_flags,
     }))
 }
 
-/// A parsed packet in TC, with the offsets the source rewrite needs.
-pub struct TcPacket {
-    pub tuple: Tuple,
-    pub src_port_offset: usize,
-    pub l4_check_offset: usize,
+/// The IPv4 header's offset, past at most two VLAN tags; `None` if the frame is not IPv4.
+#[inline(always)]
+fn l3_offset<F: Frame>(frame: &F, seen: &mut Seen) -> Option<usize> {
+    let mut type_offset = ETH_TYPE_OFFSET;
+    for _ in 0..MAX_VLAN_TAGS {
+        let ether_type = u16::from_be(frame.read::<u16>(type_offset)?);
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            break;
+        }
+        seen.vlan_tagged = true;
+        type_offset += VLAN_TAG_LEN;
+    }
+    if u16::from_be(frame.read::<u16>(type_offset)?) != ETH_P_IP {
+        return None;
+    }
+    Some(type_offset + (ETH_HDR_LEN - ETH_TYPE_OFFSET))
 }
 
-/// Parses an IPv4 TCP/UDP packet through the skb load helper (which also reads non-linear
-/// data). `None` for anything else: TC only translates replies XDP set up, which are all
-/// well-formed unfragmented TCP or UDP.
+struct Ipv4 {
+    src_addr_be: u32,
+    dst_addr_be: u32,
+    protocol: u8,
+    fragment: bool,
+    /// Offset of the L4 header.
+    l4: usize,
+}
+
+/// The IPv4 header at `l3`; `None` if it is not one the stack would accept the layout of.
 #[inline(always)]
-pub fn tc_ipv4_l4(ctx: &TcContext) -> Option<TcPacket> {
-    if ctx.load::<u16>(ETH_TYPE_OFFSET).ok()? != ETH_P_IP.to_be() {
+fn ipv4<F: Frame>(frame: &F, l3: usize, seen: &mut Seen) -> Option<Ipv4> {
+    let vihl = frame.read::<u8>(l3)?;
+    let header_len = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || header_len < IPV4_MIN_HDR_LEN {
         return None;
     }
-    let vihl = ctx.load::<u8>(IPV4_VIHL_OFFSET).ok()?;
-    let ip_hdr_len = usize::from(vihl & 0x0f) * 4;
-    if vihl >> 4 != 4 || ip_hdr_len < IPV4_MIN_HDR_LEN {
+    if header_len > IPV4_MIN_HDR_LEN {
+        seen.ipv4_options = true;
+    }
+    let frags = u16::from_be(frame.read::<u16>(l3 + IPV4_FRAGS_OFFSET)?);
+    Some(Ipv4 {
+        src_addr_be: frame.read::<u32>(l3 + IPV4_SRC_OFFSET)?,
+        dst_addr_be: frame.read::<u32>(l3 + IPV4_DST_OFFSET)?,
+        protocol: frame.read::<u8>(l3 + IPV4_PROTO_OFFSET)?,
+        fragment: frags & IPV4_FRAGMENT_MASK != 0,
+        l4: l3 + header_len,
+    })
+}
+
+/// An ICMP error quoting a TCP or UDP packet whose ports are present; `None` for any other
+/// ICMP (echo, errors about other protocols or truncated quotes), which is passed.
+#[inline(always)]
+fn icmp_error<F: Frame>(frame: &F, outer: &Ipv4, outer_at: Headers) -> Option<IcmpError> {
+    let icmp_type = frame.read::<u8>(outer_at.l4)?;
+    if icmp_type != ICMP_DEST_UNREACH
+        && icmp_type != ICMP_TIME_EXCEEDED
+        && icmp_type != ICMP_PARAMETER_PROBLEM
+    {
         return None;
     }
-    if u16::from_be(ctx.load::<u16>(IPV4_FRAGS_OFFSET).ok()?) & IPV4_FRAGMENT_MASK != 0 {
+    let mut ignored = Seen::default();
+    let inner = ipv4(frame, outer_at.l4 + ICMP_HDR_LEN, &mut ignored)?;
+    if inner.protocol != IPPROTO_TCP && inner.protocol != IPPROTO_UDP {
         return None;
     }
-    let protocol = ctx.load::<u8>(IPV4_PROTO_OFFSET).ok()?;
-    let check_offset = match protocol {
-        IPPROTO_TCP => TCP_CHECK_OFFSET,
-        IPPROTO_UDP => UDP_CHECK_OFFSET,
-        _ => return None,
+    let inner_at = Headers {
+        l3: outer_at.l4 + ICMP_HDR_LEN,
+        l4: inner.l4,
     };
-    let l4_offset = ETH_HDR_LEN + ip_hdr_len;
-    let [src_port_be, dst_port_be] = ctx.load::<[u16; 2]>(l4_offset).ok()?;
-    Some(TcPacket {
-        tuple: Tuple {
-            src_addr_be: ctx.load::<u32>(IPV4_SRC_OFFSET).ok()?,
-            dst_addr_be: ctx.load::<u32>(IPV4_DST_OFFSET).ok()?,
+    // RFC 792 quotes at least the first 8 bytes of the L4 header: the ports are there.
+    let [src_port_be, dst_port_be] = frame.read::<[u16; 2]>(inner_at.l4)?;
+    Some(IcmpError {
+        outer: Tuple {
+            src_addr_be: outer.src_addr_be,
+            dst_addr_be: outer.dst_addr_be,
+            src_port_be: 0,
+            dst_port_be: 0,
+            protocol: IPPROTO_ICMP,
+        },
+        outer_at,
+        inner: Tuple {
+            src_addr_be: inner.src_addr_be,
+            dst_addr_be: inner.dst_addr_be,
             src_port_be,
             dst_port_be,
-            protocol,
+            protocol: inner.protocol,
         },
-        src_port_offset: l4_offset,
-        l4_check_offset: l4_offset + check_offset,
+        inner_at,
     })
 }

@@ -1,11 +1,16 @@
 //! The kernel side as the agent sees it: load the embedded object, write map updates, attach to
 //! interfaces, read counters, detach.
 
-use std::fmt;
+use std::{
+    collections::BTreeMap,
+    fmt,
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+};
 
 use aya::{
-    Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
         tc::{self, SchedClassifierLinkId},
@@ -13,11 +18,15 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, COUNTER_COUNT, Counter, DROP_REASON_SLOTS, DropReason, FlowKey, FlowTarget,
-    FrontendKey, Service, map_names, program_names,
+    Backend, COUNTER_COUNT, Counter, DROP_REASON_SLOTS, DropReason, FlowEntry, FlowKey,
+    FrontendKey, Service, SourceRangeKey, direction, flow_flags, map_names,
+    program_names,
 };
 
-use crate::maps::{MapContents, MapUpdate, diff};
+use crate::{
+    maps::{FrontendEntry, MapContents, Plan, TableKey, diff},
+    model::Ipv4Cidr,
+};
 
 /// The eBPF object built by `build.rs` from `lb-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -83,12 +92,19 @@ pub enum DataPlaneError {
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("attaching the TC egress program to {iface} failed: {source}")]
+    #[error("attaching the TC program to {iface} failed: {source}")]
     AttachTc {
         iface: String,
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("mapping the Maglev tables into memory failed: {0}")]
+    Mmap(#[source] std::io::Error),
+    #[error(
+        "{tables} Maglev tables of {size} entries do not fit in one BPF array; lower \
+         --max-tables or --maglev-table-size"
+    )]
+    TablesTooLarge { tables: u32, size: u32 },
 }
 
 /// Sums of the per-CPU counters.
@@ -144,8 +160,121 @@ fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataPlaneErr
 
 struct Attachment {
     iface: String,
-    xdp: XdpLinkId,
+    xdp: Option<XdpLinkId>,
     tc: SchedClassifierLinkId,
+    /// `lb_tc_pod_ingress` (a pod interface) rather than `lb_tc_egress`.
+    pod: bool,
+}
+
+/// How big to make the maps whose size is chosen at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Maglev tables the data path has room for.
+    pub max_tables: u32,
+    /// M, entries per Maglev table.
+    pub maglev_table_size: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            max_tables: lb_common::DEFAULT_MAX_TABLES,
+            maglev_table_size: crate::maglev::DEFAULT_TABLE_SIZE,
+        }
+    }
+}
+
+/// The `MAGLEV` array mapped into this process: tables are written here, not through syscalls.
+struct TableMemory {
+    base: NonNull<u32>,
+    /// Entries per table.
+    size: usize,
+    slots: u32,
+    bytes: usize,
+}
+
+impl TableMemory {
+    fn map(map: &Map, slots: u32, size: u32) -> Result<Self, DataPlaneError> {
+        let Map::Array(data) = map else {
+            return Err(DataPlaneError::Missing {
+                kind: "array map",
+                name: map_names::MAGLEV,
+            });
+        };
+        let entries = (slots as usize) * (size as usize);
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let bytes = (entries * 4).div_ceil(page) * page;
+        // SAFETY: a shared mapping of a BPF array created with BPF_F_MMAPABLE, of its rounded-up
+        // size; the kernel checks both and fails the call otherwise.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(DataPlaneError::Mmap(std::io::Error::last_os_error()));
+        }
+        let base = NonNull::new(base.cast::<u32>())
+            .ok_or_else(|| DataPlaneError::Mmap(std::io::Error::other("null mapping")))?;
+        Ok(TableMemory {
+            base,
+            size: size as usize,
+            slots,
+            bytes,
+        })
+    }
+
+    /// Writes `table` into `slot`, which no frontend points at.
+    fn write(&mut self, slot: u32, table: &[u32]) {
+        if slot >= self.slots || table.len() != self.size {
+            return;
+        }
+        // SAFETY: `slot < slots` and the table has `size` entries, so the copy stays inside the
+        // mapping; the data path only reads slots that frontends point at, and none points at
+        // this one, so no reader sees it half written.
+        unsafe {
+            let start = self.base.as_ptr().add(slot as usize * self.size);
+            std::ptr::copy_nonoverlapping(table.as_ptr(), start, self.size);
+        }
+    }
+
+    fn read(&self, slot: u32) -> Vec<u32> {
+        if slot >= self.slots {
+            return Vec::new();
+        }
+        // SAFETY: inside the mapping, as in `write`.
+        unsafe {
+            std::slice::from_raw_parts(self.base.as_ptr().add(slot as usize * self.size), self.size)
+                .to_vec()
+        }
+    }
+}
+
+impl Drop for TableMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
+    }
+}
+
+/// Waits until every packet that was in the data path when it was called has left it.
+///
+/// XDP and TC programs run inside RCU read-side sections, and `membarrier(MEMBARRIER_CMD_GLOBAL)`
+/// waits for an RCU grace period (`synchronize_rcu`). If the call is refused (nohz_full CPUs),
+/// sleeping far longer than any program runs is the fallback.
+fn wait_for_packets_in_flight() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes no pointers.
+    let result = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if result != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// The loaded programs and maps. Dropping it detaches everything (the links are owned here).
@@ -153,58 +282,182 @@ pub struct DataPlane {
     ebpf: Ebpf,
     contents: MapContents,
     attachments: Vec<Attachment>,
+    tables: TableMemory,
+    /// Where each table lives in `MAGLEV`.
+    table_slots: BTreeMap<TableKey, u32>,
+    free_slots: Vec<u32>,
 }
 
 impl DataPlane {
-    /// Loads the embedded object and both programs into the kernel (this runs the verifier).
-    pub fn load() -> Result<Self, DataPlaneError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(DataPlaneError::Load)?;
+    /// Loads the embedded object and every program into the kernel (this runs the verifier).
+    pub fn load(options: LoadOptions) -> Result<Self, DataPlaneError> {
+        // One slot more than tables: a changed table is written into a free slot before the
+        // old one is let go.
+        let slots = options.max_tables.saturating_add(1);
+        let entries = slots
+            .checked_mul(options.maglev_table_size)
+            .filter(|&n| n < u32::MAX / 4)
+            .ok_or(DataPlaneError::TablesTooLarge {
+                tables: options.max_tables,
+                size: options.maglev_table_size,
+            })?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::MAGLEV, entries)
+            .load(EBPF_OBJECT)
+            .map_err(DataPlaneError::Load)?;
         let program_error = |name| move |source| DataPlaneError::Program { name, source };
         xdp_program(&mut ebpf)?
             .load()
             .map_err(program_error(program_names::XDP_INGRESS))?;
-        tc_program(&mut ebpf)?
-            .load()
-            .map_err(program_error(program_names::TC_EGRESS))?;
+        for name in [program_names::TC_EGRESS, program_names::TC_POD_INGRESS] {
+            program::<SchedClassifier>(&mut ebpf, name)?
+                .load()
+                .map_err(program_error(name))?;
+        }
+        let maglev = ebpf.map(map_names::MAGLEV).ok_or(DataPlaneError::Missing {
+            kind: "map",
+            name: map_names::MAGLEV,
+        })?;
+        let tables = TableMemory::map(maglev, slots, options.maglev_table_size)?;
         Ok(DataPlane {
             ebpf,
             contents: MapContents::default(),
             attachments: Vec::new(),
+            tables,
+            table_slots: BTreeMap::new(),
+            free_slots: (0..slots).rev().collect(),
         })
     }
 
-    /// Writes what differs between the current maps and `new`; returns the number of writes.
-    pub fn apply(&mut self, new: MapContents) -> Result<usize, DataPlaneError> {
-        let updates = diff(&self.contents, &new);
-        for update in &updates {
-            self.write(*update)?;
-        }
-        self.contents = new;
-        Ok(updates.len())
+    /// What the maps hold now.
+    #[must_use]
+    pub fn contents(&self) -> &MapContents {
+        &self.contents
     }
 
-    fn write(&mut self, update: MapUpdate) -> Result<(), DataPlaneError> {
-        let (backends, slots, frontends) = (
-            map_names::BACKENDS,
-            map_names::BACKEND_SLOTS,
-            map_names::FRONTENDS,
-        );
-        match update {
-            MapUpdate::SetBackend(id, backend) => self.set_array(backends, id, backend),
-            MapUpdate::ClearBackend(id) => self.set_array(backends, id, Backend::default()),
-            MapUpdate::SetSlot(index, id) => self.set_array(slots, index, id),
-            MapUpdate::ClearSlot(index) => self.set_array(slots, index, 0_u32),
-            MapUpdate::SetFrontend(key, service) => {
-                let mut map: HashMap<&mut MapData, FrontendKey, Service> =
-                    self.typed_map(frontends)?;
-                map.insert(key, service, 0).map_err(map_error(frontends))
+    /// Makes the maps hold `new`, writing only what differs, in the order `Plan` describes.
+    /// Returns the number of map writes.
+    pub fn apply(&mut self, new: MapContents) -> Result<usize, DataPlaneError> {
+        let plan = diff(&self.contents, &new);
+        let writes = plan.writes();
+        self.execute(&plan, &new)?;
+        self.contents = new;
+        Ok(writes)
+    }
+
+    fn execute(&mut self, plan: &Plan, new: &MapContents) -> Result<(), DataPlaneError> {
+        if let Some(settings) = plan.settings {
+            self.set_array(map_names::SETTINGS, 0, settings)?;
+        }
+        for &(id, backend) in &plan.set_backends {
+            self.set_array(map_names::BACKENDS, id, backend)?;
+        }
+        for range in &plan.add_source_ranges {
+            self.source_range(range, true)?;
+        }
+        for key in &plan.remove_frontends {
+            let mut map: HashMap<&mut MapData, FrontendKey, Service> =
+                self.typed_map(map_names::FRONTENDS)?;
+            map.remove(key).map_err(map_error(map_names::FRONTENDS))?;
+        }
+        for (key, entry) in &plan.set_frontends {
+            self.set_frontend(*key, entry)?;
+        }
+        let mut retired = Vec::new();
+        for (table_key, frontends) in &plan.write_tables {
+            let slot = match self.free_slots.pop() {
+                Some(slot) => slot,
+                None => {
+                    // Every slot retired so far is pointed at by no frontend any more.
+                    wait_for_packets_in_flight();
+                    self.free_slots.append(&mut retired);
+                    self.free_slots.pop().ok_or(DataPlaneError::TablesTooLarge {
+                        tables: self.tables.slots - 1,
+                        size: self.tables.size as u32,
+                    })?
+                }
+            };
+            if let Some(table) = new.tables.get(table_key) {
+                self.tables.write(slot, table);
             }
-            MapUpdate::RemoveFrontend(key) => {
-                let mut map: HashMap<&mut MapData, FrontendKey, Service> =
-                    self.typed_map(frontends)?;
-                map.remove(&key).map_err(map_error(frontends))
+            if let Some(old) = self.table_slots.insert(*table_key, slot) {
+                // Switched below before anything can reuse it.
+                retired.push(old);
+            }
+            for (key, entry) in frontends {
+                self.set_frontend(*key, entry)?;
             }
         }
+        for table_key in &plan.drop_tables {
+            if let Some(old) = self.table_slots.remove(table_key) {
+                retired.push(old);
+            }
+        }
+        let cleanup = !retired.is_empty()
+            || !plan.clear_backends.is_empty()
+            || !plan.remove_source_ranges.is_empty();
+        if cleanup {
+            wait_for_packets_in_flight();
+        }
+        self.free_slots.append(&mut retired);
+        for &id in &plan.clear_backends {
+            self.set_array(map_names::BACKENDS, id, Backend::default())?;
+        }
+        for range in &plan.remove_source_ranges {
+            self.source_range(range, false)?;
+        }
+        if !plan.stale_udp_backends.is_empty() {
+            let removed = self.remove_flows(|key, entry| {
+                key.protocol == lb_common::IPPROTO_UDP
+                    && key.direction == direction::FORWARD
+                    && plan.stale_udp_backends.iter().any(|(service_id, b)| {
+                        entry.service_id == *service_id
+                            && entry.nat_addr_be == b.addr_be
+                            && entry.nat_port_be == b.port_be
+                    })
+            })?;
+            log::debug!("removed {removed} UDP flows to endpoints that went away");
+        }
+        Ok(())
+    }
+
+    fn set_frontend(&mut self, key: FrontendKey, entry: &FrontendEntry) -> Result<(), DataPlaneError> {
+        let mut service = entry.service;
+        service.table = entry
+            .table_key
+            .and_then(|t| self.table_slots.get(&t).copied())
+            .unwrap_or(0);
+        if entry.table_key.is_some_and(|t| !self.table_slots.contains_key(&t)) {
+            // A frontend whose table is not written yet must not select from slot 0.
+            service.backend_count = 0;
+        }
+        let mut map: HashMap<&mut MapData, FrontendKey, Service> =
+            self.typed_map(map_names::FRONTENDS)?;
+        map.insert(key, service, 0)
+            .map_err(map_error(map_names::FRONTENDS))
+    }
+
+    fn source_range(&mut self, &(service_id, cidr): &(u32, Ipv4Cidr), add: bool) -> Result<(), DataPlaneError> {
+        let name = map_names::SOURCE_RANGES;
+        let mut trie: LpmTrie<&mut MapData, SourceRangeKey, u8> = self.typed_map(name)?;
+        let key = Key::new(
+            32 + u32::from(cidr.prefix_len),
+            SourceRangeKey {
+                service_id_be: service_id.to_be(),
+                addr_be: u32::from_ne_bytes(cidr.addr.octets()),
+            },
+        );
+        if add {
+            trie.insert(&key, 1, 0).map_err(map_error(name))
+        } else {
+            trie.remove(&key).map_err(map_error(name))
+        }
+    }
+
+    /// The backend ids of the table `key` as the data path holds it (for tests).
+    #[must_use]
+    pub fn table(&self, key: &TableKey) -> Option<Vec<u32>> {
+        self.table_slots.get(key).map(|&slot| self.tables.read(slot))
     }
 
     fn set_array<V: aya::Pod>(
@@ -266,40 +519,69 @@ impl DataPlane {
             (Err(error), None) => return Err(error),
         };
 
-        let tc_error = |source| DataPlaneError::AttachTc {
-            iface: iface.to_owned(),
-            source,
-        };
-        let tc_program = tc_program(&mut self.ebpf)?;
-        // Kernels from 6.6 attach through TCX links; older ones need a clsact qdisc first.
-        let tc_link = if let Ok(link) = tc_program.attach(iface, TcAttachType::Egress) {
-            link
-        } else {
-            // An "already exists" error here is fine: the qdisc is shared.
-            let _ = tc::qdisc_add_clsact(iface);
-            tc_program
-                .attach(iface, TcAttachType::Egress)
-                .map_err(tc_error)?
-        };
+        let tc = attach_tc(&mut self.ebpf, iface, program_names::TC_EGRESS, TcAttachType::Egress)?;
         self.attachments.push(Attachment {
             iface: iface.to_owned(),
-            xdp: xdp_link,
-            tc: tc_link,
+            xdp: Some(xdp_link),
+            tc,
+            pod: false,
         });
         Ok(mode)
+    }
+
+    /// Attaches the pod program to the ingress of a pod's host-side interface.
+    pub fn attach_pod(&mut self, iface: &str) -> Result<(), DataPlaneError> {
+        let tc = attach_tc(
+            &mut self.ebpf,
+            iface,
+            program_names::TC_POD_INGRESS,
+            TcAttachType::Ingress,
+        )?;
+        self.attachments.push(Attachment {
+            iface: iface.to_owned(),
+            xdp: None,
+            tc,
+            pod: true,
+        });
+        Ok(())
+    }
+
+    /// Forgets a pod interface: detaches if it still exists (a deleted interface took its
+    /// programs with it).
+    pub fn forget_pod(&mut self, iface: &str) {
+        let Some(i) = self
+            .attachments
+            .iter()
+            .position(|a| a.pod && a.iface == iface)
+        else {
+            return;
+        };
+        let attachment = self.attachments.remove(i);
+        if let Ok(program) = program::<SchedClassifier>(&mut self.ebpf, program_names::TC_POD_INGRESS)
+        {
+            // Fails when the interface is gone, which is the usual case and fine.
+            let _ = program.detach(attachment.tc);
+        }
     }
 
     /// Detaches from every interface, last attached first. Returns the interfaces detached.
     pub fn detach_all(&mut self) -> Vec<String> {
         let mut detached = Vec::new();
         while let Some(attachment) = self.attachments.pop() {
-            if let Ok(tc) = tc_program(&mut self.ebpf)
+            let name = if attachment.pod {
+                program_names::TC_POD_INGRESS
+            } else {
+                program_names::TC_EGRESS
+            };
+            if let Ok(tc) = program::<SchedClassifier>(&mut self.ebpf, name)
                 && let Err(e) = tc.detach(attachment.tc)
+                && !attachment.pod
             {
-                log::warn!("{}: detaching TC egress: {e}", attachment.iface);
+                log::warn!("{}: detaching TC: {e}", attachment.iface);
             }
-            if let Ok(xdp) = xdp_program(&mut self.ebpf)
-                && let Err(e) = xdp.detach(attachment.xdp)
+            if let Some(link) = attachment.xdp
+                && let Ok(xdp) = xdp_program(&mut self.ebpf)
+                && let Err(e) = xdp.detach(link)
             {
                 log::warn!("{}: detaching XDP: {e}", attachment.iface);
             }
@@ -340,19 +622,75 @@ impl DataPlane {
         })
     }
 
-    /// Every tracked flow direction (for tests and reports).
-    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowTarget)>, DataPlaneError> {
+    /// Every tracked flow entry (for tests and reports).
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowEntry)>, DataPlaneError> {
         let name = map_names::CONNTRACK;
         let map = self
             .ebpf
             .map(name)
             .ok_or(DataPlaneError::Missing { kind: "map", name })?;
-        let table = HashMap::<_, FlowKey, FlowTarget>::try_from(map)
-            .map_err(|source| DataPlaneError::Map { name, source })?;
-        table
-            .iter()
-            .map(|entry| entry.map_err(|source| DataPlaneError::Map { name, source }))
-            .collect()
+        let table = HashMap::<_, FlowKey, FlowEntry>::try_from(map).map_err(map_error(name))?;
+        // Entries can vanish while we walk (the data path's LRU evicts): skip those.
+        Ok(table.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Removes every flow, all its directions, for which `doomed` holds of its FORWARD entry.
+    /// Returns the number of flows removed.
+    pub fn remove_flows(
+        &mut self,
+        doomed: impl Fn(&FlowKey, &FlowEntry) -> bool,
+    ) -> Result<usize, DataPlaneError> {
+        let flows = self.flows()?;
+        let name = map_names::CONNTRACK;
+        let mut map: HashMap<&mut MapData, FlowKey, FlowEntry> = self.typed_map(name)?;
+        let mut removed = 0;
+        for (key, entry) in &flows {
+            if key.direction != direction::FORWARD || !doomed(key, entry) {
+                continue;
+            }
+            for other in partner_keys(key, entry) {
+                // Already gone is fine: the data path's LRU may have evicted it.
+                let _ = map.remove(&other);
+            }
+            let _ = map.remove(key);
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Removes flows whose every direction has been idle past its timeout (the data path
+    /// refreshes each direction's expiry; it never deletes). Returns the flows removed.
+    pub fn expire_flows(&mut self, now_ns: u64) -> Result<usize, DataPlaneError> {
+        let flows = self.flows()?;
+        let expires: BTreeMap<FlowKey, u64> =
+            flows.iter().map(|(k, e)| (*k, e.expires_ns)).collect();
+        let name = map_names::CONNTRACK;
+        let mut map: HashMap<&mut MapData, FlowKey, FlowEntry> = self.typed_map(name)?;
+        let mut removed = 0;
+        for (key, entry) in &flows {
+            if key.direction != direction::FORWARD || entry.expires_ns >= now_ns {
+                continue;
+            }
+            let partners = partner_keys(key, entry);
+            if partners
+                .iter()
+                .any(|p| expires.get(p).is_some_and(|&e| e >= now_ns))
+            {
+                continue;
+            }
+            for other in partners {
+                let _ = map.remove(&other);
+            }
+            let _ = map.remove(key);
+            removed += 1;
+        }
+        // Directions whose FORWARD entry is gone (evicted) and that are idle themselves.
+        for (key, entry) in &flows {
+            if key.direction != direction::FORWARD && entry.expires_ns < now_ns {
+                let _ = map.remove(key);
+            }
+        }
+        Ok(removed)
     }
 
     /// The XDP program, for `BPF_PROG_TEST_RUN`.
@@ -362,7 +700,12 @@ impl DataPlane {
 
     /// The TC egress program, for `BPF_PROG_TEST_RUN`.
     pub fn tc_program(&mut self) -> Result<&mut SchedClassifier, DataPlaneError> {
-        tc_program(&mut self.ebpf)
+        program(&mut self.ebpf, program_names::TC_EGRESS)
+    }
+
+    /// The pod-interface TC ingress program, for `BPF_PROG_TEST_RUN`.
+    pub fn pod_program(&mut self) -> Result<&mut SchedClassifier, DataPlaneError> {
+        program(&mut self.ebpf, program_names::TC_POD_INGRESS)
     }
 }
 
@@ -376,8 +719,54 @@ fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataPlaneError> {
     program(ebpf, program_names::XDP_INGRESS)
 }
 
-fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataPlaneError> {
-    program(ebpf, program_names::TC_EGRESS)
+/// Attaches TC program `name` to `iface` in `direction`.
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    name: &'static str,
+    direction: TcAttachType,
+) -> Result<SchedClassifierLinkId, DataPlaneError> {
+    let tc_error = |source| DataPlaneError::AttachTc {
+        iface: iface.to_owned(),
+        source,
+    };
+    let program = program::<SchedClassifier>(ebpf, name)?;
+    // Kernels from 6.6 attach through TCX links; older ones need a clsact qdisc first.
+    if let Ok(link) = program.attach(iface, direction) {
+        return Ok(link);
+    }
+    // An "already exists" error here is fine: the qdisc is shared.
+    let _ = tc::qdisc_add_clsact(iface);
+    program.attach(iface, direction).map_err(tc_error)
+}
+
+/// The other directions of the flow whose FORWARD entry this is.
+fn partner_keys(forward: &FlowKey, entry: &FlowEntry) -> Vec<FlowKey> {
+    let snat = entry.flags & flow_flags::SNAT != 0;
+    let (reply_dst, reply_dst_port) = if snat {
+        (entry.peer_addr_be, entry.peer_port_be)
+    } else {
+        (forward.src_addr_be, forward.src_port_be)
+    };
+    let reply = FlowKey {
+        src_addr_be: entry.nat_addr_be,
+        dst_addr_be: reply_dst,
+        src_port_be: entry.nat_port_be,
+        dst_port_be: reply_dst_port,
+        protocol: forward.protocol,
+        direction: direction::REPLY,
+        _pad: [0; 2],
+    };
+    let mut keys = vec![reply];
+    if snat {
+        keys.push(FlowKey {
+            dst_addr_be: entry.nat_addr_be,
+            dst_port_be: entry.nat_port_be,
+            direction: direction::SNAT,
+            ..*forward
+        });
+    }
+    keys
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataPlaneError>

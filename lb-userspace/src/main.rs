@@ -1,16 +1,24 @@
 //! `lb-agent`: fills the data path's maps from Kubernetes Service and `EndpointSlice` manifests and
 //! attaches it to the node's interfaces.
 
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use lb_userspace::{
     config::{self, ConfigError},
-    dataplane::{DataPlane, XdpModeChoice},
-    maps::MapContents,
+    dataplane::{DataPlane, LoadOptions, XdpModeChoice},
+    maglev,
+    maps::{DEFAULT_SNAT_PORTS, MapContents, NodeConfig},
     model::DesiredState,
     netif,
+    podif::{self, IfacePattern, LinkEvents},
 };
 
 /// The line `run` logs once every interface is attached; tests and the demo wait for it.
@@ -63,6 +71,44 @@ struct RunArgs {
     /// Seconds between counter reports in the log; 0 turns them off.
     #[arg(long, default_value_t = 10)]
     stats_interval: u64,
+    /// Host-side pod interfaces (repeatable; names or globs like `veth*`): TC on their ingress
+    /// serves what pods send to Services. Interfaces that appear later are picked up.
+    #[arg(long = "pod-iface")]
+    pod_ifaces: Vec<IfacePattern>,
+    /// M, the size of every Maglev table: a prime, at least 100x the largest endpoint count
+    /// for an even spread. The same on every node.
+    #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE)]
+    maglev_table_size: u32,
+    /// Seed of the Maglev tables and the flow hash. The same on every node, so every node
+    /// picks the same backend for the same flow.
+    #[arg(long, default_value_t = 0)]
+    maglev_seed: u32,
+    /// Source ports for SNAT to other nodes' endpoints, `FIRST-LAST`. Keep them out of the
+    /// node's ephemeral range (net.ipv4.ip_local_port_range) and the NodePort range.
+    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+    snat_ports: (u16, u16),
+    /// Maglev tables the data path has room for (one per service port and traffic policy in
+    /// use); each takes 4 x M bytes of kernel memory.
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_TABLES)]
+    max_tables: u32,
+}
+
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let (first, last) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?} is not FIRST-LAST, for example {}-{}", DEFAULT_SNAT_PORTS.0, DEFAULT_SNAT_PORTS.1))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
+    };
+    let (first, last) = (port(first)?, port(last)?);
+    if first > last {
+        return Err(format!("{first} is above {last}"));
+    }
+    Ok((first, last))
 }
 
 fn main() -> ExitCode {
@@ -93,7 +139,8 @@ fn validate(file: &std::path::Path, node_ips: &[Ipv4Addr]) -> anyhow::Result<()>
     for warning in &loaded.warnings {
         log::warn!("{warning}");
     }
-    MapContents::from_state(&loaded.state).with_context(|| format!("{}", file.display()))?;
+    MapContents::from_state(&loaded.state, &NodeConfig::default(), &MapContents::default())
+        .with_context(|| format!("{}", file.display()))?;
     println!(
         "{}: valid, {} service ports",
         file.display(),
@@ -126,11 +173,20 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         args.node_ips
     };
 
+    let node = NodeConfig {
+        node_name: node_name.clone(),
+        snat_addr: node_ips.first().copied(),
+        snat_ports: args.snat_ports,
+        maglev_table_size: args.maglev_table_size,
+        maglev_seed: args.maglev_seed,
+        max_tables: args.max_tables,
+        ..NodeConfig::default()
+    };
     let loaded = config::load_file(&args.config, &node_ips)?;
     for warning in &loaded.warnings {
         log::warn!("{warning}");
     }
-    let contents = MapContents::from_state(&loaded.state)
+    let contents = MapContents::from_state(&loaded.state, &node, &MapContents::default())
         .with_context(|| format!("{}", args.config.display()))?;
 
     if !netif::ipv4_forwarding_enabled() {
@@ -140,11 +196,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
 
-    let mut dataplane = DataPlane::load()?;
+    let mut dataplane = DataPlane::load(LoadOptions {
+        max_tables: args.max_tables,
+        maglev_table_size: args.maglev_table_size,
+    })?;
     let writes = dataplane.apply(contents)?;
     log::info!(
-        "node {node_name}, node addresses {}: {} service ports, {writes} map writes",
+        "node {node_name}, node addresses {}, SNAT {}: {} service ports, {writes} map writes",
         join(&node_ips),
+        node.snat_addr.map_or("off".to_owned(), |a| format!(
+            "to {a} ports {}-{}",
+            node.snat_ports.0, node.snat_ports.1
+        )),
         loaded.state.service_ports.len()
     );
     for iface in &args.ifaces {
@@ -154,41 +217,162 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     for line in summary(&loaded.state) {
         log::info!("{line}");
     }
-    log::info!("{READY_LINE} on {}", args.ifaces.join(", "));
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(&dataplane, args.stats_interval))?;
+    let mut agent = Agent {
+        dataplane,
+        node,
+        node_ips,
+        config: args.config,
+        pod_patterns: args.pod_ifaces,
+        pods: BTreeMap::new(),
+    };
+    runtime.block_on(agent.serve(&args.ifaces, args.stats_interval))?;
 
-    let detached = dataplane.detach_all();
+    let detached = agent.dataplane.detach_all();
     log::info!("detached from {}", detached.join(", "));
-    log::info!("counters: {}", dataplane.counters()?);
+    log::info!("counters: {}", agent.dataplane.counters()?);
     Ok(())
 }
 
-/// Waits for SIGINT or SIGTERM, logging the counters when they change.
-async fn serve(dataplane: &DataPlane, stats_interval: u64) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
-    let period = Duration::from_secs(stats_interval.max(1));
-    let mut ticker = tokio::time::interval(period);
-    let mut last = String::new();
-    loop {
-        tokio::select! {
-            _ = terminate.recv() => { log::info!("SIGTERM: stopping"); return Ok(()); }
-            _ = interrupt.recv() => { log::info!("SIGINT: stopping"); return Ok(()); }
-            _ = ticker.tick(), if stats_interval > 0 => {
-                let now = dataplane.counters()?.to_string();
-                if now != last {
-                    log::info!("counters: {now}");
-                    last = now;
+/// How often idle flows are looked for and removed.
+const FLOW_EXPIRY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The running agent: the data plane and what it needs to change it.
+struct Agent {
+    dataplane: DataPlane,
+    node: NodeConfig,
+    node_ips: Vec<Ipv4Addr>,
+    config: PathBuf,
+    pod_patterns: Vec<IfacePattern>,
+    /// Pod interfaces attached: name -> ifindex.
+    pods: BTreeMap<String, u32>,
+}
+
+impl Agent {
+    /// Serves until SIGINT or SIGTERM: reloads the config on SIGHUP, expires idle flows, keeps
+    /// the pod interfaces attached, and logs the counters when they change.
+    async fn serve(&mut self, ifaces: &[String], stats_interval: u64) -> anyhow::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate =
+            signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+        let mut interrupt =
+            signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+        let mut hangup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
+        // Opened before the first scan, so no interface can appear unseen in between.
+        let mut links = if self.pod_patterns.is_empty() {
+            None
+        } else {
+            Some(LinkEvents::open().context("watching network interfaces")?)
+        };
+        self.sync_pods();
+        log::info!("{READY_LINE} on {}", ifaces.join(", "));
+
+        let mut stats = tokio::time::interval(Duration::from_secs(stats_interval.max(1)));
+        let mut expiry = tokio::time::interval(FLOW_EXPIRY_INTERVAL);
+        let mut last = String::new();
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => { log::info!("SIGTERM: stopping"); return Ok(()); }
+                _ = interrupt.recv() => { log::info!("SIGINT: stopping"); return Ok(()); }
+                _ = hangup.recv() => self.reload(),
+                _ = expiry.tick() => {
+                    match self.dataplane.expire_flows(monotonic_now_ns()) {
+                        Ok(0) => {}
+                        Ok(n) => log::debug!("removed {n} idle flows"),
+                        Err(e) => log::warn!("removing idle flows: {e}"),
+                    }
+                }
+                changed = async { links.as_mut()?.changed().await.ok() }, if links.is_some() => {
+                    if changed.is_none() {
+                        log::warn!("reading interface events failed; rescanning pod interfaces");
+                    }
+                    self.sync_pods();
+                }
+                _ = stats.tick(), if stats_interval > 0 => {
+                    let now = self.dataplane.counters()?.to_string();
+                    if now != last {
+                        log::info!("counters: {now}");
+                        last = now;
+                    }
                 }
             }
         }
     }
+
+    /// Re-reads the config and applies the difference; an invalid config changes nothing.
+    fn reload(&mut self) {
+        let started = Instant::now();
+        let result = config::load_file(&self.config, &self.node_ips)
+            .map_err(anyhow::Error::from)
+            .and_then(|loaded| {
+                for warning in &loaded.warnings {
+                    log::warn!("{warning}");
+                }
+                let contents =
+                    MapContents::from_state(&loaded.state, &self.node, self.dataplane.contents())
+                        .with_context(|| format!("{}", self.config.display()))?;
+                let writes = self.dataplane.apply(contents)?;
+                Ok((writes, loaded.state))
+            });
+        match result {
+            Ok((writes, state)) => {
+                log::info!(
+                    "config reloaded: {} service ports, {writes} map writes in {:.1} ms",
+                    state.service_ports.len(),
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                for line in summary(&state) {
+                    log::info!("{line}");
+                }
+            }
+            Err(error) => log::error!("config reload refused, still serving the previous config: {error:#}"),
+        }
+    }
+
+    /// Attaches to pod interfaces that appeared, forgets the ones that went away.
+    fn sync_pods(&mut self) {
+        if self.pod_patterns.is_empty() {
+            return;
+        }
+        let wanted = match podif::matching_interfaces(&self.pod_patterns) {
+            Ok(wanted) => wanted,
+            Err(e) => {
+                log::warn!("listing interfaces: {e}");
+                return;
+            }
+        };
+        let (to_attach, to_forget) = podif::reconcile(&self.pods, &wanted);
+        for (name, _) in to_forget {
+            self.dataplane.forget_pod(&name);
+            self.pods.remove(&name);
+            log::info!("pod interface {name} gone");
+        }
+        for (name, index) in to_attach {
+            match self.dataplane.attach_pod(&name) {
+                Ok(()) => {
+                    log::info!("pod interface {name}: TC attached on ingress");
+                    self.pods.insert(name, index);
+                }
+                // It may have gone already; its removal event brings the next scan.
+                Err(e) => log::warn!("pod interface {name}: {e}"),
+            }
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of the data path's `bpf_ktime_get_ns`.
+fn monotonic_now_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
 }
 
 /// One line per service port: its frontends and where they lead.

@@ -1,248 +1,506 @@
-//! From the desired state to map contents, and from two map contents to the ordered updates that
-//! turn one into the other. Every config source goes through here.
+//! From the desired state to map contents, and from two map contents to the ordered plan that
+//! turns one into the other. Every config source goes through here.
+//!
+//! Each service port gets up to two Maglev tables: one over the endpoints every node may use
+//! (`Cluster` policies) and one over this node's (`Local` policies). Which endpoints a table
+//! holds follows kube-proxy: the ready ones; if none is ready, the serving-and-terminating ones.
+//! Service and backend ids stay the same across applies for the same service port and endpoint,
+//! so tracked flows, affinity entries and counters keep meaning the same thing.
 
-use std::collections::BTreeMap;
-
-use lb_common::{
-    Backend, FrontendKey, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_FRONTENDS, MAX_SERVICES,
-    Service, backend_slot_index,
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
 };
 
-use crate::model::DesiredState;
+use lb_common::{
+    Backend, FrontendKey, MAX_BACKENDS, MAX_FRONTENDS, SOURCE_RANGE_ENTRIES, Service, Settings,
+    backend_flags, service_flags,
+};
+
+use crate::{
+    maglev::{self, MaglevError},
+    model::{
+        DesiredState, Endpoint, EndpointState, FrontendKind, Ipv4Cidr, Protocol, Selection,
+        ServicePort, TrafficPolicy,
+    },
+};
+
+/// What this node is, as far as the maps are concerned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Compared with each endpoint's `nodeName`.
+    pub node_name: String,
+    /// Flows to other nodes' endpoints are SNATed to this address; `None` turns SNAT off.
+    pub snat_addr: Option<Ipv4Addr>,
+    /// SNAT source ports, inclusive.
+    pub snat_ports: (u16, u16),
+    /// Whether `loadBalancerSourceRanges` also guard the nodePorts (kube-proxy: no; here: yes
+    /// by default, since a nodePort otherwise bypasses the ranges).
+    pub source_ranges_on_node_ports: bool,
+    /// M, the size of every Maglev table (prime).
+    pub maglev_table_size: u32,
+    pub maglev_seed: u32,
+    /// How many Maglev tables the data path was loaded with room for.
+    pub max_tables: u32,
+}
+
+/// Default SNAT ports: above Linux's default ephemeral range (32768-60999), so SNATed flows
+/// never collide with the node's own connections.
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61_000, 65_535);
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node_name: String::new(),
+            snat_addr: None,
+            snat_ports: DEFAULT_SNAT_PORTS,
+            source_ranges_on_node_ports: true,
+            maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
+            maglev_seed: 0,
+            max_tables: lb_common::DEFAULT_MAX_TABLES,
+        }
+    }
+}
+
+/// Which endpoints a Maglev table spreads over: a service port's, all or only this node's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableKey {
+    pub service_id: u32,
+    pub local: bool,
+}
+
+/// A frontend's value, before the data plane knows where its table lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrontendEntry {
+    /// `table` is filled in by the data plane from `table_key`.
+    pub service: Service,
+    /// `None` when no endpoint serves this frontend (`backend_count` is 0).
+    pub table_key: Option<TableKey>,
+}
 
 /// What the agent-owned maps should hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
-    pub frontends: BTreeMap<FrontendKey, Service>,
-    /// `BACKEND_SLOTS` index -> backend id.
-    pub slots: BTreeMap<u32, u32>,
+    pub settings: Settings,
+    pub frontends: BTreeMap<FrontendKey, FrontendEntry>,
+    /// Each table's M entries, backend ids.
+    pub tables: BTreeMap<TableKey, Vec<u32>>,
     /// Backend id -> backend.
     pub backends: BTreeMap<u32, Backend>,
-    /// Service id -> the service port's name, for reports.
+    /// (service id, CIDR) pairs of `loadBalancerSourceRanges`.
+    pub source_ranges: BTreeSet<(u32, Ipv4Cidr)>,
+    /// Service port identity (`namespace/name:port/PROTOCOL`) -> service id.
+    pub service_ids: BTreeMap<String, u32>,
+    /// (service id, endpoint address, port) -> backend id.
+    pub backend_ids: BTreeMap<(u32, Ipv4Addr, u16), u32>,
+    /// Service id -> the service port's display name, for reports.
     pub service_names: BTreeMap<u32, String>,
+    /// Service ids of UDP service ports.
+    pub udp_services: BTreeSet<u32>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CapacityError {
-    #[error("{count} service ports exceed the data path's limit of {limit}")]
-    TooManyServices { count: usize, limit: u32 },
-    #[error("service {service} has {count} ready endpoints; one service port can hold {limit}")]
-    TooManyEndpoints {
+    #[error("{count} Maglev tables are needed but the data path has room for {limit}; raise --max-tables")]
+    TooManyTables { count: usize, limit: u32 },
+    #[error(
+        "service {service} has {count} endpoints but the Maglev table size is {size}; raise \
+         --maglev-table-size to a prime well above the endpoint count (at least 100x for even spread)"
+    )]
+    TableTooSmall {
         service: String,
         count: usize,
-        limit: u32,
+        size: u32,
     },
-    #[error("{count} distinct endpoint address:port pairs exceed the limit of {limit}")]
+    #[error("{count} backends (service ports x endpoints) exceed the limit of {limit}")]
     TooManyBackends { count: usize, limit: u32 },
     #[error("{count} frontends exceed the limit of {limit}")]
     TooManyFrontends { count: usize, limit: u32 },
+    #[error("{count} loadBalancerSourceRanges entries exceed the limit of {limit}")]
+    TooManySourceRanges { count: usize, limit: u32 },
+    #[error("--maglev-table-size: {0}")]
+    Maglev(#[from] MaglevError),
+    #[error("--snat-ports {0}-{1}: the first port must not be above the last")]
+    SnatPorts(u16, u16),
+}
+
+/// Hands out the smallest ids that neither the previous contents nor this build use, so ids
+/// that just went away are not reused in the same apply.
+struct IdAllocator {
+    taken: BTreeSet<u32>,
+    next: u32,
+}
+
+impl IdAllocator {
+    fn new(previous: impl Iterator<Item = u32>) -> Self {
+        IdAllocator {
+            taken: previous.collect(),
+            next: 1,
+        }
+    }
+
+    fn reuse_or_allocate(&mut self, previous: Option<u32>) -> u32 {
+        if let Some(id) = previous {
+            return id;
+        }
+        while self.taken.contains(&self.next) {
+            self.next += 1;
+        }
+        self.taken.insert(self.next);
+        self.next
+    }
+}
+
+/// The endpoints that take new flows from one set, as kube-proxy picks them: the ready ones,
+/// or if there are none, the serving-and-terminating ones.
+fn serving<'a>(endpoints: impl Iterator<Item = &'a Endpoint> + Clone) -> Vec<&'a Endpoint> {
+    let ready: Vec<_> = endpoints
+        .clone()
+        .filter(|e| e.state == EndpointState::Ready)
+        .collect();
+    if ready.is_empty() {
+        endpoints
+            .filter(|e| e.state == EndpointState::Terminating)
+            .collect()
+    } else {
+        ready
+    }
+}
+
+fn be(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+fn service_identity(port: &ServicePort) -> String {
+    format!("{}/{}", port.display_name(), port.protocol)
 }
 
 impl MapContents {
-    /// Numbers service ports and backends in the state's (sorted) order, so the same state
-    /// always gives the same maps. Ids start at 1: 0 means "unset" in the data path.
-    pub fn from_state(state: &DesiredState) -> Result<Self, CapacityError> {
-        // Ids 0 of services and backends are never used, so one slot of each holds nothing.
-        let (max_services, max_backends) = (MAX_SERVICES - 1, MAX_BACKENDS - 1);
-        let exceeds = |count: usize, max: u32| u32::try_from(count).map_or(true, |c| c > max);
-        if exceeds(state.service_ports.len(), max_services) {
-            return Err(CapacityError::TooManyServices {
-                count: state.service_ports.len(),
-                limit: max_services,
-            });
+    /// Builds the contents for `state`, keeping the ids `previous` gave to the same service
+    /// ports and endpoints.
+    pub fn from_state(
+        state: &DesiredState,
+        node: &NodeConfig,
+        previous: &MapContents,
+    ) -> Result<Self, CapacityError> {
+        maglev::check_table_size(node.maglev_table_size)?;
+        let (snat_min, snat_max) = node.snat_ports;
+        if snat_min > snat_max {
+            return Err(CapacityError::SnatPorts(snat_min, snat_max));
         }
-        let mut contents = MapContents::default();
-        let mut backend_ids: BTreeMap<(u32, u16), u32> = BTreeMap::new();
-        for (service_id, port) in (1..).zip(&state.service_ports) {
-            if exceeds(port.endpoints.len(), MAX_BACKENDS_PER_SERVICE) {
-                return Err(CapacityError::TooManyEndpoints {
-                    service: port.display_name(),
-                    count: port.endpoints.len(),
-                    limit: MAX_BACKENDS_PER_SERVICE,
-                });
-            }
+        let mut contents = MapContents {
+            settings: Settings {
+                maglev_table_size: node.maglev_table_size,
+                hash_seed: node.maglev_seed,
+                snat_addr_be: node.snat_addr.map_or(0, be),
+                snat_port_min: snat_min,
+                snat_port_max: snat_max,
+            },
+            ..MapContents::default()
+        };
+        let mut service_ids = IdAllocator::new(previous.service_ids.values().copied());
+        let mut backend_ids = IdAllocator::new(previous.backend_ids.values().copied());
+
+        for port in &state.service_ports {
+            let identity = service_identity(port);
+            let service_id =
+                service_ids.reuse_or_allocate(previous.service_ids.get(&identity).copied());
+            contents.service_ids.insert(identity, service_id);
             contents
                 .service_names
                 .insert(service_id, port.display_name());
-            for (slot, endpoint) in (0..).zip(&port.endpoints) {
-                let backend = Backend {
-                    addr_be: u32::from_ne_bytes(endpoint.addr.octets()),
-                    port_be: endpoint.port.to_be(),
-                    _pad: 0,
-                };
-                let next_id = u32::try_from(backend_ids.len() + 1).unwrap_or(u32::MAX);
-                let id = *backend_ids
-                    .entry((backend.addr_be, backend.port_be))
-                    .or_insert(next_id);
-                contents.backends.insert(id, backend);
-                contents
-                    .slots
-                    .insert(backend_slot_index(service_id, slot), id);
+            if port.protocol == Protocol::Udp {
+                contents.udp_services.insert(service_id);
             }
-            let service = Service {
-                id: service_id,
-                backend_count: u32::try_from(port.endpoints.len()).unwrap_or(0),
+
+            let is_local = |e: &&Endpoint| e.node_name.as_deref() == Some(node.node_name.as_str());
+            let cluster_set = serving(port.endpoints.iter());
+            let local_set = serving(port.endpoints.iter().filter(is_local));
+            let uses = |policy| {
+                port.frontends.iter().any(|f| {
+                    let frontend_policy = if f.kind == FrontendKind::ClusterIp {
+                        port.internal_policy
+                    } else {
+                        port.external_policy
+                    };
+                    frontend_policy == policy
+                })
             };
+            let sets = [
+                (false, uses(TrafficPolicy::Cluster), &cluster_set),
+                (true, uses(TrafficPolicy::Local), &local_set),
+            ];
+
+            // Backends: every endpoint some table of this port holds.
+            let mut ids_of: BTreeMap<(Ipv4Addr, u16), u32> = BTreeMap::new();
+            for &(local_table, used, set) in &sets {
+                if !used {
+                    continue;
+                }
+                for endpoint in set {
+                    let key = (service_id, endpoint.addr, endpoint.port);
+                    let id = backend_ids.reuse_or_allocate(previous.backend_ids.get(&key).copied());
+                    contents.backend_ids.insert(key, id);
+                    ids_of.insert((endpoint.addr, endpoint.port), id);
+                    let backend = contents.backends.entry(id).or_insert(Backend {
+                        addr_be: be(endpoint.addr),
+                        port_be: endpoint.port.to_be(),
+                        flags: if is_local(endpoint) {
+                            backend_flags::LOCAL
+                        } else {
+                            0
+                        },
+                        _pad: 0,
+                        service_id,
+                    });
+                    backend.flags |= if local_table {
+                        backend_flags::IN_LOCAL_TABLE
+                    } else {
+                        backend_flags::IN_CLUSTER_TABLE
+                    };
+                }
+            }
+
+            // Tables.
+            for &(local, used, set) in &sets {
+                if !used || set.is_empty() {
+                    continue;
+                }
+                if u32::try_from(set.len()).map_or(true, |n| n > node.maglev_table_size) {
+                    return Err(CapacityError::TableTooSmall {
+                        service: port.display_name(),
+                        count: set.len(),
+                        size: node.maglev_table_size,
+                    });
+                }
+                let identities: Vec<String> =
+                    set.iter().map(|e| format!("{}:{}", e.addr, e.port)).collect();
+                let identity_bytes: Vec<&[u8]> = identities.iter().map(|s| s.as_bytes()).collect();
+                let indices =
+                    maglev::build_table(&identity_bytes, node.maglev_table_size, node.maglev_seed)?;
+                let table = indices
+                    .iter()
+                    .map(|&i| {
+                        let e = set[i as usize];
+                        ids_of[&(e.addr, e.port)]
+                    })
+                    .collect();
+                contents.tables.insert(TableKey { service_id, local }, table);
+            }
+
+            // Frontends.
+            let has_ranges = !port.source_ranges.is_empty();
+            for cidr in &port.source_ranges {
+                contents.source_ranges.insert((service_id, *cidr));
+            }
             for frontend in &port.frontends {
+                let (policy, guarded) = match frontend.kind {
+                    FrontendKind::ClusterIp => (port.internal_policy, false),
+                    FrontendKind::NodePort => {
+                        (port.external_policy, node.source_ranges_on_node_ports)
+                    }
+                    FrontendKind::LoadBalancer | FrontendKind::ExternalIp => {
+                        (port.external_policy, true)
+                    }
+                };
+                let local = policy == TrafficPolicy::Local;
+                let set = if local { &local_set } else { &cluster_set };
+                let mut flags = 0;
+                if local {
+                    flags |= service_flags::LOCAL_ONLY;
+                }
+                if port.selection == Selection::Random {
+                    flags |= service_flags::RANDOM;
+                }
+                if guarded && has_ranges {
+                    flags |= service_flags::SOURCE_RANGES;
+                }
                 let key = FrontendKey {
-                    addr_be: u32::from_ne_bytes(frontend.addr.octets()),
+                    addr_be: be(frontend.addr),
                     port_be: frontend.port.to_be(),
                     protocol: port.protocol.number(),
                     _pad: 0,
                 };
-                contents.frontends.insert(key, service);
+                let table_key = TableKey { service_id, local };
+                contents.frontends.insert(
+                    key,
+                    FrontendEntry {
+                        service: Service {
+                            service_id,
+                            table: 0,
+                            backend_count: u32::try_from(set.len()).unwrap_or(u32::MAX),
+                            affinity_timeout_s: port.affinity_timeout_seconds.unwrap_or(0),
+                            flags,
+                        },
+                        table_key: contents.tables.contains_key(&table_key).then_some(table_key),
+                    },
+                );
             }
         }
-        if exceeds(contents.backends.len(), max_backends) {
-            return Err(CapacityError::TooManyBackends {
-                count: contents.backends.len(),
-                limit: max_backends,
+        contents.check_capacity(node)?;
+        Ok(contents)
+    }
+
+    fn check_capacity(&self, node: &NodeConfig) -> Result<(), CapacityError> {
+        let exceeds = |count: usize, max: u32| u32::try_from(count).map_or(true, |c| c > max);
+        if exceeds(self.tables.len(), node.max_tables) {
+            return Err(CapacityError::TooManyTables {
+                count: self.tables.len(),
+                limit: node.max_tables,
             });
         }
-        if exceeds(contents.frontends.len(), MAX_FRONTENDS) {
+        // Backend id 0 is never used.
+        if exceeds(self.backends.len(), MAX_BACKENDS - 1)
+            || self.backends.keys().any(|&id| id >= MAX_BACKENDS)
+        {
+            return Err(CapacityError::TooManyBackends {
+                count: self.backends.len(),
+                limit: MAX_BACKENDS - 1,
+            });
+        }
+        if exceeds(self.frontends.len(), MAX_FRONTENDS) {
             return Err(CapacityError::TooManyFrontends {
-                count: contents.frontends.len(),
+                count: self.frontends.len(),
                 limit: MAX_FRONTENDS,
             });
         }
-        Ok(contents)
+        if exceeds(self.source_ranges.len(), SOURCE_RANGE_ENTRIES) {
+            return Err(CapacityError::TooManySourceRanges {
+                count: self.source_ranges.len(),
+                limit: SOURCE_RANGE_ENTRIES,
+            });
+        }
+        Ok(())
     }
 }
 
-/// One map write.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MapUpdate {
-    SetBackend(u32, Backend),
-    SetSlot(u32, u32),
-    SetFrontend(FrontendKey, Service),
-    RemoveFrontend(FrontendKey),
-    ClearSlot(u32),
-    ClearBackend(u32),
+/// The writes that turn one map contents into another, in the order the data plane must make
+/// them so that a packet never follows a reference to something not yet written, nor to a
+/// table being rewritten:
+///
+/// 1. settings, new or changed backends, new source ranges (nothing refers to them yet);
+/// 2. frontends that went away are removed;
+/// 3. frontends whose table is unchanged (or who have none) are written;
+/// 4. each new or changed table is written into a free slot, then its frontends are switched
+///    to it, and its old slot is retired;
+/// 5. tables that went away are retired;
+/// 6. after a grace period in which every packet that could still read a retired slot or a
+///    removed backend has left the data path: retired slots are freed, removed backends and
+///    source ranges cleared.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub settings: Option<Settings>,
+    pub set_backends: Vec<(u32, Backend)>,
+    pub add_source_ranges: Vec<(u32, Ipv4Cidr)>,
+    pub remove_frontends: Vec<FrontendKey>,
+    pub set_frontends: Vec<(FrontendKey, FrontendEntry)>,
+    /// Tables to write, each with the frontends to switch to it right after.
+    pub write_tables: Vec<(TableKey, Vec<(FrontendKey, FrontendEntry)>)>,
+    pub drop_tables: Vec<TableKey>,
+    pub clear_backends: Vec<u32>,
+    pub remove_source_ranges: Vec<(u32, Ipv4Cidr)>,
+    /// Endpoints (service id, backend) of UDP service ports that no longer take flows: like
+    /// kube-proxy, their tracked flows are removed so the next datagram picks a live endpoint.
+    pub stale_udp_backends: Vec<(u32, Backend)>,
 }
 
-/// The updates that turn `old` into `new`, ordered so that a packet never follows a reference
-/// to something not yet written: backends, then slots, then frontends; removals in reverse.
+impl Plan {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        *self == Plan::default()
+    }
+
+    /// How many map writes the plan makes (a table counts once).
+    #[must_use]
+    pub fn writes(&self) -> usize {
+        usize::from(self.settings.is_some())
+            + self.set_backends.len()
+            + self.add_source_ranges.len()
+            + self.remove_frontends.len()
+            + self.set_frontends.len()
+            + self
+                .write_tables
+                .iter()
+                .map(|(_, frontends)| 1 + frontends.len())
+                .sum::<usize>()
+            + self.drop_tables.len()
+            + self.clear_backends.len()
+            + self.remove_source_ranges.len()
+    }
+}
+
+/// The plan that turns `old` into `new`.
 #[must_use]
-pub fn diff(old: &MapContents, new: &MapContents) -> Vec<MapUpdate> {
-    let mut updates = Vec::new();
+pub fn diff(old: &MapContents, new: &MapContents) -> Plan {
+    let mut plan = Plan {
+        settings: (old.settings != new.settings).then_some(new.settings),
+        ..Plan::default()
+    };
     for (&id, &backend) in &new.backends {
         if old.backends.get(&id) != Some(&backend) {
-            updates.push(MapUpdate::SetBackend(id, backend));
+            plan.set_backends.push((id, backend));
         }
     }
-    for (&index, &id) in &new.slots {
-        if old.slots.get(&index) != Some(&id) {
-            updates.push(MapUpdate::SetSlot(index, id));
+    plan.add_source_ranges = new
+        .source_ranges
+        .difference(&old.source_ranges)
+        .copied()
+        .collect();
+    plan.remove_frontends = old
+        .frontends
+        .keys()
+        .filter(|k| !new.frontends.contains_key(k))
+        .copied()
+        .collect();
+
+    let changed_tables: BTreeSet<TableKey> = new
+        .tables
+        .iter()
+        .filter(|(key, table)| old.tables.get(key) != Some(table))
+        .map(|(key, _)| *key)
+        .collect();
+    let mut switched: BTreeMap<TableKey, Vec<(FrontendKey, FrontendEntry)>> = changed_tables
+        .iter()
+        .map(|&key| (key, Vec::new()))
+        .collect();
+    for (&key, &entry) in &new.frontends {
+        match entry.table_key.and_then(|t| switched.get_mut(&t)) {
+            // Rewritten with its table, even if the entry itself is unchanged: it will point
+            // at the table's new slot.
+            Some(frontends) => frontends.push((key, entry)),
+            None if old.frontends.get(&key) != Some(&entry) => {
+                plan.set_frontends.push((key, entry));
+            }
+            None => {}
         }
     }
-    for (&key, &service) in &new.frontends {
-        if old.frontends.get(&key) != Some(&service) {
-            updates.push(MapUpdate::SetFrontend(key, service));
-        }
-    }
-    for &key in old.frontends.keys() {
-        if !new.frontends.contains_key(&key) {
-            updates.push(MapUpdate::RemoveFrontend(key));
-        }
-    }
-    for &index in old.slots.keys() {
-        if !new.slots.contains_key(&index) {
-            updates.push(MapUpdate::ClearSlot(index));
-        }
-    }
-    for &id in old.backends.keys() {
-        if !new.backends.contains_key(&id) {
-            updates.push(MapUpdate::ClearBackend(id));
-        }
-    }
-    updates
+    plan.write_tables = switched.into_iter().collect();
+    plan.drop_tables = old
+        .tables
+        .keys()
+        .filter(|k| !new.tables.contains_key(k))
+        .copied()
+        .collect();
+    plan.clear_backends = old
+        .backends
+        .keys()
+        .filter(|id| !new.backends.contains_key(id))
+        .copied()
+        .collect();
+    plan.remove_source_ranges = old
+        .source_ranges
+        .difference(&new.source_ranges)
+        .copied()
+        .collect();
+    plan.stale_udp_backends = plan
+        .clear_backends
+        .iter()
+        .filter_map(|id| old.backends.get(id))
+        .filter(|b| old.udp_services.contains(&b.service_id))
+        .map(|b| (b.service_id, *b))
+        .collect();
+    plan
 }
 
 #[cfg(test)]
-mod tests {
-    use std::net::Ipv4Addr;
-
-    use super::*;
-    use crate::model::{Endpoint, Frontend, FrontendKind, Protocol, ServicePort};
-
-    fn port(name: &str, frontend: [u8; 4], endpoints: &[[u8; 4]]) -> ServicePort {
-        ServicePort {
-            service: format!("default/{name}"),
-            port_name: String::new(),
-            protocol: Protocol::Tcp,
-            frontends: vec![Frontend {
-                kind: FrontendKind::ClusterIp,
-                addr: Ipv4Addr::from(frontend),
-                port: 80,
-            }],
-            endpoints: endpoints
-                .iter()
-                .map(|&a| Endpoint {
-                    addr: Ipv4Addr::from(a),
-                    port: 8080,
-                    pod: None,
-                    node_name: None,
-                    state: crate::model::EndpointState::Ready,
-                })
-                .collect(),
-            ..ServicePort::default()
-        }
-    }
-
-    #[test]
-    fn shared_endpoint_gets_one_backend_id_and_ids_start_at_one() {
-        let state = DesiredState {
-            service_ports: vec![
-                port("a", [10, 96, 0, 1], &[[10, 244, 0, 1], [10, 244, 0, 2]]),
-                port("b", [10, 96, 0, 2], &[[10, 244, 0, 2]]),
-            ],
-        };
-        let contents = MapContents::from_state(&state).unwrap();
-        assert_eq!(contents.backends.len(), 2);
-        assert_eq!(
-            contents.backends.keys().copied().collect::<Vec<_>>(),
-            [1, 2]
-        );
-        assert_eq!(contents.slots[&backend_slot_index(2, 0)], 2);
-        assert_eq!(contents.slots[&backend_slot_index(1, 1)], 2);
-        let services: Vec<_> = contents
-            .frontends
-            .values()
-            .map(|s| (s.id, s.backend_count))
-            .collect();
-        assert_eq!(services, [(1, 2), (2, 1)]);
-    }
-
-    #[test]
-    fn diff_from_empty_writes_referenced_entries_before_frontends() {
-        let state = DesiredState {
-            service_ports: vec![port("a", [10, 96, 0, 1], &[[10, 244, 0, 1]])],
-        };
-        let new = MapContents::from_state(&state).unwrap();
-        let updates = diff(&MapContents::default(), &new);
-        assert!(matches!(updates[0], MapUpdate::SetBackend(1, _)));
-        assert!(matches!(updates[1], MapUpdate::SetSlot(_, 1)));
-        assert!(matches!(updates[2], MapUpdate::SetFrontend(_, _)));
-        assert_eq!(updates.len(), 3);
-        assert!(diff(&new, &new).is_empty());
-        // And back to empty: frontend first, backend last.
-        let removal = diff(&new, &MapContents::default());
-        assert!(matches!(removal[0], MapUpdate::RemoveFrontend(_)));
-        assert!(matches!(removal[2], MapUpdate::ClearBackend(1)));
-    }
-
-    #[test]
-    fn too_many_endpoints_names_the_service() {
-        let many: Vec<[u8; 4]> = (0..=MAX_BACKENDS_PER_SERVICE)
-            .map(|i| {
-                let [.., hi, lo] = i.to_be_bytes();
-                [10, 1, hi, lo]
-            })
-            .collect();
-        let state = DesiredState {
-            service_ports: vec![port("big", [10, 96, 0, 1], &many)],
-        };
-        let err = MapContents::from_state(&state).unwrap_err();
-        assert!(err.to_string().contains("default/big"), "{err}");
-    }
-}
+mod tests;

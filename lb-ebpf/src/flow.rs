@@ -1,0 +1,107 @@
+//! What happens to a TCP or UDP packet once it is parsed: to a frontend (forward), from a
+//! backend (reply), or leaving toward a remote backend (SNAT).
+
+use lb_common::{
+    Counter, DropReason, FlowEntry, FlowKey, Service, backend_flags, direction, flow_flags,
+};
+
+use crate::{
+    Verdict, lookup,
+    nat::{Addr, End, Rewrite},
+    parse::L4Packet,
+    select, track,
+};
+
+/// Where a packet to a frontend came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// From the network (XDP): replies from a backend on another node would go straight to the
+    /// client, so flows to remote backends are SNATed to this node.
+    Network,
+    /// From a pod on this node (TC on its interface): pod addresses are routable, so replies
+    /// come back through this node without SNAT.
+    Pod,
+}
+
+/// A packet to a frontend: the tracked flow's backend, or a new one; DNAT to it.
+#[inline(always)]
+pub fn forward<R: Rewrite>(
+    frame: &R,
+    packet: &L4Packet,
+    service: &Service,
+    origin: Origin,
+) -> Result<Verdict, DropReason> {
+    select::check_source(service, &packet.tuple)?;
+    let now = track::now();
+    let forward_key = packet.tuple.flow_key(direction::FORWARD);
+    let (backend, counter) = if let Some(entry) = lookup::flow_mut(&forward_key) {
+        track::refresh(entry, packet, now);
+        // SAFETY: a valid map value pointer; copied out.
+        let entry: FlowEntry = unsafe { *entry };
+        (
+            target(entry.nat_addr_be, entry.nat_port_be),
+            Counter::ForwardTracked,
+        )
+    } else {
+        let settings = lookup::settings().ok_or(DropReason::BackendMissing)?;
+        let (backend_id, backend) = select::backend(service, &packet.tuple, &settings, now)?;
+        let flow = track::NewFlow {
+            packet,
+            service_id: service.service_id,
+            backend_id,
+            backend: &backend,
+        };
+        let remote = backend.flags & backend_flags::LOCAL == 0;
+        if origin == Origin::Network && remote && settings.snat_addr_be != 0 {
+            track::track_snat(&flow, &settings, now)?;
+            crate::stats::count(Counter::SnatNew);
+        } else {
+            track::track(&flow, now)?;
+        }
+        (target(backend.addr_be, backend.port_be), Counter::ForwardNew)
+    };
+    frame.set_l4_end(packet, End::Destination, backend)?;
+    Ok(Verdict::Translated(counter))
+}
+
+#[inline(always)]
+fn target(addr_be: u32, port_be: u16) -> Addr {
+    Addr { addr_be, port_be }
+}
+
+/// A backend's reply to a tracked flow: the source becomes the frontend the client used, and
+/// for a SNATed flow the destination becomes the client again. `None` if it is no reply.
+#[inline(always)]
+pub fn reply<R: Rewrite>(frame: &R, packet: &L4Packet) -> Option<Result<Verdict, DropReason>> {
+    let entry = lookup::flow_mut(&packet.tuple.flow_key(direction::REPLY))?;
+    track::refresh(entry, packet, track::now());
+    // SAFETY: a valid map value pointer; copied out.
+    let entry: FlowEntry = unsafe { *entry };
+    let translated = frame
+        .set_l4_end(packet, End::Source, target(entry.nat_addr_be, entry.nat_port_be))
+        .and_then(|()| {
+            if entry.flags & flow_flags::SNAT == 0 {
+                return Ok(());
+            }
+            let client = target(entry.peer_addr_be, entry.peer_port_be);
+            frame.set_l4_end(packet, End::Destination, client)
+        });
+    Some(translated.map(|()| Verdict::Translated(Counter::ReplyTranslated)))
+}
+
+/// A packet of a SNATed flow leaving for its remote backend: the source becomes this node's
+/// SNAT address and port. `None` if it is not one.
+#[inline(always)]
+pub fn snat<R: Rewrite>(frame: &R, packet: &L4Packet) -> Option<Result<Verdict, DropReason>> {
+    let key: FlowKey = packet.tuple.flow_key(direction::SNAT);
+    let entry = lookup::flow_mut(&key)?;
+    track::refresh(entry, packet, track::now());
+    // SAFETY: a valid map value pointer; copied out.
+    let entry = unsafe { *entry };
+    let source = target(entry.nat_addr_be, entry.nat_port_be);
+    Some(
+        frame
+            .set_l4_end(packet, End::Source, source)
+            .map(|()| Verdict::Translated(Counter::SnatTranslated)),
+    )
+}
