@@ -5,9 +5,28 @@
 //! Service named by its `kubernetes.io/service-name` label in the same namespace. Other kinds are
 //! skipped with a warning. Every problem found is reported at once, each naming the file, the
 //! document, the object and the field.
+//!
+//! The fields read, with the API server's defaults and rules (so a manifest it would refuse is
+//! refused here too, and one it would accept means the same to the data path as to kube-proxy):
+//!
+//! - Service `metadata`: `name`, `namespace` (default `default`), the annotations
+//!   `lb-agent/backend-selection` (`maglev`, the default, or `random`) and
+//!   `service.beta.kubernetes.io/load-balancer-source-ranges` (comma-separated CIDRs, used only
+//!   when `spec.loadBalancerSourceRanges` is empty).
+//! - Service `spec`: `type`, `clusterIP`, `externalIPs`, `ports[]` (`name`, `protocol`, `port`,
+//!   `nodePort`), `allocateLoadBalancerNodePorts`, `externalTrafficPolicy` (`Cluster` or `Local`;
+//!   only on a Service reachable from outside: `NodePort`, `LoadBalancer` or with `externalIPs`),
+//!   `internalTrafficPolicy` (`Cluster` or `Local`), `sessionAffinity` (`None` or `ClientIP`),
+//!   `sessionAffinityConfig.clientIP.timeoutSeconds` (1-86400, default 10800) and
+//!   `loadBalancerSourceRanges` (type `LoadBalancer` only). All of these apply to every port of
+//!   the Service.
+//! - Service `status.loadBalancer.ingress[].ip`.
+//! - `EndpointSlice`: `metadata.labels[kubernetes.io/service-name]`, `addressType`, `ports[]`
+//!   and `endpoints[]`: the first of `addresses`, `nodeName`, `targetRef.name` and `conditions`
+//!   (`ready`, `serving`, `terminating`), read as kube-proxy reads them.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
     fmt::{self, Write as _},
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -15,12 +34,23 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::model::{DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePort};
+use crate::model::{
+    DesiredState, Endpoint, EndpointState, Frontend, FrontendKind, Ipv4Cidr, Protocol, Selection,
+    ServicePort, TrafficPolicy,
+};
 
 /// The label that links an `EndpointSlice` to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The API server's default `--service-node-port-range`.
 pub const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
+/// The annotation that picks how a Service's new flows choose their backend.
+pub const SELECTION_ANNOTATION: &str = "lb-agent/backend-selection";
+/// The annotation that held `loadBalancerSourceRanges` before the field existed.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+/// The API server's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
+/// The `timeoutSeconds` the API server accepts: up to one day.
+pub const AFFINITY_TIMEOUT_SECONDS: std::ops::RangeInclusive<u32> = 1..=86_400;
 
 /// Where in the file a problem is: document number (from 1) and, inside a `List`, the item.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,6 +170,8 @@ struct ObjectMeta {
     namespace: Option<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -166,6 +198,24 @@ struct ServiceSpec {
     ports: Vec<ServicePortSpec>,
     /// `false` on a `LoadBalancer`: the API server assigns no node ports.
     allocate_load_balancer_node_ports: Option<bool>,
+    external_traffic_policy: Option<String>,
+    internal_traffic_policy: Option<String>,
+    session_affinity: Option<String>,
+    session_affinity_config: Option<SessionAffinityConfig>,
+    #[serde(default)]
+    load_balancer_source_ranges: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct SessionAffinityConfig {
+    #[serde(rename = "clientIP")]
+    client_ip: Option<ClientIpConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ClientIpConfig {
+    timeout_seconds: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -215,12 +265,15 @@ struct EndpointSpec {
     addresses: Vec<String>,
     #[serde(default)]
     conditions: EndpointConditions,
+    node_name: Option<String>,
     target_ref: Option<ObjectReference>,
 }
 
 #[derive(Deserialize, Default)]
 struct EndpointConditions {
     ready: Option<bool>,
+    serving: Option<bool>,
+    terminating: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -242,6 +295,16 @@ struct ServiceEntry {
     namespace: String,
     name: String,
     ports: Vec<PortEntry>,
+    settings: ServiceSettings,
+}
+
+/// The Service-wide settings that every one of its ports carries.
+struct ServiceSettings {
+    external_policy: TrafficPolicy,
+    internal_policy: TrafficPolicy,
+    affinity_timeout_seconds: Option<u32>,
+    source_ranges: Vec<Ipv4Cidr>,
+    selection: Selection,
 }
 
 struct PortEntry {
@@ -260,8 +323,60 @@ struct NodePortRules<'a> {
     required: bool,
 }
 
-/// Endpoints per (namespace, service name, port name, protocol).
-type EndpointIndex = BTreeMap<(String, String, String, Protocol), BTreeSet<Endpoint>>;
+/// What an endpoint's conditions let it take, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Serves {
+    Ready,
+    Terminating,
+    /// Not serving: never used, but it still claims its address (see `Listed`).
+    Nothing,
+}
+
+impl Serves {
+    /// The conditions as kube-proxy reads them: unset `ready` and `serving` are true, unset
+    /// `terminating` is false (the API's documented meaning of nil). A ready endpoint takes new
+    /// flows; one that is serving while terminating only stands in when nothing is ready.
+    fn of(conditions: &EndpointConditions) -> Self {
+        let ready = conditions.ready.unwrap_or(true);
+        let serving = conditions.serving.unwrap_or(true);
+        let terminating = conditions.terminating.unwrap_or(false);
+        if ready {
+            Serves::Ready
+        } else if serving && terminating {
+            Serves::Terminating
+        } else {
+            Serves::Nothing
+        }
+    }
+
+    fn state(self) -> Option<EndpointState> {
+        match self {
+            Serves::Ready => Some(EndpointState::Ready),
+            Serves::Terminating => Some(EndpointState::Terminating),
+            Serves::Nothing => None,
+        }
+    }
+}
+
+/// One endpoint as a slice lists it. The same address and port can be listed more than once:
+/// an endpoint moving between slices shows up in both for a while, and a pod network may give a
+/// terminating pod's address to a new pod before the old one is gone. Of those, the smallest
+/// `Listed` is kept, whatever the document order, so the same files always give the same state.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Listed {
+    /// First, so that a non-terminating listing wins even if it is not ready yet: the address
+    /// then belongs to a new pod, and the old pod's terminating listing must not draw its
+    /// traffic (kube-proxy prefers the non-terminating endpoint the same way).
+    terminating: bool,
+    /// Then the best state: ready wins over terminating.
+    serves: Serves,
+    pod: Option<String>,
+    node_name: Option<String>,
+}
+
+/// Endpoints per (namespace, service name, port name, protocol), by address and port.
+type EndpointIndex =
+    BTreeMap<(String, String, String, Protocol), BTreeMap<(Ipv4Addr, u16), Listed>>;
 
 /// Which service port (service and port index, and its name) serves an address, port and
 /// protocol.
@@ -409,6 +524,7 @@ impl Reader {
         };
 
         let service_ips = self.service_ips(&service, has_load_balancer, &location, &object);
+        let settings = self.service_settings(&service, service_type, &location, &object);
         let rules = NodePortRules {
             service_type,
             has_node_ports,
@@ -451,7 +567,265 @@ impl Reader {
             namespace,
             name,
             ports,
+            settings,
         });
+    }
+
+    /// The settings that apply to every port of the Service.
+    fn service_settings(
+        &mut self,
+        service: &ServiceObject,
+        service_type: &str,
+        location: &Location,
+        object: &str,
+    ) -> ServiceSettings {
+        ServiceSettings {
+            external_policy: self.external_policy(&service.spec, service_type, location, object),
+            internal_policy: self.internal_policy(&service.spec, location, object),
+            affinity_timeout_seconds: self.affinity(&service.spec, location, object),
+            source_ranges: self.source_ranges(service, service_type, location, object),
+            selection: self.selection(&service.metadata, location, object),
+        }
+    }
+
+    /// `spec.externalTrafficPolicy`. The API server defaults it to `Cluster` on a Service that
+    /// is reachable from outside the cluster, and refuses it on any other: there it would
+    /// silently mean nothing.
+    fn external_policy(
+        &mut self,
+        spec: &ServiceSpec,
+        service_type: &str,
+        location: &Location,
+        object: &str,
+    ) -> TrafficPolicy {
+        let field = "spec.externalTrafficPolicy";
+        // An empty string is Go's unset: the API server cannot tell the two apart.
+        let Some(value) = spec
+            .external_traffic_policy
+            .as_deref()
+            .filter(|v| !v.is_empty())
+        else {
+            return TrafficPolicy::Cluster;
+        };
+        let externally_accessible =
+            matches!(service_type, "NodePort" | "LoadBalancer") || !spec.external_ips.is_empty();
+        if !externally_accessible {
+            self.problem(
+                location,
+                Some(object),
+                field,
+                format!(
+                    "{value:?} may only be set when `type` is 'NodePort' or 'LoadBalancer', or \
+                     when the Service has externalIPs; remove it"
+                ),
+            );
+            return TrafficPolicy::Cluster;
+        }
+        self.traffic_policy(value, field, "external", location, object)
+    }
+
+    /// `spec.internalTrafficPolicy`, `Cluster` when unset. Unlike `externalTrafficPolicy` it is
+    /// a pointer in the API, so an empty string is a value, and the API server refuses it.
+    fn internal_policy(
+        &mut self,
+        spec: &ServiceSpec,
+        location: &Location,
+        object: &str,
+    ) -> TrafficPolicy {
+        match spec.internal_traffic_policy.as_deref() {
+            None => TrafficPolicy::Cluster,
+            Some(value) => self.traffic_policy(
+                value,
+                "spec.internalTrafficPolicy",
+                "internal",
+                location,
+                object,
+            ),
+        }
+    }
+
+    fn traffic_policy(
+        &mut self,
+        value: &str,
+        field: &str,
+        which: &str,
+        location: &Location,
+        object: &str,
+    ) -> TrafficPolicy {
+        match value {
+            "Cluster" => TrafficPolicy::Cluster,
+            "Local" => TrafficPolicy::Local,
+            other => {
+                self.problem(
+                    location,
+                    Some(object),
+                    field,
+                    format!("unknown {which} traffic policy {other:?}; use Cluster or Local"),
+                );
+                TrafficPolicy::Cluster
+            }
+        }
+    }
+
+    /// `spec.sessionAffinity` and its timeout: `Some(seconds)` for `ClientIP`.
+    fn affinity(&mut self, spec: &ServiceSpec, location: &Location, object: &str) -> Option<u32> {
+        match spec.session_affinity.as_deref() {
+            // An empty string is Go's unset, which the API server defaults to `None`.
+            None | Some("" | "None") => {
+                // `null` is unset too; `{}` is not, and the API server refuses it.
+                if spec.session_affinity_config.is_some() {
+                    self.problem(
+                        location,
+                        Some(object),
+                        "spec.sessionAffinityConfig",
+                        "must not be set when sessionAffinity is None; set sessionAffinity: \
+                         ClientIP or remove it"
+                            .to_owned(),
+                    );
+                }
+                None
+            }
+            Some("ClientIP") => {
+                let timeout = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|config| config.client_ip.as_ref())
+                    .and_then(|client_ip| client_ip.timeout_seconds);
+                // Whatever is missing on the way to the timeout, the API server defaults it.
+                let Some(timeout) = timeout else {
+                    return Some(DEFAULT_AFFINITY_TIMEOUT_SECONDS);
+                };
+                match u32::try_from(timeout) {
+                    Ok(seconds) if AFFINITY_TIMEOUT_SECONDS.contains(&seconds) => Some(seconds),
+                    _ => {
+                        self.problem(
+                            location,
+                            Some(object),
+                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                            format!(
+                                "{timeout} is out of range; use {}-{} seconds (at most one day)",
+                                AFFINITY_TIMEOUT_SECONDS.start(),
+                                AFFINITY_TIMEOUT_SECONDS.end()
+                            ),
+                        );
+                        None
+                    }
+                }
+            }
+            Some(other) => {
+                self.problem(
+                    location,
+                    Some(object),
+                    "spec.sessionAffinity",
+                    format!("unknown session affinity {other:?}; use None or ClientIP"),
+                );
+                None
+            }
+        }
+    }
+
+    /// `spec.loadBalancerSourceRanges`, or when that is empty the older annotation, as cloud
+    /// load balancers read them. The API server allows either on type `LoadBalancer` only.
+    fn source_ranges(
+        &mut self,
+        service: &ServiceObject,
+        service_type: &str,
+        location: &Location,
+        object: &str,
+    ) -> Vec<Ipv4Cidr> {
+        // (field path, entry) pairs; the API server trims padding from both forms.
+        let mut entries: Vec<(String, &str)> = Vec::new();
+        let annotation_field = format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION}]");
+        let from_annotation = if !service.spec.load_balancer_source_ranges.is_empty() {
+            for (i, range) in service.spec.load_balancer_source_ranges.iter().enumerate() {
+                entries.push((format!("spec.loadBalancerSourceRanges[{i}]"), range.trim()));
+            }
+            false
+        } else if let Some(value) = service.metadata.annotations.get(SOURCE_RANGES_ANNOTATION) {
+            let value = value.trim();
+            if !value.is_empty() {
+                for range in value.split(',') {
+                    entries.push((annotation_field.clone(), range.trim()));
+                }
+            }
+            true
+        } else {
+            return Vec::new();
+        };
+
+        if service_type != "LoadBalancer" {
+            let field = if from_annotation {
+                annotation_field.as_str()
+            } else {
+                "spec.loadBalancerSourceRanges"
+            };
+            self.problem(
+                location,
+                Some(object),
+                field,
+                "may only be used when `type` is 'LoadBalancer'; remove it".to_owned(),
+            );
+        }
+
+        let mut ranges = Vec::new();
+        let mut skipped_ipv6 = false;
+        for (field, entry) in entries {
+            match parse_cidr(entry) {
+                Some(Cidr::V4 { cidr, host_bits }) => {
+                    if host_bits {
+                        self.warnings.push(format!(
+                            "{location} ({object}): {field} {entry:?} has host bits set; read as \
+                             {cidr}, as kube-proxy does"
+                        ));
+                    }
+                    ranges.push(cidr);
+                }
+                Some(Cidr::V6) => {
+                    skipped_ipv6 = true;
+                    self.warnings.push(format!(
+                        "{location} ({object}): {field} {entry:?} is IPv6, which lb-agent does \
+                         not serve yet; skipped"
+                    ));
+                }
+                None => self.problem(
+                    location,
+                    Some(object),
+                    &field,
+                    format!("{entry:?} is not a CIDR; use an IPv4 network such as 203.0.113.0/24"),
+                ),
+            }
+        }
+        if skipped_ipv6 && ranges.is_empty() {
+            // kube-proxy does the same per address family, but it is easy to miss.
+            self.warnings.push(format!(
+                "{location} ({object}): no IPv4 source range is left, so IPv4 clients are not \
+                 restricted"
+            ));
+        }
+        ranges.sort();
+        ranges.dedup();
+        ranges
+    }
+
+    /// The `lb-agent/backend-selection` annotation.
+    fn selection(&mut self, metadata: &ObjectMeta, location: &Location, object: &str) -> Selection {
+        match metadata
+            .annotations
+            .get(SELECTION_ANNOTATION)
+            .map(String::as_str)
+        {
+            None | Some("maglev") => Selection::Maglev,
+            Some("random") => Selection::Random,
+            Some(other) => {
+                self.problem(
+                    location,
+                    Some(object),
+                    &format!("metadata.annotations[{SELECTION_ANNOTATION}]"),
+                    format!("unknown backend selection {other:?}; use maglev or random"),
+                );
+                Selection::Maglev
+            }
+        }
     }
 
     /// The addresses a Service answers on with its own port number: `clusterIP`, `externalIPs`,
@@ -658,8 +1032,6 @@ impl Reader {
         let ports = self.slice_ports(&slice.ports, location, &object);
 
         for (i, endpoint) in slice.endpoints.iter().enumerate() {
-            // The API says an unset `ready` means unknown, to be read as ready.
-            let ready = endpoint.conditions.ready.unwrap_or(true);
             let mut addrs = Vec::new();
             for (j, address) in endpoint.addresses.iter().enumerate() {
                 match address.parse::<Ipv4Addr>() {
@@ -672,29 +1044,51 @@ impl Reader {
                     ),
                 }
             }
-            if !ready {
-                continue;
+            if let Some(node_name) = &endpoint.node_name
+                && !is_dns_subdomain(node_name)
+            {
+                self.problem(
+                    location,
+                    Some(&object),
+                    &format!("endpoints[{i}].nodeName"),
+                    format!(
+                        "{node_name:?} is not a node name; use at most 253 lowercase letters, \
+                         digits, '-' and '.', each dot-separated part starting and ending with \
+                         a letter or digit"
+                    ),
+                );
             }
-            let pod = endpoint.target_ref.as_ref().and_then(|r| r.name.clone());
             // Kubernetes lists all addresses of one endpoint, but they are the same pod: use the
             // first, as kube-proxy does.
             let Some(&addr) = addrs.first() else { continue };
+            // Endpoints that serve nothing are kept until the merge: they still claim their
+            // address (see `Listed`).
+            let listed = Listed {
+                terminating: endpoint.conditions.terminating.unwrap_or(false),
+                serves: Serves::of(&endpoint.conditions),
+                pod: endpoint.target_ref.as_ref().and_then(|r| r.name.clone()),
+                node_name: endpoint.node_name.clone(),
+            };
             for (port_name, protocol, number) in &ports {
-                self.endpoints
+                let by_addr = self
+                    .endpoints
                     .entry((
                         namespace.clone(),
                         service.clone(),
                         port_name.clone(),
                         *protocol,
                     ))
-                    .or_default()
-                    .insert(Endpoint {
-                        addr,
-                        port: *number,
-                        pod: pod.clone(),
-                        node_name: None,
-                        state: crate::model::EndpointState::Ready,
-                    });
+                    .or_default();
+                match by_addr.entry((addr, *number)) {
+                    Entry::Vacant(vacant) => {
+                        vacant.insert(listed.clone());
+                    }
+                    Entry::Occupied(mut occupied) => {
+                        if listed < *occupied.get() {
+                            occupied.insert(listed.clone());
+                        }
+                    }
+                }
             }
         }
     }
@@ -814,7 +1208,20 @@ impl Reader {
                         port.name.clone(),
                         port.protocol,
                     ))
-                    .map(|set| set.iter().cloned().collect())
+                    .map(|by_addr| {
+                        by_addr
+                            .iter()
+                            .filter_map(|(&(addr, port), listed)| {
+                                Some(Endpoint {
+                                    addr,
+                                    port,
+                                    pod: listed.pod.clone(),
+                                    node_name: listed.node_name.clone(),
+                                    state: listed.serves.state()?,
+                                })
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default();
                 service_ports.push(ServicePort {
                     service: format!("{}/{}", service.namespace, service.name),
@@ -822,7 +1229,11 @@ impl Reader {
                     protocol: port.protocol,
                     frontends,
                     endpoints,
-                    ..ServicePort::default()
+                    external_policy: service.settings.external_policy,
+                    internal_policy: service.settings.internal_policy,
+                    affinity_timeout_seconds: service.settings.affinity_timeout_seconds,
+                    source_ranges: service.settings.source_ranges.clone(),
+                    selection: service.settings.selection,
                 });
             }
         }
@@ -851,6 +1262,65 @@ fn parse_protocol(protocol: Option<&str>) -> Result<Option<Protocol>, String> {
         "SCTP" => Ok(None),
         other => Err(format!("unknown protocol {other:?}; use TCP or UDP")),
     }
+}
+
+/// A `loadBalancerSourceRanges` entry that parsed.
+#[derive(Debug, PartialEq, Eq)]
+enum Cidr {
+    /// `host_bits`: the address had bits set past the prefix, which are cleared in `cidr`.
+    V4 {
+        cidr: Ipv4Cidr,
+        host_bits: bool,
+    },
+    V6,
+}
+
+/// An `address/prefix-length` CIDR; `None` if it is not one. Strict: the whole text must be
+/// the CIDR, and the prefix length decimal digits within the address's width.
+fn parse_cidr(text: &str) -> Option<Cidr> {
+    let (addr, prefix) = text.split_once('/')?;
+    // `u8::from_str` would also take a sign.
+    if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let prefix_len = prefix.parse::<u8>().ok()?;
+    if let Ok(addr) = addr.parse::<Ipv4Addr>() {
+        if prefix_len > 32 {
+            return None;
+        }
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(prefix_len))
+            .unwrap_or(0);
+        let network = Ipv4Addr::from(u32::from(addr) & mask);
+        return Some(Cidr::V4 {
+            cidr: Ipv4Cidr {
+                addr: network,
+                prefix_len,
+            },
+            host_bits: network != addr,
+        });
+    }
+    if addr.parse::<std::net::Ipv6Addr>().is_ok() && prefix_len <= 128 {
+        return Some(Cidr::V6);
+    }
+    None
+}
+
+/// Whether `name` is an RFC 1123 subdomain, as the API server requires of node names.
+fn is_dns_subdomain(name: &str) -> bool {
+    let alphanumeric = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            let bytes = label.as_bytes();
+            match (bytes.first(), bytes.last()) {
+                (Some(&first), Some(&last)) => {
+                    alphanumeric(first)
+                        && alphanumeric(last)
+                        && bytes.iter().all(|&b| alphanumeric(b) || b == b'-')
+                }
+                _ => false,
+            }
+        })
 }
 
 fn port_number(n: i64) -> Option<u16> {

@@ -4,10 +4,13 @@
 // YAML snippets are all written `r#"..."#`, whether or not they hold a `"`.
 #![allow(clippy::needless_raw_string_hashes)]
 
-use std::net::Ipv4Addr;
+use std::{fmt::Write as _, net::Ipv4Addr};
 
 use super::{ConfigError, Loaded, Location, Problem, load_file, parse};
-use crate::model::{Endpoint, Frontend, FrontendKind, Protocol, ServicePort};
+use crate::model::{
+    Endpoint, EndpointState, Frontend, FrontendKind, Ipv4Cidr, Protocol, Selection, ServicePort,
+    TrafficPolicy,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -178,11 +181,37 @@ fn assert_frontends(port: &ServicePort, expected: impl IntoIterator<Item = Front
     );
 }
 
+/// A ready endpoint with no node; `EndpointExt` changes that.
 fn ep(addr: &str, port: u16, pod: Option<&str>) -> Endpoint {
     Endpoint {
         addr: ip(addr),
         port,
         pod: pod.map(str::to_owned),
+        node_name: None,
+        state: EndpointState::Ready,
+    }
+}
+
+trait EndpointExt {
+    /// With `nodeName: node`.
+    fn on(self, node: &str) -> Self;
+    /// Serving while terminating, not ready.
+    fn terminating(self) -> Self;
+}
+
+impl EndpointExt for Endpoint {
+    fn on(self, node: &str) -> Self {
+        Endpoint {
+            node_name: Some(node.to_owned()),
+            ..self
+        }
+    }
+
+    fn terminating(self) -> Self {
+        Endpoint {
+            state: EndpointState::Terminating,
+            ..self
+        }
     }
 }
 
@@ -655,21 +684,19 @@ fn kubectl_list_load_balancer_service_has_every_kind_of_frontend() {
 fn kubectl_list_endpoints_are_joined_across_slices_with_the_slice_port() {
     let loaded = ok(KUBECTL_LIST);
     // `targetPort: http` is resolved by Kubernetes; the slice carries the number (8080). The
-    // terminating pod (ready: false) is left out; the two ready pods come from two slices.
-    assert_endpoints(
-        port(&loaded, "shop/web", "http"),
+    // two ready pods come from two slices; the terminating one (serving, not ready) is kept as
+    // a stand-in for when none is ready.
+    let pods = |port: u16| {
         [
-            ep("10.244.0.22", 8080, Some("web-7f9c6d8b5-x8v7c")),
-            ep("10.244.1.17", 8080, Some("web-7f9c6d8b5-2kq4m")),
-        ],
-    );
-    assert_endpoints(
-        port(&loaded, "shop/web", "https"),
-        [
-            ep("10.244.0.22", 8443, Some("web-7f9c6d8b5-x8v7c")),
-            ep("10.244.1.17", 8443, Some("web-7f9c6d8b5-2kq4m")),
-        ],
-    );
+            ep("10.244.0.21", port, Some("web-7f9c6d8b5-old01"))
+                .on("node-a")
+                .terminating(),
+            ep("10.244.0.22", port, Some("web-7f9c6d8b5-x8v7c")).on("node-a"),
+            ep("10.244.1.17", port, Some("web-7f9c6d8b5-2kq4m")).on("node-b"),
+        ]
+    };
+    assert_endpoints(port(&loaded, "shop/web", "http"), pods(8080));
+    assert_endpoints(port(&loaded, "shop/web", "https"), pods(8443));
 }
 
 #[test]
@@ -677,8 +704,8 @@ fn kubectl_list_multi_port_service_matches_ports_by_name_and_protocol() {
     let loaded = ok(KUBECTL_LIST);
     let pods = |port: u16| {
         [
-            ep("10.244.0.3", port, Some("coredns-5dd5756b68-7xk2p")),
-            ep("10.244.1.4", port, Some("coredns-5dd5756b68-q9w8z")),
+            ep("10.244.0.3", port, Some("coredns-5dd5756b68-7xk2p")).on("node-a"),
+            ep("10.244.1.4", port, Some("coredns-5dd5756b68-q9w8z")).on("node-b"),
         ]
     };
 
@@ -707,7 +734,10 @@ fn kubectl_list_node_port_service() {
     let mut expected = vec![fe(FrontendKind::ClusterIp, "10.96.40.2", 8080)];
     expected.extend(node_ports(30080));
     assert_frontends(api, expected);
-    assert_endpoints(api, [ep("10.244.1.30", 9090, Some("api-6c8d9f7b4-p2m5n"))]);
+    assert_endpoints(
+        api,
+        [ep("10.244.1.30", 9090, Some("api-6c8d9f7b4-p2m5n")).on("node-b")],
+    );
 }
 
 #[test]
@@ -2129,4 +2159,926 @@ spec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}
         "{}",
         problem.message
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Endpoint nodes and conditions
+// ---------------------------------------------------------------------------------------------
+
+/// Service `default/web` (one unnamed port) and a slice for it whose `endpoints` are `endpoints`
+/// (a YAML flow sequence).
+fn web_with_endpoints(endpoints: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\n\
+         spec: {{clusterIP: 10.0.0.10, ports: [{{port: 80}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: {endpoints}\n"
+    )
+}
+
+#[test]
+fn node_name_is_read() {
+    let loaded = ok(&web_with_endpoints(
+        "[{addresses: [10.1.0.1], nodeName: ip-10-0-0-1.ec2.internal}, {addresses: [10.1.0.2]}, \
+         {addresses: [10.1.0.3], nodeName: null}]",
+    ));
+    assert_endpoints(
+        port(&loaded, "default/web", ""),
+        [
+            ep("10.1.0.1", 8080, None).on("ip-10-0-0-1.ec2.internal"),
+            ep("10.1.0.2", 8080, None),
+            ep("10.1.0.3", 8080, None),
+        ],
+    );
+}
+
+#[test]
+fn bad_node_name() {
+    for name in [
+        r#""""#,
+        "Node-A",
+        "node_a",
+        "-node",
+        "node-",
+        "node..a",
+        ".node",
+        "node.",
+        "nöde",
+        &"a".repeat(254),
+    ] {
+        let problem = only_problem(&web_with_endpoints(&format!(
+            "[{{addresses: [10.1.0.1]}}, {{addresses: [10.1.0.2], nodeName: {name}}}]"
+        )));
+        assert_problem(
+            &problem,
+            2,
+            Some("EndpointSlice default/web-1"),
+            "endpoints[1].nodeName",
+            &[
+                "is not a node name",
+                "lowercase letters, digits, '-' and '.'",
+            ],
+        );
+    }
+    // The longest name the API server allows, and names of digits only, are fine.
+    let long = format!("{}.b", "a".repeat(251));
+    ok(&web_with_endpoints(&format!(
+        "[{{addresses: [10.1.0.1], nodeName: {long}}}, {{addresses: [10.1.0.2], nodeName: \"42\"}}]"
+    )));
+}
+
+#[test]
+fn endpoint_conditions_as_kube_proxy_reads_them() {
+    // (conditions, what becomes of the endpoint). Unset `ready` and `serving` read as true,
+    // unset `terminating` as false.
+    let table: &[(&str, Option<EndpointState>)] = &[
+        ("{}", Some(EndpointState::Ready)),
+        ("{ready: true}", Some(EndpointState::Ready)),
+        (
+            "{ready: null, serving: null, terminating: null}",
+            Some(EndpointState::Ready),
+        ),
+        (
+            "{ready: true, serving: true, terminating: false}",
+            Some(EndpointState::Ready),
+        ),
+        // Ready says it all, even with odd companions.
+        ("{ready: true, serving: false}", Some(EndpointState::Ready)),
+        (
+            "{ready: true, terminating: true}",
+            Some(EndpointState::Ready),
+        ),
+        ("{serving: false}", Some(EndpointState::Ready)),
+        ("{terminating: true}", Some(EndpointState::Ready)),
+        // The fallback: serving while terminating, not ready.
+        (
+            "{ready: false, serving: true, terminating: true}",
+            Some(EndpointState::Terminating),
+        ),
+        (
+            "{ready: false, terminating: true}",
+            Some(EndpointState::Terminating),
+        ),
+        // Not ready and not a terminating server: never used.
+        ("{ready: false}", None),
+        ("{ready: false, serving: true}", None),
+        ("{ready: false, serving: true, terminating: false}", None),
+        ("{ready: false, serving: false}", None),
+        ("{ready: false, serving: false, terminating: true}", None),
+        ("{ready: false, serving: false, terminating: false}", None),
+    ];
+    for (conditions, expected) in table {
+        let loaded = ok(&web_with_endpoints(&format!(
+            "[{{addresses: [10.1.0.1], conditions: {conditions}}}]"
+        )));
+        let got: Vec<_> = port(&loaded, "default/web", "")
+            .endpoints
+            .iter()
+            .map(|e| e.state)
+            .collect();
+        assert_eq!(
+            got,
+            expected.iter().copied().collect::<Vec<_>>(),
+            "{conditions}"
+        );
+    }
+}
+
+/// Service `default/web` and one slice per entry of `endpoints`, each holding that one endpoint.
+fn web_with_slices(endpoints: &[&str]) -> String {
+    let mut yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+                    spec: {clusterIP: 10.0.0.10, ports: [{port: 80}]}\n"
+        .to_owned();
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        let _ = write!(
+            yaml,
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: web-{i}, labels: {{kubernetes.io/service-name: web}}}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{endpoint}]\n"
+        );
+    }
+    yaml
+}
+
+/// Parses `web_with_slices(endpoints)` in the given order and reversed, asserts that both give
+/// the same endpoints, and returns them.
+#[track_caller]
+fn endpoints_in_any_order(endpoints: &[&str]) -> Vec<Endpoint> {
+    let forward = ok(&web_with_slices(endpoints));
+    let mut reversed = endpoints.to_vec();
+    reversed.reverse();
+    let backward = ok(&web_with_slices(&reversed));
+    let forward = port(&forward, "default/web", "").endpoints.clone();
+    assert_eq!(
+        forward,
+        port(&backward, "default/web", "").endpoints,
+        "document order changed the result"
+    );
+    forward
+}
+
+#[test]
+fn the_same_address_ready_and_terminating_is_ready() {
+    // An endpoint that moved between slices, seen in both with different conditions.
+    let got = endpoints_in_any_order(&[
+        "{addresses: [10.1.0.1], conditions: {ready: false, serving: true, terminating: true}, \
+         nodeName: node-a, targetRef: {name: web-0}}",
+        "{addresses: [10.1.0.1], nodeName: node-a, targetRef: {name: web-0}}",
+    ]);
+    assert_eq!(got, [ep("10.1.0.1", 8080, Some("web-0")).on("node-a")]);
+}
+
+#[test]
+fn an_address_taken_over_by_a_new_pod_is_not_served_by_the_old_one() {
+    // The pod network gave the terminating pod's address to a new pod that is not ready yet:
+    // the address is the new pod's, so neither serves until it is ready.
+    let got = endpoints_in_any_order(&[
+        "{addresses: [10.1.0.1], conditions: {ready: false, serving: true, terminating: true}, \
+         targetRef: {name: old}}",
+        "{addresses: [10.1.0.1], conditions: {ready: false, serving: false, terminating: false}, \
+         targetRef: {name: new}}",
+    ]);
+    assert!(got.is_empty(), "{got:?}");
+}
+
+#[test]
+fn duplicates_in_the_same_state_keep_one_whatever_the_order() {
+    let got = endpoints_in_any_order(&[
+        "{addresses: [10.1.0.1], conditions: {ready: false, terminating: true}, \
+         targetRef: {name: web-b}, nodeName: node-b}",
+        "{addresses: [10.1.0.1], conditions: {ready: false, terminating: true}, \
+         targetRef: {name: web-a}, nodeName: node-a}",
+        "{addresses: [10.1.0.2], targetRef: {name: web-c}}",
+        "{addresses: [10.1.0.2]}",
+    ]);
+    assert_eq!(
+        got,
+        [
+            ep("10.1.0.1", 8080, Some("web-a"))
+                .on("node-a")
+                .terminating(),
+            ep("10.1.0.2", 8080, None),
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Service settings: traffic policies, session affinity, source ranges, backend selection
+// ---------------------------------------------------------------------------------------------
+
+/// Service `default/web` of `type` with two ports (`http` and `dns`), node ports, externalIPs
+/// when `external_ips`, and `extra` lines added to its spec (indented by two spaces).
+fn web_service(service_type: &str, external_ips: bool, extra: &str) -> String {
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  type: {service_type}\n  \
+         clusterIP: 10.0.0.10\n  ports:\n  - {{name: http, port: 80, nodePort: 30080}}\n  \
+         - {{name: dns, port: 53, protocol: UDP, nodePort: 30053}}\n"
+    );
+    if external_ips {
+        yaml.push_str("  externalIPs: [203.0.113.7]\n");
+    }
+    for line in extra.lines() {
+        yaml.push_str("  ");
+        yaml.push_str(line);
+        yaml.push('\n');
+    }
+    yaml
+}
+
+/// `web_service`, with `annotations` (a YAML flow mapping) in its metadata.
+fn annotated_web_service(service_type: &str, annotations: &str, extra: &str) -> String {
+    web_service(service_type, false, extra).replacen(
+        "metadata:\n  name: web\n",
+        &format!("metadata:\n  name: web\n  annotations: {annotations}\n"),
+        1,
+    )
+}
+
+/// Both ports of `web_service`: every setting is the Service's, so they must agree.
+#[track_caller]
+fn web_ports(loaded: &Loaded) -> [&ServicePort; 2] {
+    let http = port(loaded, "default/web", "http");
+    let dns = port(loaded, "default/web", "dns");
+    for (a, b, what) in [
+        (
+            format!("{:?}", http.external_policy),
+            format!("{:?}", dns.external_policy),
+            "external_policy",
+        ),
+        (
+            format!("{:?}", http.internal_policy),
+            format!("{:?}", dns.internal_policy),
+            "internal_policy",
+        ),
+        (
+            format!("{:?}", http.affinity_timeout_seconds),
+            format!("{:?}", dns.affinity_timeout_seconds),
+            "affinity_timeout_seconds",
+        ),
+        (
+            format!("{:?}", http.source_ranges),
+            format!("{:?}", dns.source_ranges),
+            "source_ranges",
+        ),
+        (
+            format!("{:?}", http.selection),
+            format!("{:?}", dns.selection),
+            "selection",
+        ),
+    ] {
+        assert_eq!(a, b, "{what} differs between the ports");
+    }
+    [http, dns]
+}
+
+fn cidr(addr: &str, prefix_len: u8) -> Ipv4Cidr {
+    Ipv4Cidr {
+        addr: ip(addr),
+        prefix_len,
+    }
+}
+
+#[test]
+fn settings_default_as_the_api_server_defaults_them() {
+    for (service_type, external_ips) in [
+        ("ClusterIP", false),
+        ("ClusterIP", true),
+        ("NodePort", false),
+        ("LoadBalancer", false),
+    ] {
+        let loaded = ok(&web_service(service_type, external_ips, ""));
+        for p in web_ports(&loaded) {
+            assert_eq!(p.external_policy, TrafficPolicy::Cluster, "{service_type}");
+            assert_eq!(p.internal_policy, TrafficPolicy::Cluster, "{service_type}");
+            assert_eq!(p.affinity_timeout_seconds, None, "{service_type}");
+            assert!(p.source_ranges.is_empty(), "{service_type}");
+            assert_eq!(p.selection, Selection::Maglev, "{service_type}");
+        }
+        assert!(loaded.warnings.is_empty(), "{:#?}", loaded.warnings);
+    }
+}
+
+#[test]
+fn every_setting_applies_to_every_port() {
+    let loaded = ok(&annotated_web_service(
+        "LoadBalancer",
+        "{lb-agent/backend-selection: random}",
+        "externalTrafficPolicy: Local\ninternalTrafficPolicy: Local\nsessionAffinity: ClientIP\n\
+         sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}\n\
+         loadBalancerSourceRanges: [203.0.113.0/24, 198.51.100.7/32]",
+    ));
+    for p in web_ports(&loaded) {
+        assert_eq!(p.external_policy, TrafficPolicy::Local);
+        assert_eq!(p.internal_policy, TrafficPolicy::Local);
+        assert_eq!(p.affinity_timeout_seconds, Some(600));
+        assert_eq!(
+            p.source_ranges,
+            [cidr("198.51.100.7", 32), cidr("203.0.113.0", 24)]
+        );
+        assert_eq!(p.selection, Selection::Random);
+    }
+    assert!(loaded.warnings.is_empty(), "{:#?}", loaded.warnings);
+}
+
+#[test]
+fn kubectl_list_settings() {
+    let loaded = ok(KUBECTL_LIST);
+    let api = port(&loaded, "shop/api", "");
+    assert_eq!(api.affinity_timeout_seconds, Some(10800));
+    assert_eq!(api.external_policy, TrafficPolicy::Cluster);
+    let web = port(&loaded, "shop/web", "http");
+    assert_eq!(web.affinity_timeout_seconds, None);
+    assert_eq!(web.internal_policy, TrafficPolicy::Cluster);
+}
+
+#[test]
+fn external_traffic_policy() {
+    for (service_type, external_ips) in [
+        ("NodePort", false),
+        ("LoadBalancer", false),
+        ("LoadBalancer", true),
+        // A ClusterIP Service is reachable from outside through its externalIPs.
+        ("ClusterIP", true),
+    ] {
+        for (value, expected) in [
+            ("Local", TrafficPolicy::Local),
+            ("Cluster", TrafficPolicy::Cluster),
+            // Go cannot tell an empty string from unset.
+            (r#""""#, TrafficPolicy::Cluster),
+            ("null", TrafficPolicy::Cluster),
+        ] {
+            let loaded = ok(&web_service(
+                service_type,
+                external_ips,
+                &format!("externalTrafficPolicy: {value}"),
+            ));
+            for p in web_ports(&loaded) {
+                assert_eq!(p.external_policy, expected, "{service_type} {value}");
+                assert_eq!(p.internal_policy, TrafficPolicy::Cluster);
+            }
+        }
+    }
+    // Unset (or empty) on a ClusterIP Service without externalIPs is fine.
+    ok(&web_service(
+        "ClusterIP",
+        false,
+        r#"externalTrafficPolicy: """#,
+    ));
+}
+
+#[test]
+fn external_traffic_policy_problems() {
+    for value in ["Global", "local", "OnlyLocal", "Cluster "] {
+        let problem = only_problem(&web_service(
+            "NodePort",
+            false,
+            &format!("externalTrafficPolicy: {value:?}"),
+        ));
+        assert_problem(
+            &problem,
+            1,
+            Some("Service default/web"),
+            "spec.externalTrafficPolicy",
+            &[
+                &format!("unknown external traffic policy {value:?}"),
+                "use Cluster or Local",
+            ],
+        );
+    }
+    // Where nothing outside reaches the Service, any value is refused, valid or not.
+    for value in ["Local", "Cluster", "Global"] {
+        let problem = only_problem(&web_service(
+            "ClusterIP",
+            false,
+            &format!("externalTrafficPolicy: {value}"),
+        ));
+        assert_problem(
+            &problem,
+            1,
+            Some("Service default/web"),
+            "spec.externalTrafficPolicy",
+            &[
+                &format!("{value:?}"),
+                "may only be set when `type` is 'NodePort' or 'LoadBalancer'",
+                "externalIPs",
+            ],
+        );
+    }
+}
+
+#[test]
+fn internal_traffic_policy() {
+    for service_type in ["ClusterIP", "NodePort", "LoadBalancer"] {
+        for (value, expected) in [
+            ("Local", TrafficPolicy::Local),
+            ("Cluster", TrafficPolicy::Cluster),
+            ("null", TrafficPolicy::Cluster),
+        ] {
+            let loaded = ok(&web_service(
+                service_type,
+                false,
+                &format!("internalTrafficPolicy: {value}"),
+            ));
+            for p in web_ports(&loaded) {
+                assert_eq!(p.internal_policy, expected, "{service_type} {value}");
+                assert_eq!(p.external_policy, TrafficPolicy::Cluster);
+            }
+        }
+    }
+}
+
+#[test]
+fn internal_traffic_policy_problems() {
+    // A pointer in the API, so an empty string is a value, and not a valid one.
+    for value in ["", "local", "Global", "Topology"] {
+        let problem = only_problem(&web_service(
+            "ClusterIP",
+            false,
+            &format!("internalTrafficPolicy: {value:?}"),
+        ));
+        assert_problem(
+            &problem,
+            1,
+            Some("Service default/web"),
+            "spec.internalTrafficPolicy",
+            &[
+                &format!("unknown internal traffic policy {value:?}"),
+                "use Cluster or Local",
+            ],
+        );
+    }
+}
+
+#[test]
+fn session_affinity() {
+    for (extra, expected) in [
+        ("sessionAffinity: None", None),
+        (r#"sessionAffinity: """#, None),
+        ("sessionAffinity: null", None),
+        ("sessionAffinity: None\nsessionAffinityConfig: null", None),
+        // The API server fills in whatever is missing on the way to the timeout.
+        ("sessionAffinity: ClientIP", Some(10800)),
+        (
+            "sessionAffinity: ClientIP\nsessionAffinityConfig: null",
+            Some(10800),
+        ),
+        (
+            "sessionAffinity: ClientIP\nsessionAffinityConfig: {}",
+            Some(10800),
+        ),
+        (
+            "sessionAffinity: ClientIP\nsessionAffinityConfig: {clientIP: {}}",
+            Some(10800),
+        ),
+        (
+            "sessionAffinity: ClientIP\nsessionAffinityConfig: {clientIP: {timeoutSeconds: null}}",
+            Some(10800),
+        ),
+        (
+            "sessionAffinity: ClientIP\nsessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}",
+            Some(1),
+        ),
+        (
+            "sessionAffinity: ClientIP\nsessionAffinityConfig: {clientIP: {timeoutSeconds: 86400}}",
+            Some(86400),
+        ),
+    ] {
+        let loaded = ok(&web_service("ClusterIP", false, extra));
+        for p in web_ports(&loaded) {
+            assert_eq!(p.affinity_timeout_seconds, expected, "{extra}");
+        }
+    }
+}
+
+#[test]
+fn session_affinity_problems() {
+    for value in ["clientip", "ClientIp", "Sticky", "none"] {
+        let problem = only_problem(&web_service(
+            "ClusterIP",
+            false,
+            &format!("sessionAffinity: {value}"),
+        ));
+        assert_problem(
+            &problem,
+            1,
+            Some("Service default/web"),
+            "spec.sessionAffinity",
+            &[
+                &format!("unknown session affinity {value:?}"),
+                "use None or ClientIP",
+            ],
+        );
+    }
+
+    for timeout in ["0", "-1", "86401", "4294967296", "-9223372036854775808"] {
+        let problem = only_problem(&web_service(
+            "ClusterIP",
+            false,
+            &format!(
+                "sessionAffinity: ClientIP\n\
+                 sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout}}}}}"
+            ),
+        ));
+        assert_problem(
+            &problem,
+            1,
+            Some("Service default/web"),
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            &[&format!("{timeout} is out of range"), "use 1-86400 seconds"],
+        );
+    }
+
+    for extra in [
+        "sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}",
+        "sessionAffinity: None\nsessionAffinityConfig: {}",
+        r#"sessionAffinity: ""
+sessionAffinityConfig: {clientIP: {}}"#,
+    ] {
+        let problem = only_problem(&web_service("ClusterIP", false, extra));
+        assert_problem(
+            &problem,
+            1,
+            Some("Service default/web"),
+            "spec.sessionAffinityConfig",
+            &["must not be set when sessionAffinity is None", "ClientIP"],
+        );
+    }
+
+    // Not a number at all: the type error names the field.
+    let problem = only_problem(&web_service(
+        "ClusterIP",
+        false,
+        "sessionAffinity: ClientIP\nsessionAffinityConfig: {clientIP: {timeoutSeconds: soon}}",
+    ));
+    assert_problem(
+        &problem,
+        1,
+        Some("Service default/web"),
+        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+        &["invalid type"],
+    );
+}
+
+#[test]
+fn load_balancer_source_ranges() {
+    let loaded = ok(&web_service(
+        "LoadBalancer",
+        false,
+        // Padding is allowed (a historical accident the API server keeps), the order does not
+        // matter and duplicates count once.
+        "loadBalancerSourceRanges: [\"10.0.0.0/8\", \" 203.0.113.0/24 \", 0.0.0.0/0, \
+         192.0.2.1/32, 10.0.0.0/8]",
+    ));
+    for p in web_ports(&loaded) {
+        assert_eq!(
+            p.source_ranges,
+            [
+                cidr("0.0.0.0", 0),
+                cidr("10.0.0.0", 8),
+                cidr("192.0.2.1", 32),
+                cidr("203.0.113.0", 24)
+            ]
+        );
+    }
+    assert!(loaded.warnings.is_empty(), "{:#?}", loaded.warnings);
+
+    // `null` and `[]` are unset.
+    for value in ["null", "[]"] {
+        let loaded = ok(&web_service(
+            "LoadBalancer",
+            false,
+            &format!("loadBalancerSourceRanges: {value}"),
+        ));
+        assert!(web_ports(&loaded)[0].source_ranges.is_empty());
+    }
+}
+
+#[test]
+fn source_range_with_host_bits_is_masked_with_a_warning() {
+    let loaded = ok(&web_service(
+        "LoadBalancer",
+        false,
+        "loadBalancerSourceRanges: [203.0.113.0/24, 10.1.2.3/8]",
+    ));
+    for p in web_ports(&loaded) {
+        assert_eq!(
+            p.source_ranges,
+            [cidr("10.0.0.0", 8), cidr("203.0.113.0", 24)]
+        );
+    }
+    assert_warned(
+        &loaded,
+        &[
+            "document 1 (Service default/web)",
+            "spec.loadBalancerSourceRanges[1]",
+            "\"10.1.2.3/8\"",
+            "host bits",
+            "10.0.0.0/8",
+        ],
+    );
+}
+
+#[test]
+fn ipv6_source_ranges_are_skipped_with_a_warning() {
+    let loaded = ok(&web_service(
+        "LoadBalancer",
+        false,
+        "loadBalancerSourceRanges: [\"2001:db8::/32\", 203.0.113.0/24]",
+    ));
+    assert_eq!(
+        web_ports(&loaded)[0].source_ranges,
+        [cidr("203.0.113.0", 24)]
+    );
+    assert_warned(
+        &loaded,
+        &[
+            "spec.loadBalancerSourceRanges[0]",
+            "\"2001:db8::/32\"",
+            "IPv6",
+            "not serve yet; skipped",
+        ],
+    );
+    assert_eq!(loaded.warnings.len(), 1, "{:#?}", loaded.warnings);
+
+    // With nothing IPv4 left, nothing restricts IPv4 clients: say so.
+    let loaded = ok(&web_service(
+        "LoadBalancer",
+        false,
+        "loadBalancerSourceRanges: [\"2001:db8::/32\", \"::/0\"]",
+    ));
+    assert!(web_ports(&loaded)[0].source_ranges.is_empty());
+    assert_warned(&loaded, &["spec.loadBalancerSourceRanges[1]", "IPv6"]);
+    assert_warned(&loaded, &["no IPv4 source range is left", "not restricted"]);
+}
+
+#[test]
+fn bad_source_ranges() {
+    let bad = [
+        "",
+        "10.0.0.0",
+        "10.0.0.0/",
+        "/8",
+        "10.0.0.0/33",
+        "10.0.0.0/+8",
+        "10.0.0.0/-1",
+        "10.0.0.0/8/8",
+        "10.0.0.256/8",
+        "10.0.0/8",
+        "010.0.0.0/8",
+        "10.0.0.0/ 8",
+        "10.0.0.0/999999999999",
+        "2001:db8::/129",
+        "2001:db8::g/64",
+        "example.com/24",
+        "10.0.0.0/8,10.1.0.0/16",
+    ];
+    let list = bad
+        .iter()
+        .map(|b| format!("{b:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let problems = problems(&web_service(
+        "LoadBalancer",
+        false,
+        &format!("loadBalancerSourceRanges: [203.0.113.0/24, {list}]"),
+    ));
+    assert_eq!(problems.len(), bad.len(), "{}", lines(&problems));
+    for (i, value) in bad.iter().enumerate() {
+        let field = format!("spec.loadBalancerSourceRanges[{}]", i + 1);
+        assert_problem(
+            problem_at(&problems, &field),
+            1,
+            Some("Service default/web"),
+            &field,
+            &[
+                &format!("{:?} is not a CIDR", value.trim()),
+                "use an IPv4 network such as 203.0.113.0/24",
+            ],
+        );
+    }
+}
+
+#[test]
+fn source_ranges_only_on_load_balancers() {
+    for (service_type, external_ips) in [
+        ("ClusterIP", false),
+        ("ClusterIP", true),
+        ("NodePort", false),
+    ] {
+        let problem = only_problem(&web_service(
+            service_type,
+            external_ips,
+            "loadBalancerSourceRanges: [203.0.113.0/24]",
+        ));
+        assert_problem(
+            &problem,
+            1,
+            Some("Service default/web"),
+            "spec.loadBalancerSourceRanges",
+            &["may only be used when `type` is 'LoadBalancer'"],
+        );
+
+        // Even an empty annotation is refused there.
+        for value in [r#""""#, "203.0.113.0/24"] {
+            let problem = only_problem(&annotated_web_service(
+                service_type,
+                &format!("{{service.beta.kubernetes.io/load-balancer-source-ranges: {value}}}"),
+                if external_ips {
+                    "externalIPs: [203.0.113.7]"
+                } else {
+                    ""
+                },
+            ));
+            assert_problem(
+                &problem,
+                1,
+                Some("Service default/web"),
+                "metadata.annotations[service.beta.kubernetes.io/load-balancer-source-ranges]",
+                &["may only be used when `type` is 'LoadBalancer'"],
+            );
+        }
+    }
+}
+
+#[test]
+fn source_ranges_annotation() {
+    for (value, expected) in [
+        (
+            r#""203.0.113.0/24,10.0.0.0/8""#,
+            vec![cidr("10.0.0.0", 8), cidr("203.0.113.0", 24)],
+        ),
+        (
+            r#"" 203.0.113.0/24 , 10.0.0.0/8 ""#,
+            vec![cidr("10.0.0.0", 8), cidr("203.0.113.0", 24)],
+        ),
+        (r#""192.0.2.9/32""#, vec![cidr("192.0.2.9", 32)]),
+        (r#""""#, vec![]),
+        (r#""  ""#, vec![]),
+    ] {
+        let loaded = ok(&annotated_web_service(
+            "LoadBalancer",
+            &format!("{{service.beta.kubernetes.io/load-balancer-source-ranges: {value}}}"),
+            "",
+        ));
+        for p in web_ports(&loaded) {
+            assert_eq!(p.source_ranges, expected, "{value}");
+        }
+    }
+
+    // The field wins; the annotation is then not even looked at.
+    let loaded = ok(&annotated_web_service(
+        "LoadBalancer",
+        "{service.beta.kubernetes.io/load-balancer-source-ranges: \"nonsense\"}",
+        "loadBalancerSourceRanges: [198.51.100.0/24]",
+    ));
+    assert_eq!(
+        web_ports(&loaded)[0].source_ranges,
+        [cidr("198.51.100.0", 24)]
+    );
+
+    // Host bits and IPv6 in the annotation are treated as in the field.
+    let loaded = ok(&annotated_web_service(
+        "LoadBalancer",
+        "{service.beta.kubernetes.io/load-balancer-source-ranges: \"10.1.2.3/16,fd00::/8\"}",
+        "",
+    ));
+    assert_eq!(web_ports(&loaded)[0].source_ranges, [cidr("10.1.0.0", 16)]);
+    let field = "metadata.annotations[service.beta.kubernetes.io/load-balancer-source-ranges]";
+    assert_warned(&loaded, &[field, "\"10.1.2.3/16\"", "host bits"]);
+    assert_warned(&loaded, &[field, "\"fd00::/8\"", "IPv6"]);
+}
+
+#[test]
+fn bad_source_ranges_annotation() {
+    let problems = problems(&annotated_web_service(
+        "LoadBalancer",
+        "{service.beta.kubernetes.io/load-balancer-source-ranges: \
+         \"203.0.113.0/24,,10.0.0.0,10.0.0.0/8\"}",
+        "",
+    ));
+    let field = "metadata.annotations[service.beta.kubernetes.io/load-balancer-source-ranges]";
+    assert_eq!(problems.len(), 2, "{}", lines(&problems));
+    for (problem, value) in problems.iter().zip(["\"\"", "\"10.0.0.0\""]) {
+        assert_problem(
+            problem,
+            1,
+            Some("Service default/web"),
+            field,
+            &[
+                &format!("{value} is not a CIDR"),
+                "use an IPv4 network such as 203.0.113.0/24",
+            ],
+        );
+    }
+}
+
+#[test]
+fn backend_selection() {
+    for (annotations, expected) in [
+        ("{}", Selection::Maglev),
+        ("null", Selection::Maglev),
+        ("{lb-agent/backend-selection: maglev}", Selection::Maglev),
+        ("{lb-agent/backend-selection: random}", Selection::Random),
+        ("{other/annotation: random}", Selection::Maglev),
+    ] {
+        let loaded = ok(&annotated_web_service("NodePort", annotations, ""));
+        for p in web_ports(&loaded) {
+            assert_eq!(p.selection, expected, "{annotations}");
+        }
+    }
+}
+
+#[test]
+fn backend_selection_problems() {
+    for value in ["Maglev", "RANDOM", "round-robin", "", " maglev"] {
+        let problem = only_problem(&annotated_web_service(
+            "NodePort",
+            &format!("{{lb-agent/backend-selection: {value:?}}}"),
+            "",
+        ));
+        assert_problem(
+            &problem,
+            1,
+            Some("Service default/web"),
+            "metadata.annotations[lb-agent/backend-selection]",
+            &[
+                &format!("unknown backend selection {value:?}"),
+                "use maglev or random",
+            ],
+        );
+    }
+    // Annotation values are strings in the API; kubectl refuses anything else too.
+    let problem = only_problem(&annotated_web_service(
+        "NodePort",
+        "{lb-agent/backend-selection: [random]}",
+        "",
+    ));
+    assert_problem(
+        &problem,
+        1,
+        Some("Service default/web"),
+        "metadata.annotations.lb-agent/backend-selection",
+        &["invalid type"],
+    );
+}
+
+#[test]
+fn every_settings_problem_is_reported_at_once() {
+    let problems = problems(&annotated_web_service(
+        "ClusterIP",
+        "{lb-agent/backend-selection: fast}",
+        "externalTrafficPolicy: Local\ninternalTrafficPolicy: Nearby\nsessionAffinity: ClientIP\n\
+         sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n\
+         loadBalancerSourceRanges: [nope]",
+    ));
+    let mut fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        [
+            "metadata.annotations[lb-agent/backend-selection]",
+            "spec.externalTrafficPolicy",
+            "spec.internalTrafficPolicy",
+            "spec.loadBalancerSourceRanges",
+            "spec.loadBalancerSourceRanges[0]",
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+        ],
+        "{}",
+        lines(&problems)
+    );
+}
+
+#[test]
+fn odd_settings_do_not_panic() {
+    let inputs = [
+        "externalTrafficPolicy: [Local]",
+        "externalTrafficPolicy: 7",
+        "internalTrafficPolicy: {a: b}",
+        "sessionAffinity: ClientIP\nsessionAffinityConfig: 5",
+        "sessionAffinity: ClientIP\nsessionAffinityConfig: {clientIP: {timeoutSeconds: 1e99}}",
+        "sessionAffinity: ClientIP\nsessionAffinityConfig: \
+         {clientIP: {timeoutSeconds: 99999999999999999999999999}}",
+        "sessionAffinity: ClientIP\nsessionAffinityConfig: {clientIP: {timeoutSeconds: 1.5}}",
+        "loadBalancerSourceRanges: 203.0.113.0/24",
+        "loadBalancerSourceRanges: [[1]]",
+        "loadBalancerSourceRanges: [\"\\u0000/\\u0000\", \"/\", \"//\", \"1.2.3.4/4294967296\"]",
+        "loadBalancerSourceRanges: [\"\u{202e}10.0.0.0/8\", \"١٠.0.0.0/8\", \"10.0.0.0/٨\"]",
+    ];
+    for extra in inputs {
+        let result =
+            std::panic::catch_unwind(|| parse(&web_service("LoadBalancer", false, extra), NODES));
+        assert!(result.is_ok(), "parse panicked on {extra:?}");
+    }
+    let annotations = [
+        "[1, 2]",
+        "{lb-agent/backend-selection: null}",
+        "{service.beta.kubernetes.io/load-balancer-source-ranges: \",,,,\"}",
+        "{service.beta.kubernetes.io/load-balancer-source-ranges: \"/,/\"}",
+    ];
+    for annotations in annotations {
+        let yaml = annotated_web_service("LoadBalancer", annotations, "");
+        let result = std::panic::catch_unwind(|| parse(&yaml, NODES));
+        assert!(result.is_ok(), "parse panicked on {annotations:?}");
+    }
 }
