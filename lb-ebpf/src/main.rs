@@ -44,7 +44,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{Counter, DropReason};
-use parse::{Frame, Parsed, Seen};
+use parse::Parsed;
 
 use crate::flow::Origin;
 
@@ -65,20 +65,6 @@ impl Verdict {
     }
 }
 
-/// Parses and counts what the parser noticed on the way.
-#[inline(always)]
-fn parse<F: Frame>(frame: &F) -> Result<Parsed, DropReason> {
-    let mut seen = Seen::default();
-    let parsed = parse::packet(frame, &mut seen);
-    if seen.vlan_tagged {
-        stats::count(Counter::VlanTagged);
-    }
-    if seen.ipv4_options {
-        stats::count(Counter::Ipv4Options);
-    }
-    parsed
-}
-
 #[xdp]
 pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
     stats::count(Counter::XdpSeen);
@@ -96,7 +82,7 @@ pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_xdp_ingress(ctx: &XdpContext) -> Result<Verdict, DropReason> {
-    let packet = match parse(ctx)? {
+    let packet = match parse::packet(ctx)? {
         Parsed::L4(packet) => packet,
         Parsed::IcmpError(error) => return icmp::from_network(ctx, &error),
         Parsed::Pass(counter) => return Ok(Verdict::Pass(counter)),
@@ -115,7 +101,7 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_tc_egress(ctx: &TcContext) -> Result<Verdict, DropReason> {
-    let packet = match parse(ctx)? {
+    let packet = match parse::packet(ctx)? {
         Parsed::L4(packet) => packet,
         Parsed::IcmpError(error) => return icmp::leaving(ctx, &error),
         Parsed::Pass(_) => return Ok(Verdict::Pass(Counter::TcPass)),
@@ -133,7 +119,7 @@ pub fn lb_tc_pod_ingress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_tc_pod_ingress(ctx: &TcContext) -> Result<Verdict, DropReason> {
-    let packet = match parse(ctx)? {
+    let packet = match parse::packet(ctx)? {
         Parsed::L4(packet) => packet,
         Parsed::IcmpError(error) => return icmp::leaving(ctx, &error),
         Parsed::Pass(_) => return Ok(Verdict::Pass(Counter::TcPass)),

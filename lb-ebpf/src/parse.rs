@@ -15,6 +15,8 @@
 use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::{Counter, DropReason, FlowKey, FrontendKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
+use crate::stats;
+
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
@@ -26,7 +28,8 @@ const MAX_VLAN_TAGS: usize = 2;
 
 const IPV4_MIN_HDR_LEN: usize = 20;
 const IPV4_FRAGS_OFFSET: usize = 6;
-const IPV4_PROTO_OFFSET: usize = 9;
+/// TTL, then the protocol: read together (see `Frame`).
+const IPV4_TTL_OFFSET: usize = 8;
 pub const IPV4_CHECK_OFFSET: usize = 10;
 pub const IPV4_SRC_OFFSET: usize = 12;
 pub const IPV4_DST_OFFSET: usize = 16;
@@ -157,7 +160,10 @@ pub fn l4_check_field(protocol: u8) -> usize {
     }
 }
 
-/// Reading a frame: the one thing the parser needs from either program type.
+/// Reading a frame: what the parser needs from either program type.
+///
+/// Avoid one-byte reads at a variable offset: LLVM turns `p + 1 > end` into `p >= end`, from
+/// which the verifier learns no range, and rejects the read.
 pub trait Frame {
     fn read<T: Copy>(&self, offset: usize) -> Option<T>;
 }
@@ -169,6 +175,7 @@ impl Frame for XdpContext {
         // no alignment guarantee, hence the unaligned read.
         ptr_at::<T>(self, offset).map(|p| unsafe { p.read_unaligned() })
     }
+
 }
 
 impl Frame for TcContext {
@@ -176,38 +183,44 @@ impl Frame for TcContext {
     fn read<T: Copy>(&self, offset: usize) -> Option<T> {
         self.load::<T>(offset).ok()
     }
+
 }
 
 /// A pointer to a `T` at `offset` in the packet, if the whole `T` lies inside it.
+///
+/// `data` and `data_end` are read volatile: otherwise LLVM drops a check that an earlier,
+/// wider one implies, but the verifier tracks each check on the register it was made with and
+/// then rejects the access.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+    // SAFETY: `ctx.ctx` is the program's context pointer, valid for the whole run.
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&raw const (*ctx.ctx).data_end) as usize,
+        )
+    };
     if start + offset + size_of::<T>() > end {
         return None;
     }
     Some((start + offset) as *mut T)
 }
 
-/// What the counters learn besides the verdict: set by the parser, counted by the caller.
-#[derive(Default)]
-pub struct Seen {
-    pub vlan_tagged: bool,
-    pub ipv4_options: bool,
-}
-
 /// Parses Ethernet (with up to two VLAN tags), IPv4, and TCP/UDP ports or an ICMP error.
 /// `Err(reason)`: drop.
 #[inline(always)]
-pub fn packet<F: Frame>(frame: &F, seen: &mut Seen) -> Result<Parsed, DropReason> {
-    let Some(l3) = l3_offset(frame, seen) else {
+pub fn packet<F: Frame>(frame: &F) -> Result<Parsed, DropReason> {
+    let Some(l3) = l3_offset(frame) else {
         return Ok(Parsed::Pass(Counter::PassNotIpv4));
     };
-    let Some(ip) = ipv4(frame, l3, seen) else {
+    let Some(ip) = ipv4(frame, l3) else {
         return Ok(Parsed::Pass(Counter::PassIpv4Invalid));
     };
     if ip.fragment {
         return Ok(Parsed::Pass(Counter::PassFragment));
+    }
+    if ip.l4 - l3 > IPV4_MIN_HDR_LEN {
+        stats::count(Counter::Ipv4Options);
     }
     let at = Headers { l3, l4: ip.l4 };
     match ip.protocol {
@@ -220,25 +233,21 @@ pub fn packet<F: Frame>(frame: &F, seen: &mut Seen) -> Result<Parsed, DropReason
         }
         _ => return Ok(Parsed::Pass(Counter::PassNotTcpUdp)),
     }
-    let min_len = if ip.protocol == IPPROTO_TCP {
-        TCP_MIN_LEN
+    // One read of the whole minimal L4 header: one bounds check the verifier can follow, and
+    // every field read or written later lies inside it.
+    let (ports, tcp_flags) = if ip.protocol == IPPROTO_TCP {
+        let h = frame
+            .read::<[u8; TCP_MIN_LEN]>(at.l4)
+            .ok_or(DropReason::L4HeaderTruncated)?;
+        ([h[0], h[1], h[2], h[3]], h[TCP_FLAGS_OFFSET])
     } else {
-        UDP_MIN_LEN
+        let h = frame
+            .read::<[u8; UDP_MIN_LEN]>(at.l4)
+            .ok_or(DropReason::L4HeaderTruncated)?;
+        ([h[0], h[1], h[2], h[3]], 0)
     };
-    // Check the whole minimal L4 header once: the fields read and written lie inside it.
-    if frame.read::<u8>(at.l4 + min_len - 1).is_none() {
-        return Err(DropReason::L4HeaderTruncated);
-    }
-    let [src_port_be, dst_port_be] = frame
-        .read::<[u16; 2]>(at.l4)
-        .ok_or(DropReason::L4HeaderTruncated)?;
-    let tcp_flags = if ip.protocol == IPPROTO_TCP {
-        frame
-            .read::<u8>(at.l4 + TCP_FLAGS_OFFSET)
-            .ok_or(DropReason::L4HeaderTruncated)?
-    } else {
-        0
-    };
+    let src_port_be = u16::from_ne_bytes([ports[0], ports[1]]);
+    let dst_port_be = u16::from_ne_bytes([ports[2], ports[3]]);
     Ok(Parsed::L4(L4Packet {
         tuple: Tuple {
             src_addr_be: ip.src_addr_be,
@@ -254,18 +263,20 @@ pub fn packet<F: Frame>(frame: &F, seen: &mut Seen) -> Result<Parsed, DropReason
 
 /// The IPv4 header's offset, past at most two VLAN tags; `None` if the frame is not IPv4.
 #[inline(always)]
-fn l3_offset<F: Frame>(frame: &F, seen: &mut Seen) -> Option<usize> {
+fn l3_offset<F: Frame>(frame: &F) -> Option<usize> {
     let mut type_offset = ETH_TYPE_OFFSET;
     for _ in 0..MAX_VLAN_TAGS {
         let ether_type = u16::from_be(frame.read::<u16>(type_offset)?);
         if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
             break;
         }
-        seen.vlan_tagged = true;
         type_offset += VLAN_TAG_LEN;
     }
     if u16::from_be(frame.read::<u16>(type_offset)?) != ETH_P_IP {
         return None;
+    }
+    if type_offset != ETH_TYPE_OFFSET {
+        stats::count(Counter::VlanTagged);
     }
     Some(type_offset + (ETH_HDR_LEN - ETH_TYPE_OFFSET))
 }
@@ -281,20 +292,17 @@ struct Ipv4 {
 
 /// The IPv4 header at `l3`; `None` if it is not one the stack would accept the layout of.
 #[inline(always)]
-fn ipv4<F: Frame>(frame: &F, l3: usize, seen: &mut Seen) -> Option<Ipv4> {
-    let vihl = frame.read::<u8>(l3)?;
+fn ipv4<F: Frame>(frame: &F, l3: usize) -> Option<Ipv4> {
+    let [vihl, _tos] = frame.read::<[u8; 2]>(l3)?;
     let header_len = usize::from(vihl & 0x0f) * 4;
     if vihl >> 4 != 4 || header_len < IPV4_MIN_HDR_LEN {
         return None;
-    }
-    if header_len > IPV4_MIN_HDR_LEN {
-        seen.ipv4_options = true;
     }
     let frags = u16::from_be(frame.read::<u16>(l3 + IPV4_FRAGS_OFFSET)?);
     Some(Ipv4 {
         src_addr_be: frame.read::<u32>(l3 + IPV4_SRC_OFFSET)?,
         dst_addr_be: frame.read::<u32>(l3 + IPV4_DST_OFFSET)?,
-        protocol: frame.read::<u8>(l3 + IPV4_PROTO_OFFSET)?,
+        protocol: frame.read::<[u8; 2]>(l3 + IPV4_TTL_OFFSET)?[1],
         fragment: frags & IPV4_FRAGMENT_MASK != 0,
         l4: l3 + header_len,
     })
@@ -304,15 +312,14 @@ fn ipv4<F: Frame>(frame: &F, l3: usize, seen: &mut Seen) -> Option<Ipv4> {
 /// ICMP (echo, errors about other protocols or truncated quotes), which is passed.
 #[inline(always)]
 fn icmp_error<F: Frame>(frame: &F, outer: &Ipv4, outer_at: Headers) -> Option<IcmpError> {
-    let icmp_type = frame.read::<u8>(outer_at.l4)?;
+    let [icmp_type, _code] = frame.read::<[u8; 2]>(outer_at.l4)?;
     if icmp_type != ICMP_DEST_UNREACH
         && icmp_type != ICMP_TIME_EXCEEDED
         && icmp_type != ICMP_PARAMETER_PROBLEM
     {
         return None;
     }
-    let mut ignored = Seen::default();
-    let inner = ipv4(frame, outer_at.l4 + ICMP_HDR_LEN, &mut ignored)?;
+    let inner = ipv4(frame, outer_at.l4 + ICMP_HDR_LEN)?;
     if inner.protocol != IPPROTO_TCP && inner.protocol != IPPROTO_UDP {
         return None;
     }
