@@ -52,14 +52,14 @@ pub fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
     }
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         return n == 2;
     }
     // u64 so that `d * d` cannot overflow near u32::MAX.
     let n = u64::from(n);
     let mut d = 3_u64;
     while d * d <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 2;
@@ -190,10 +190,9 @@ fn advance(slot: u32, skip: u32, m: u32) -> u32 {
 
 /// `h % m`, which is below `m` and so fits `u32`. The bias of reducing a 64-bit hash by a
 /// modulus under 2^17 is below 2^-46: irrelevant.
+#[allow(clippy::cast_possible_truncation)]
 fn reduce(h: u64, m: u32) -> u32 {
-    #[allow(clippy::cast_possible_truncation)]
-    let r = (h % u64::from(m)) as u32;
-    r
+    (h % u64::from(m)) as u32
 }
 
 /// Identities are `ip:port` text in practice; anything else is shown as escaped bytes.
@@ -538,6 +537,8 @@ mod tests {
             })
         );
         assert_eq!(display_identity(b"a\xffb"), "a\\xffb");
+        assert!((disruption(&[], &one, 7, 0).unwrap() - 1.0).abs() < f64::EPSILON);
+        assert!(disruption(&[], &[], 7, 0).unwrap().abs() < f64::EPSILON);
     }
 
     #[test]
