@@ -22,6 +22,9 @@ use std::{
 
 use tokio::io::{Interest, unix::AsyncFd};
 
+/// An interface: its name and its ifindex.
+pub type Iface = (String, u32);
+
 /// The longest interface name the kernel accepts: `IFNAMSIZ` less the terminating NUL.
 pub const MAX_IFACE_NAME: usize = libc::IFNAMSIZ - 1;
 
@@ -257,8 +260,8 @@ impl fmt::Display for IfacePattern {
 ///
 /// An interface can vanish right after the scan; attaching to it then fails, and the event its
 /// removal raises leads to the next scan.
-pub fn matching_interfaces(patterns: &[IfacePattern]) -> io::Result<Vec<(String, u32)>> {
-    let mut found: Vec<(String, u32)> = interfaces()?
+pub fn matching_interfaces(patterns: &[IfacePattern]) -> io::Result<Vec<Iface>> {
+    let mut found: Vec<Iface> = interfaces()?
         .into_iter()
         .filter(|(name, _)| patterns.iter().any(|pattern| pattern.matches(name)))
         .collect();
@@ -267,7 +270,7 @@ pub fn matching_interfaces(patterns: &[IfacePattern]) -> io::Result<Vec<(String,
 }
 
 /// Every interface of the calling thread's network namespace.
-fn interfaces() -> io::Result<Vec<(String, u32)>> {
+fn interfaces() -> io::Result<Vec<Iface>> {
     // SAFETY: if_nameindex has no preconditions; a non-null result is freed below.
     let head = unsafe { libc::if_nameindex() };
     if head.is_null() {
@@ -390,7 +393,6 @@ fn sockaddr_nl_len() -> libc::socklen_t {
 
 #[expect(
     clippy::cast_possible_truncation,
-    clippy::cast_sign_loss,
     reason = "AF_NETLINK is 16, which sa_family_t holds"
 )]
 const AF_NETLINK_FAMILY: libc::sa_family_t = libc::AF_NETLINK as libc::sa_family_t;
@@ -451,10 +453,7 @@ fn drain(socket: BorrowedFd<'_>) -> io::Result<Drained> {
 /// name) is in both: apply `to_forget` first. Should `wanted` name an interface twice, the last
 /// entry wins, as it would in a map.
 #[must_use]
-pub fn reconcile(
-    attached: &BTreeMap<String, u32>,
-    wanted: &[(String, u32)],
-) -> (Vec<(String, u32)>, Vec<(String, u32)>) {
+pub fn reconcile(attached: &BTreeMap<String, u32>, wanted: &[Iface]) -> (Vec<Iface>, Vec<Iface>) {
     let wanted: BTreeMap<&str, u32> = wanted
         .iter()
         .map(|(name, index)| (name.as_str(), *index))
