@@ -51,6 +51,8 @@ pub struct Options {
     pub source_port: Option<u16>,
     /// Per-request timeout (`--timeout-ms`); lb-probe's default when `None`.
     pub timeout_ms: Option<u64>,
+    /// Skip the remaining requests after this many failures (`--max-failures`).
+    pub max_failures: Option<u32>,
 }
 
 /// Runs `lb-probe http|udp --target TARGET --count COUNT` in `ns`.
@@ -89,6 +91,9 @@ pub fn requests_with(
     }
     if let Some(timeout) = options.timeout_ms {
         command.args(["--timeout-ms", &timeout.to_string()]);
+    }
+    if let Some(max) = options.max_failures {
+        command.args(["--max-failures", &max.to_string()]);
     }
     let output = run(&mut command)?;
     let mut batch = Batch::default();

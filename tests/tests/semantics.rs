@@ -31,6 +31,17 @@ const REQUESTS: u32 = 60;
 /// Per-request timeout where failure is the expected outcome, to keep those tests short.
 const SHORT_TIMEOUT_MS: u64 = 500;
 
+/// Options for requests expected to fail: a short timeout, and every request is made (the
+/// agent's drop counters are checked against them).
+fn expecting_failures(bind: Option<Ipv4Addr>) -> Options {
+    Options {
+        bind,
+        timeout_ms: Some(SHORT_TIMEOUT_MS),
+        max_failures: Some(u32::MAX),
+        ..Options::default()
+    }
+}
+
 const READY: &str = "{ready: true, serving: true, terminating: false}";
 const TERMINATING: &str = "{ready: false, serving: true, terminating: true}";
 const NOT_SERVING: &str = "{ready: false, serving: false, terminating: true}";
@@ -276,6 +287,8 @@ impl Setup {
         self.requests_from(&self.cluster.client, kind, target, count, options)
     }
 
+    /// Requests from `ns`. Unless `options` say otherwise, a batch stops after 3 failures: a
+    /// broken path then fails the test in seconds, not after every request's timeout.
     fn requests_from(
         &self,
         ns: &Netns,
@@ -284,7 +297,11 @@ impl Setup {
         count: u32,
         options: &Options,
     ) -> Batch {
-        probe::requests_with(ns, &probe_bin(), kind, target, count, options)
+        let options = Options {
+            max_failures: options.max_failures.or(Some(3)),
+            ..options.clone()
+        };
+        probe::requests_with(ns, &probe_bin(), kind, target, count, &options)
             .unwrap_or_else(|e| panic!("{kind} requests to {target}: {e:#}\n{}", self.logs()))
     }
 
@@ -575,10 +592,7 @@ fn tagged_links_carry_traffic_without_an_agent() {
             .client
             .ip(&["neigh", "flush", "dev", "eth0"])
             .expect("flushing neighbours");
-        let short = Options {
-            timeout_ms: Some(SHORT_TIMEOUT_MS),
-            ..Options::default()
-        };
+        let short = expecting_failures(None);
         let batch = setup.requests_with("http", node_port(2, 9000), 2, &short);
         setup.assert_none_answered(&batch, 2, &format!("{tagging:?}: untagging node-2"));
     }
@@ -672,10 +686,7 @@ fn local_policy_without_a_local_endpoint_drops_and_counts() {
         "node-2's NodePort",
     );
 
-    let short = Options {
-        timeout_ms: Some(SHORT_TIMEOUT_MS),
-        ..Options::default()
-    };
+    let short = expecting_failures(None);
     let via_1 = setup.requests_with("http", WEB_LB, 5, &short);
     setup.assert_none_answered(&via_1, 5, "LB IP via node-1 (no local endpoint)");
     let via_1 = setup.requests_with("http", node_port(1, WEB_NODE_PORT), 5, &short);
@@ -800,11 +811,7 @@ fn source_ranges_admit_only_listed_clients() {
         setup.assert_all_answered(&batch, 10, &what);
         setup.assert_seen(&batch, &["web-a", "web-b"], CLIENT_ADDR, &what);
     }
-    let outside = Options {
-        bind: Some(CLIENT_ALT_ADDR),
-        timeout_ms: Some(SHORT_TIMEOUT_MS),
-        ..Options::default()
-    };
+    let outside = expecting_failures(Some(CLIENT_ALT_ADDR));
     for (name, target) in frontends {
         let what = format!("{name} {target} from {CLIENT_ALT_ADDR} (outside the range)");
         let batch = setup.requests_with("http", target, 5, &outside);
@@ -908,11 +915,7 @@ endpoints:
         ("local endpoint", v4(198, 51, 100, 60, 53)),
         ("remote endpoint", v4(198, 51, 100, 61, 53)),
     ] {
-        let options = Options {
-            timeout_ms: Some(1000),
-            ..Options::default()
-        };
-        let batch = setup.requests_with("udp", target, 3, &options);
+        let batch = setup.requests_with("udp", target, 3, &expecting_failures(None));
         assert_eq!(
             batch.failures,
             ["fail refused"; 3],

@@ -72,6 +72,10 @@ struct Requests {
     /// Source address (one of this namespace's addresses); by default the kernel picks it.
     #[arg(long)]
     bind: Option<Ipv4Addr>,
+    /// After this many failures, skip the remaining requests (each still gets a `fail` line),
+    /// so a broken path fails a test quickly instead of after COUNT timeouts.
+    #[arg(long)]
+    max_failures: Option<u32>,
 }
 
 #[derive(Args)]
@@ -163,7 +167,7 @@ fn main() -> ExitCode {
         } => serve(&name, tcp, udp, Duration::from_secs(lifetime_secs)),
         Command::Http(args) => {
             let timeout = Duration::from_millis(args.timeout_ms);
-            requests(args.count, |_| {
+            requests(args.count, args.max_failures, |_| {
                 http_request(args.target, args.bind, timeout)
             });
             Ok(())
@@ -171,7 +175,7 @@ fn main() -> ExitCode {
         Command::Udp(args) => {
             let common = &args.common;
             let timeout = Duration::from_millis(common.timeout_ms);
-            requests(common.count, |i| {
+            requests(common.count, common.max_failures, |i| {
                 let port = match args.source_port {
                     Some(base) => Some(
                         u16::try_from(i)
@@ -199,11 +203,23 @@ fn main() -> ExitCode {
 }
 
 /// Makes `count` requests, printing one result line each.
-fn requests(count: u32, request: impl Fn(u32) -> Result<String, String>) {
+fn requests(
+    count: u32,
+    max_failures: Option<u32>,
+    request: impl Fn(u32) -> Result<String, String>,
+) {
+    let mut failures = 0;
     for i in 0..count {
+        if max_failures.is_some_and(|max| failures >= max) {
+            println!("fail skipped after {failures} failures");
+            continue;
+        }
         match request(i) {
             Ok(line) => println!("ok {line}"),
-            Err(reason) => println!("fail {reason}"),
+            Err(reason) => {
+                failures += 1;
+                println!("fail {reason}");
+            }
         }
     }
 }
