@@ -16,6 +16,9 @@
 //! `hold`: opens `count` keep-alive connections, makes one request on each (`held ok ...` lines,
 //! then `holding`), waits until a file exists, then makes a second request on each (`again ok ...`
 //! or `again fail <reason>`), so a test can change something while connections are established.
+//!
+//! `vlan`: makes an interface a tagged link (for kernels without 802.1Q; see `mod vlan`), prints
+//! `tagging` and keeps the tags on until killed.
 
 use std::{
     io::{self, Read as _, Write as _},
