@@ -1,6 +1,7 @@
 //! Running `lb-agent` inside a node namespace, as a user would, and waiting until it serves.
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead as _, BufReader},
     path::Path,
     process::Stdio,
@@ -14,6 +15,9 @@ use crate::netns::{Netns, Process};
 
 /// What `lb-agent run` logs once it is attached (see `READY_LINE` in lb-userspace).
 const READY_LINE: &str = "lb-agent is serving";
+/// What it logs after SIGHUP once the re-read config is applied, or refused.
+const RELOADED: &str = "config reloaded";
+const RELOAD_REFUSED: &str = "config reload refused";
 
 pub struct Agent {
     process: Process,
@@ -80,6 +84,32 @@ impl Agent {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// Sends SIGHUP (re-read the config file) and waits at most `timeout` until the agent says it
+    /// applied it. A refused config, an exit or silence is an error that carries the log.
+    pub fn reload(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let count = |log: &str, line: &str| log.matches(line).count();
+        let before = self.log();
+        let (reloaded, refused) = (count(&before, RELOADED), count(&before, RELOAD_REFUSED));
+        self.process.signal("HUP")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if count(&log, RELOAD_REFUSED) > refused {
+                bail!("lb-agent refused the new config:\n{log}");
+            }
+            if count(&log, RELOADED) > reloaded {
+                return Ok(());
+            }
+            if let Some(status) = self.process.child_mut().try_wait()? {
+                bail!("lb-agent exited with {status} after SIGHUP:\n{log}");
+            }
+            if Instant::now() > deadline {
+                bail!("lb-agent did not log {RELOADED:?} within {timeout:?} of SIGHUP:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Stops the agent with SIGTERM, as a service manager would; returns its log.
     pub fn stop(mut self) -> anyhow::Result<String> {
         let status = self.process.terminate(Duration::from_secs(10))?;
@@ -90,4 +120,20 @@ impl Agent {
         }
         Ok(self.log())
     }
+}
+
+/// The last `counters: name=value ... drops: reason=value ...` line of an agent log, as one map
+/// of counter and drop reason names to values (the names do not overlap). Counters the agent did
+/// not print are zero, as the agent leaves zeros out. `None` if the log has no such line.
+#[must_use]
+pub fn final_counters(log: &str) -> Option<BTreeMap<String, u64>> {
+    let line = log.lines().rev().find(|l| l.contains("counters:"))?;
+    let (_, values) = line.split_once("counters:")?;
+    Some(
+        values
+            .split_whitespace()
+            .filter_map(|word| word.split_once('='))
+            .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
+            .collect(),
+    )
 }

@@ -145,20 +145,34 @@ impl Process {
         &mut self.child
     }
 
-    /// Sends SIGTERM and waits up to `timeout` for a clean exit.
-    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let pid = i32::try_from(self.child.id()).context("pid out of range")?;
-        run(Command::new("kill").args(["-TERM", &pid.to_string()]))?;
+    /// Sends `signal` (a name `kill` knows, like `HUP`).
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.child.id().to_string();
+        run(Command::new("kill").args([&format!("-{signal}"), &pid])).map(drop)
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
                 return Ok(status);
             }
             if Instant::now() > deadline {
-                bail!("process {pid} did not exit within {timeout:?} of SIGTERM");
+                bail!(
+                    "process {} did not exit within {timeout:?}",
+                    self.child.id()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for a clean exit.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        self.signal("TERM")?;
+        self.wait(timeout)
+            .context("the process did not stop after SIGTERM")
     }
 }
 

@@ -1,16 +1,26 @@
 //! Running `lb-probe` clients in the client namespace and reading their answers.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::Path};
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader},
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::mpsc::{self, Receiver, RecvTimeoutError},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
 
-use crate::netns::{Netns, run};
+use crate::netns::{Netns, Pod, Process, Topology, run};
 
-/// One request's answer: which backend answered and the client address it saw.
+/// One request's answer: which backend answered, the client address it saw, and the client's
+/// own address for the request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
     pub backend: String,
     pub client_seen: SocketAddr,
+    pub local: SocketAddr,
 }
 
 /// The answers to a batch of requests, and the failures.
@@ -32,6 +42,19 @@ impl Batch {
     }
 }
 
+/// How `lb-probe http|udp` sends, beyond target and count.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Source address (`--bind`).
+    pub bind: Option<Ipv4Addr>,
+    /// UDP: request i from port `source_port + i` (`--source-port`).
+    pub source_port: Option<u16>,
+    /// Per-request timeout (`--timeout-ms`); lb-probe's default when `None`.
+    pub timeout_ms: Option<u64>,
+    /// Skip the remaining requests after this many failures (`--max-failures`).
+    pub max_failures: Option<u32>,
+}
+
 /// Runs `lb-probe http|udp --target TARGET --count COUNT` in `ns`.
 pub fn requests(
     ns: &Netns,
@@ -40,56 +63,230 @@ pub fn requests(
     target: SocketAddr,
     count: u32,
 ) -> anyhow::Result<Batch> {
-    let output = run(ns.command(&probe_bin.to_string_lossy()).args([
+    requests_with(ns, probe_bin, kind, target, count, &Options::default())
+}
+
+/// Like `requests`, with a source address, source ports or timeout.
+pub fn requests_with(
+    ns: &Netns,
+    probe_bin: &Path,
+    kind: &str,
+    target: SocketAddr,
+    count: u32,
+    options: &Options,
+) -> anyhow::Result<Batch> {
+    let mut command = ns.command(&probe_bin.to_string_lossy());
+    command.args([
         kind,
         "--target",
         &target.to_string(),
         "--count",
         &count.to_string(),
-    ]))?;
+    ]);
+    if let Some(bind) = options.bind {
+        command.args(["--bind", &bind.to_string()]);
+    }
+    if let Some(port) = options.source_port {
+        command.args(["--source-port", &port.to_string()]);
+    }
+    if let Some(timeout) = options.timeout_ms {
+        command.args(["--timeout-ms", &timeout.to_string()]);
+    }
+    if let Some(max) = options.max_failures {
+        command.args(["--max-failures", &max.to_string()]);
+    }
+    let output = run(&mut command)?;
     let mut batch = Batch::default();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
-        let mut words = line.split_whitespace();
-        match (words.next(), words.next(), words.next()) {
-            (Some("ok"), Some(backend), Some(seen)) => batch.answers.push(Answer {
-                backend: backend.to_owned(),
-                client_seen: seen
-                    .parse()
-                    .with_context(|| format!("bad client address in {line:?}"))?,
-            }),
-            (Some("fail"), ..) => batch.failures.push(line.to_owned()),
-            _ => bail!("unexpected lb-probe output {line:?}"),
+        match parse_result(line)? {
+            Ok(answer) => batch.answers.push(answer),
+            Err(failure) => batch.failures.push(failure),
         }
     }
     Ok(batch)
 }
 
-/// Starts `lb-probe serve` in every pod (HTTP on 8080, UDP on 5353, named after the pod) and
-/// waits until each has bound its sockets.
-pub fn start_backends(
-    topology: &crate::netns::Topology,
+/// `ok <backend> <seen> <local>` as an answer, `fail ...` as the failure line.
+fn parse_result(line: &str) -> anyhow::Result<Result<Answer, String>> {
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next(), words.next(), words.next()) {
+        (Some("ok"), Some(backend), Some(seen), Some(local)) => Ok(Ok(Answer {
+            backend: backend.to_owned(),
+            client_seen: seen
+                .parse()
+                .with_context(|| format!("bad client address in {line:?}"))?,
+            local: local
+                .parse()
+                .with_context(|| format!("bad local address in {line:?}"))?,
+        })),
+        (Some("fail"), ..) => Ok(Err(line.to_owned())),
+        _ => bail!("unexpected lb-probe output {line:?}"),
+    }
+}
+
+/// Runs `lb-probe pmtu` in `ns` and returns the path MTU its socket learned, with the probe's
+/// whole output for messages.
+pub fn path_mtu(
+    ns: &Netns,
     probe_bin: &Path,
-) -> anyhow::Result<Vec<crate::netns::Process>> {
-    let mut servers = Vec::new();
-    for pod in &topology.pods {
-        let mut command = pod.ns.command(&probe_bin.to_string_lossy());
+    target: SocketAddr,
+    size: usize,
+    attempts: u32,
+) -> anyhow::Result<(u32, String)> {
+    let output = run(ns.command(&probe_bin.to_string_lossy()).args([
+        "pmtu",
+        "--target",
+        &target.to_string(),
+        "--size",
+        &size.to_string(),
+        "--attempts",
+        &attempts.to_string(),
+    ]))?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mtu = text
+        .lines()
+        .find_map(|l| l.strip_prefix("mtu "))
+        .and_then(|m| m.trim().parse().ok())
+        .with_context(|| format!("no mtu line in lb-probe pmtu output:\n{text}"))?;
+    Ok((mtu, text))
+}
+
+/// A running `lb-probe hold`: connections held open until `release` is called.
+pub struct Hold {
+    process: Process,
+    lines: Receiver<String>,
+    release_file: PathBuf,
+    output: Vec<String>,
+}
+
+impl Hold {
+    /// Starts `lb-probe hold` in `ns` with `count` connections to `target`; `release_file` must
+    /// not exist yet (creating it starts the second requests).
+    pub fn start(
+        ns: &Netns,
+        probe_bin: &Path,
+        target: SocketAddr,
+        count: u32,
+        release_file: &Path,
+    ) -> anyhow::Result<Self> {
+        if release_file.exists() {
+            bail!("{} exists already", release_file.display());
+        }
+        let mut command = ns.command(&probe_bin.to_string_lossy());
         command
-            .args(["serve", "--name", &pod.name])
-            .args(["--tcp", "0.0.0.0:8080", "--udp", "0.0.0.0:5353"])
-            .args(["--lifetime-secs", "600"])
-            .stdout(std::process::Stdio::piped());
-        let mut server = crate::netns::Process::spawn(&mut command)?;
-        let stdout = server.child_mut().stdout.take().context("server stdout")?;
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            .args(["hold", "--target", &target.to_string()])
+            .args(["--count", &count.to_string(), "--until"])
+            .arg(release_file)
+            .args(["--wait-secs", "60"])
+            .stdout(Stdio::piped());
+        let mut process = Process::spawn(&mut command)?;
+        let stdout = process.child_mut().stdout.take().context("hold stdout")?;
+        let (sender, lines) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
-            let _ = ready_tx.send(line);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
         });
-        match ready_rx.recv_timeout(std::time::Duration::from_secs(10)) {
-            Ok(line) if line.trim() == "serving" => servers.push(server),
-            other => bail!("backend in {} did not start: {other:?}", pod.name),
+        Ok(Hold {
+            process,
+            lines,
+            release_file: release_file.to_owned(),
+            output: Vec::new(),
+        })
+    }
+
+    /// Waits (at most `timeout`) until every connection made its first request; returns the
+    /// result per connection.
+    pub fn held(&mut self, timeout: Duration) -> anyhow::Result<Vec<Result<Answer, String>>> {
+        self.read_until(timeout, |line| line == "holding")?;
+        self.results("held")
+    }
+
+    /// Lets the probe make the second request on every connection and waits (at most
+    /// `timeout`) for it to finish; returns the result per connection.
+    pub fn release(&mut self, timeout: Duration) -> anyhow::Result<Vec<Result<Answer, String>>> {
+        std::fs::write(&self.release_file, b"")
+            .with_context(|| format!("creating {}", self.release_file.display()))?;
+        let status = self.process.wait(timeout)?;
+        // The reader thread ends with the probe's stdout; take what it still has.
+        self.read_until(Duration::from_secs(2), |_| false).ok();
+        if !status.success() {
+            bail!("lb-probe hold exited with {status}:\n{}", self.output());
+        }
+        self.results("again")
+    }
+
+    /// Everything the probe printed so far.
+    #[must_use]
+    pub fn output(&self) -> String {
+        self.output.join("\n")
+    }
+
+    fn read_until(&mut self, timeout: Duration, done: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let finished = done(&line);
+                    self.output.push(line);
+                    if finished {
+                        return Ok(());
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    bail!("lb-probe hold ended:\n{}", self.output())
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    bail!(
+                        "lb-probe hold did not get on within {timeout:?}:\n{}",
+                        self.output()
+                    )
+                }
+            }
         }
     }
-    Ok(servers)
+
+    fn results(&self, phase: &str) -> anyhow::Result<Vec<Result<Answer, String>>> {
+        self.output
+            .iter()
+            .filter_map(|l| l.strip_prefix(phase))
+            .filter_map(|l| l.strip_prefix(' '))
+            .map(parse_result)
+            .collect()
+    }
+}
+
+/// Starts `lb-probe serve` in `pod` (HTTP on 8080, UDP on 5353, named after the pod) and waits
+/// until it has bound its sockets.
+pub fn start_backend(pod: &Pod, probe_bin: &Path) -> anyhow::Result<Process> {
+    let mut command = pod.ns.command(&probe_bin.to_string_lossy());
+    command
+        .args(["serve", "--name", &pod.name])
+        .args(["--tcp", "0.0.0.0:8080", "--udp", "0.0.0.0:5353"])
+        .args(["--lifetime-secs", "600"])
+        .stdout(Stdio::piped());
+    let mut server = Process::spawn(&mut command)?;
+    let stdout = server.child_mut().stdout.take().context("server stdout")?;
+    let (ready_tx, ready_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = ready_tx.send(line);
+    });
+    match ready_rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(line) if line.trim() == "serving" => Ok(server),
+        other => bail!("backend in {} did not start: {other:?}", pod.name),
+    }
+}
+
+/// Starts a backend (see `start_backend`) in every pod of `topology`.
+pub fn start_backends(topology: &Topology, probe_bin: &Path) -> anyhow::Result<Vec<Process>> {
+    topology
+        .pods
+        .iter()
+        .map(|pod| start_backend(pod, probe_bin))
+        .collect()
 }
