@@ -109,6 +109,16 @@ pub struct FrontendKey {
 }
 const _: () = assert!(size_of::<FrontendKey>() == 8);
 
+/// Entries (u32 backend ids) between the starts of two Maglev tables: M rounded up to even.
+///
+/// The kernel stores array elements 8-byte aligned, so `MAGLEV` holds pairs of entries
+/// (`[u32; 2]`) to waste nothing; tables start on a pair so the agent can write them as one
+/// contiguous run through its memory mapping.
+#[must_use]
+pub const fn maglev_table_stride(table_size: u32) -> u32 {
+    table_size + (table_size & 1)
+}
+
 /// Bits of `Service::flags`.
 pub mod service_flags {
     /// The frontend's traffic policy is `Local`: only this node's endpoints are in its table,
@@ -126,7 +136,8 @@ pub mod service_flags {
 pub struct Service {
     /// The service port; never 0. Keys affinity and source ranges, labels statistics.
     pub service_id: u32,
-    /// Which Maglev table: entries `table * M .. (table + 1) * M` of `MAGLEV`.
+    /// Which Maglev table: entries `table * stride .. table * stride + M` of `MAGLEV`, with
+    /// `stride = maglev_table_stride(M)`.
     pub table: u32,
     /// How many backends the table spreads over; 0 means none (the packet is dropped).
     pub backend_count: u32,

@@ -18,12 +18,11 @@ static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 #[map(name = "FRONTENDS")]
 static FRONTENDS: HashMap<FrontendKey, Service> = HashMap::with_max_entries(MAX_FRONTENDS, 0);
 
-/// Every Maglev table, one after another: table `t` is entries `t * M .. (t + 1) * M`, each a
-/// backend id. The agent sizes it at load time (tables x M; this size is a placeholder) and
+/// Every Maglev table, one after another, as pairs of backend ids (see `maglev_table_stride`). The agent sizes it at load time (tables x M; this size is a placeholder) and
 /// writes new tables through a memory mapping: a table is megabytes, too much for one syscall
 /// per entry.
 #[map(name = "MAGLEV")]
-static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAX_TABLES, BPF_F_MMAPABLE);
+static MAGLEV: Array<[u32; 2]> = Array::with_max_entries(DEFAULT_MAX_TABLES, BPF_F_MMAPABLE);
 
 #[map(name = "BACKENDS")]
 static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
@@ -60,7 +59,8 @@ pub fn frontend(key: &FrontendKey) -> Option<Service> {
 /// Entry `index` of the concatenated Maglev tables: a backend id (0: none).
 #[inline(always)]
 pub fn maglev_entry(index: u32) -> Option<u32> {
-    MAGLEV.get(index).copied()
+    let pair = MAGLEV.get(index / 2)?;
+    Some(if index & 1 == 0 { pair[0] } else { pair[1] })
 }
 
 /// The backend with this id, if the id names one.

@@ -3,7 +3,7 @@
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
     AffinityKey, AffinityValue, Backend, Counter, DropReason, Service, Settings, backend_flags,
-    hash::flow_hash, service_flags,
+    hash::flow_hash, maglev_table_stride, service_flags,
 };
 
 use crate::{lookup, parse::Tuple, stats};
@@ -69,7 +69,7 @@ pub fn backend(
     // `checked_*`: a `%` that could divide by zero is a reachable panic the verifier rejects.
     let index = service
         .table
-        .checked_mul(m)
+        .checked_mul(maglev_table_stride(m))
         .and_then(|first| first.checked_add(hash.checked_rem(m)?))
         .ok_or(DropReason::BackendMissing)?;
     let id = lookup::maglev_entry(index).ok_or(DropReason::BackendMissing)?;

@@ -187,8 +187,10 @@ impl Default for LoadOptions {
 /// The `MAGLEV` array mapped into this process: tables are written here, not through syscalls.
 struct TableMemory {
     base: NonNull<u32>,
-    /// Entries per table.
+    /// Entries per table (M).
     size: usize,
+    /// Entries from one table's start to the next.
+    stride: usize,
     slots: u32,
     bytes: usize,
 }
@@ -201,7 +203,8 @@ impl TableMemory {
                 name: map_names::MAGLEV,
             });
         };
-        let entries = (slots as usize) * (size as usize);
+        let stride = lb_common::maglev_table_stride(size) as usize;
+        let entries = (slots as usize) * stride;
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         let bytes = (entries * 4).div_ceil(page) * page;
@@ -225,6 +228,7 @@ impl TableMemory {
         Ok(TableMemory {
             base,
             size: size as usize,
+            stride,
             slots,
             bytes,
         })
@@ -239,7 +243,7 @@ impl TableMemory {
         // mapping; the data path only reads slots that frontends point at, and none points at
         // this one, so no reader sees it half written.
         unsafe {
-            let start = self.base.as_ptr().add(slot as usize * self.size);
+            let start = self.base.as_ptr().add(slot as usize * self.stride);
             std::ptr::copy_nonoverlapping(table.as_ptr(), start, self.size);
         }
     }
@@ -250,7 +254,7 @@ impl TableMemory {
         }
         // SAFETY: inside the mapping, as in `write`.
         unsafe {
-            std::slice::from_raw_parts(self.base.as_ptr().add(slot as usize * self.size), self.size)
+            std::slice::from_raw_parts(self.base.as_ptr().add(slot as usize * self.stride), self.size)
                 .to_vec()
         }
     }
@@ -294,9 +298,11 @@ impl DataPlane {
         // One slot more than tables: a changed table is written into a free slot before the
         // old one is let go.
         let slots = options.max_tables.saturating_add(1);
+        let stride = lb_common::maglev_table_stride(options.maglev_table_size);
         let entries = slots
-            .checked_mul(options.maglev_table_size)
+            .checked_mul(stride)
             .filter(|&n| n < u32::MAX / 4)
+            .map(|n| n / 2)
             .ok_or(DataPlaneError::TablesTooLarge {
                 tables: options.max_tables,
                 size: options.maglev_table_size,
