@@ -213,6 +213,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     for iface in &args.ifaces {
         let mode = dataplane.attach(iface, args.xdp_mode)?;
         log::info!("{iface}: XDP attached in {mode} mode, TC on egress");
+        if node.snat_addr.is_some() {
+            netif::accept_local_sources(iface).with_context(|| {
+                format!(
+                    "setting net.ipv4.conf.{iface}.accept_local=1, which replies of SNATed \
+                     flows to a nodePort need"
+                )
+            })?;
+        }
     }
     for line in summary(&loaded.state) {
         log::info!("{line}");

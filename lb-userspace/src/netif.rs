@@ -56,3 +56,13 @@ pub fn hostname() -> String {
 pub fn ipv4_forwarding_enabled() -> bool {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|s| s.trim() == "1")
 }
+
+/// Lets `iface` accept packets whose source is one of this node's addresses
+/// (`net.ipv4.conf.IFACE.accept_local=1`).
+///
+/// The reply of a flow SNATed to a remote endpoint leaves XDP with the frontend as its source;
+/// for a nodePort that is this node's own address, and the stack drops such an arriving packet
+/// as a martian unless the interface accepts local sources.
+pub fn accept_local_sources(iface: &str) -> std::io::Result<()> {
+    std::fs::write(format!("/proc/sys/net/ipv4/conf/{iface}/accept_local"), "1")
+}
