@@ -184,9 +184,15 @@ impl Default for LoadOptions {
     }
 }
 
+/// Bytes one `MAGLEV` element takes in the mapping: the kernel rounds every array value up to
+/// 8 bytes (`elem_size = round_up(value_size, 8)` in `kernel/bpf/arraymap.c`), so a `u32`
+/// backend id is followed by 4 bytes of padding. Entry `i` starts at byte `i * 8`.
+const MAGLEV_ELEMENT_BYTES: usize = size_of::<u64>();
+
 /// The `MAGLEV` array mapped into this process: tables are written here, not through syscalls.
 struct TableMemory {
-    base: NonNull<u32>,
+    /// One `u64` per element: the 8 bytes the kernel gives each value.
+    base: NonNull<u64>,
     /// Entries per table.
     size: usize,
     slots: u32,
@@ -204,7 +210,7 @@ impl TableMemory {
         let entries = (slots as usize) * (size as usize);
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        let bytes = (entries * 4).div_ceil(page) * page;
+        let bytes = (entries * MAGLEV_ELEMENT_BYTES).div_ceil(page) * page;
         // SAFETY: a shared mapping of a BPF array created with BPF_F_MMAPABLE, of its rounded-up
         // size; the kernel checks both and fails the call otherwise.
         let base = unsafe {
@@ -220,7 +226,7 @@ impl TableMemory {
         if base == libc::MAP_FAILED {
             return Err(DataPlaneError::Mmap(std::io::Error::last_os_error()));
         }
-        let base = NonNull::new(base.cast::<u32>())
+        let base = NonNull::new(base.cast::<u64>())
             .ok_or_else(|| DataPlaneError::Mmap(std::io::Error::other("null mapping")))?;
         Ok(TableMemory {
             base,
@@ -235,24 +241,35 @@ impl TableMemory {
         if slot >= self.slots || table.len() != self.size {
             return;
         }
-        // SAFETY: `slot < slots` and the table has `size` entries, so the copy stays inside the
-        // mapping; the data path only reads slots that frontends point at, and none points at
-        // this one, so no reader sees it half written.
-        unsafe {
-            let start = self.base.as_ptr().add(slot as usize * self.size);
-            std::ptr::copy_nonoverlapping(table.as_ptr(), start, self.size);
+        let first = slot as usize * self.size;
+        for (i, &id) in table.iter().enumerate() {
+            // SAFETY: `slot < slots` and the table has `size` entries, so every element is
+            // inside the mapping, and elements are 8-byte aligned; the data path only reads
+            // slots that frontends point at, and none points at this one, so no reader sees it
+            // half written.
+            unsafe { self.element(first + i).write(id) };
         }
+    }
+
+    /// The id of `MAGLEV` entry `index` (its value's first 4 bytes).
+    ///
+    /// # Safety
+    /// `index` must be below `slots * size`.
+    unsafe fn element(&self, index: usize) -> *mut u32 {
+        // SAFETY: the caller keeps `index` inside the mapping. The value's bytes start the
+        // element whatever the byte order, so its first 4 bytes are the `u32`.
+        unsafe { self.base.as_ptr().add(index).cast::<u32>() }
     }
 
     fn read(&self, slot: u32) -> Vec<u32> {
         if slot >= self.slots {
             return Vec::new();
         }
-        // SAFETY: inside the mapping, as in `write`.
-        unsafe {
-            std::slice::from_raw_parts(self.base.as_ptr().add(slot as usize * self.size), self.size)
-                .to_vec()
-        }
+        let first = slot as usize * self.size;
+        (0..self.size)
+            // SAFETY: inside the mapping, as in `write`.
+            .map(|i| unsafe { self.element(first + i).read() })
+            .collect()
     }
 }
 
