@@ -28,12 +28,13 @@ use integration_tests::frame::{
     verify_ipv4_checksum, verify_l4_checksum,
 };
 use lb_common::{
-    Counter, DropReason, FlowKey, FlowTarget, checksum::l4_checksum_be, direction, hash::flow_hash,
+    Counter, DropReason, FlowEntry, FlowKey, checksum::l4_checksum_be, direction, hash::flow_hash,
 };
 use lb_userspace::{
-    dataplane::{Counters, DataPlane},
-    maps::MapContents,
-    model::{DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePort},
+    dataplane::{Counters, DataPlane, LoadOptions},
+    maglev,
+    maps::{MapContents, NodeConfig},
+    model::{DesiredState, Endpoint, EndpointState, Frontend, FrontendKind, Protocol, ServicePort},
 };
 
 // Program return values (include/uapi/linux/bpf.h, pkt_cls.h).
@@ -57,6 +58,13 @@ const TARGET_PORT: u16 = 8080;
 /// A service port with no ready endpoint.
 const EMPTY_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
 const EMPTY_NODE_PORT: u16 = 30_090;
+/// This node's name: endpoints with it are local.
+const NODE_NAME: &str = "node-a";
+/// M: a small prime keeps the tables (and their expected copies) cheap to build.
+const MAGLEV_SIZE: u32 = 251;
+/// Not 0, so a data path or agent that dropped the seed would pick differently.
+const HASH_SEED: u32 = 0x5eed_1234;
+const MAX_TABLES: u32 = 8;
 /// Outside the cluster.
 const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 5);
 /// A pod on another node, reaching the service by its clusterIP.
@@ -100,14 +108,19 @@ fn web(protocol: Protocol) -> ServicePort {
             frontend(FrontendKind::LoadBalancer, LB_IP, SERVICE_PORT),
             frontend(FrontendKind::ExternalIp, EXTERNAL_IP, SERVICE_PORT),
         ],
-        endpoints: ENDPOINTS
-            .iter()
-            .map(|&addr| Endpoint {
-                addr,
-                port: TARGET_PORT,
-                pod: None,
-            })
-            .collect(),
+        endpoints: ENDPOINTS.iter().map(|&addr| local_endpoint(addr)).collect(),
+        ..ServicePort::default()
+    }
+}
+
+/// An endpoint on this node: reached without SNAT.
+fn local_endpoint(addr: Ipv4Addr) -> Endpoint {
+    Endpoint {
+        addr,
+        port: TARGET_PORT,
+        pod: None,
+        node_name: Some(NODE_NAME.to_owned()),
+        state: EndpointState::Ready,
     }
 }
 
@@ -130,7 +143,7 @@ fn desired_state() -> DesiredState {
                         port: EMPTY_NODE_PORT,
                     },
                 ],
-                endpoints: Vec::new(),
+                ..ServicePort::default()
             },
             web(Protocol::Tcp),
             web(Protocol::Udp),
@@ -138,15 +151,47 @@ fn desired_state() -> DesiredState {
     }
 }
 
-/// The backend the data path must pick for a new flow: the same hash over the packet's 5-tuple
-/// (fields in network byte order read as native integers), modulo the endpoint count, indexing
-/// the endpoints in the order the state lists them.
-fn expected_backend(l4: L4, from: SocketAddrV4, frontend: SocketAddrV4) -> SocketAddrV4 {
+/// The Maglev table of a set of endpoints, built as the agent builds it (identities
+/// `"addr:port"`, this test's size and seed), as endpoints rather than indices.
+fn maglev_table(endpoints: &[SocketAddrV4]) -> Vec<SocketAddrV4> {
+    let identities: Vec<String> = endpoints
+        .iter()
+        .map(|e| format!("{}:{}", e.ip(), e.port()))
+        .collect();
+    let bytes: Vec<&[u8]> = identities.iter().map(String::as_bytes).collect();
+    maglev::build_table(&bytes, MAGLEV_SIZE, HASH_SEED)
+        .unwrap_or_else(|e| panic!("building the expected Maglev table: {e}"))
+        .into_iter()
+        .map(|i| endpoints[i as usize])
+        .collect()
+}
+
+/// The backend the data path must pick for a new flow to a service port served by
+/// `endpoints`: the Maglev table's entry at the flow hash (over the packet's 5-tuple, fields in
+/// network byte order read as native integers, with the configured seed) modulo M.
+fn maglev_pick(
+    endpoints: &[SocketAddrV4],
+    l4: L4,
+    from: SocketAddrV4,
+    frontend: SocketAddrV4,
+) -> SocketAddrV4 {
     let ne = |addr: &Ipv4Addr| u32::from_ne_bytes(addr.octets());
     let ports = (u32::from(from.port().to_be()) << 16) | u32::from(frontend.port().to_be());
-    let hash = flow_hash(ne(from.ip()), ne(frontend.ip()), ports, l4.number(), 0);
-    let slot = usize::try_from(hash % 3).expect("a slot index fits in usize");
-    sock(ENDPOINTS[slot], TARGET_PORT)
+    let hash = flow_hash(
+        ne(from.ip()),
+        ne(frontend.ip()),
+        ports,
+        l4.number(),
+        HASH_SEED,
+    );
+    let slot = usize::try_from(hash % MAGLEV_SIZE).expect("a slot index fits in usize");
+    maglev_table(endpoints)[slot]
+}
+
+/// The backend the data path must pick for a new flow to the `web` service ports.
+fn expected_backend(l4: L4, from: SocketAddrV4, frontend: SocketAddrV4) -> SocketAddrV4 {
+    let endpoints: Vec<SocketAddrV4> = ENDPOINTS.iter().map(|&a| sock(a, TARGET_PORT)).collect();
+    maglev_pick(&endpoints, l4, from, frontend)
 }
 
 /// What a program did with one frame.
@@ -250,16 +295,35 @@ fn tc_test_run_checksum_complete(program: &SchedClassifier, frame: &[u8]) -> io:
     })
 }
 
-/// A loaded data plane with the maps filled from [`desired_state`].
+/// This node as the tests configure it: no SNAT unless a test turns it on.
+fn node_config() -> NodeConfig {
+    NodeConfig {
+        node_name: NODE_NAME.to_owned(),
+        maglev_table_size: MAGLEV_SIZE,
+        maglev_seed: HASH_SEED,
+        max_tables: MAX_TABLES,
+        ..NodeConfig::default()
+    }
+}
+
+/// A loaded data plane with the maps filled from a desired state.
 struct Lb {
     dp: DataPlane,
 }
 
 impl Lb {
+    /// The maps filled from [`desired_state`].
     fn new() -> Self {
-        let mut dp = DataPlane::load()
-            .unwrap_or_else(|e| panic!("loading the data plane failed (run as root): {e}"));
-        let contents = MapContents::from_state(&desired_state())
+        Lb::with(&desired_state(), &node_config())
+    }
+
+    fn with(state: &DesiredState, node: &NodeConfig) -> Self {
+        let mut dp = DataPlane::load(LoadOptions {
+            max_tables: MAX_TABLES,
+            maglev_table_size: MAGLEV_SIZE,
+        })
+        .unwrap_or_else(|e| panic!("loading the data plane failed (run as root): {e}"));
+        let contents = MapContents::from_state(state, node, &MapContents::default())
             .unwrap_or_else(|e| panic!("the test state does not fit the maps: {e}"));
         dp.apply(contents)
             .unwrap_or_else(|e| panic!("filling the maps failed: {e}"));
@@ -302,7 +366,7 @@ impl Lb {
             .unwrap_or_else(|e| panic!("reading the counters failed: {e}"))
     }
 
-    fn flows(&self) -> Vec<(FlowKey, FlowTarget)> {
+    fn flows(&self) -> Vec<(FlowKey, FlowEntry)> {
         self.dp
             .flows()
             .unwrap_or_else(|e| panic!("reading the conntrack table failed: {e}"))
@@ -342,6 +406,16 @@ impl Lb {
         assert_deltas(case, &before, &after, counters, drops);
         out
     }
+}
+
+/// `counters`, plus `ipv4_options` if `packet` carries IPv4 options (the parser counts them
+/// for every packet it reads, whatever happens to it next).
+fn with_options_counted(packet: &Ipv4Frame, counters: &[(Counter, u64)]) -> Vec<(Counter, u64)> {
+    let mut counters = counters.to_vec();
+    if !packet.options.is_empty() {
+        counters.push((Counter::Ipv4Options, 1));
+    }
+    counters
 }
 
 /// How much each counter and drop reason moved.
@@ -637,7 +711,7 @@ fn dnat_translates_every_frontend_kind() {
                 &case,
                 &input,
                 XDP_PASS,
-                &[(Counter::XdpSeen, 1), (counter, 1)],
+                &with_options_counted(packet, &[(Counter::XdpSeen, 1), (counter, 1)]),
                 &[],
             );
             let got = parse(&case, &out);
@@ -880,7 +954,10 @@ fn tc_translates_replies_back_to_the_frontend() {
             &case,
             &input,
             TC_ACT_OK,
-            &[(Counter::TcSeen, 1), (Counter::ReplyTranslated, 1)],
+            &with_options_counted(
+                &reply,
+                &[(Counter::TcSeen, 1), (Counter::ReplyTranslated, 1)],
+            ),
             &[],
         );
         let got = parse(&case, &out);
@@ -1016,14 +1093,16 @@ fn tc_drops_a_tracked_reply_too_short_to_rewrite() {
     let backend = expected_backend(L4::Tcp, from, node_port());
     let forward = lb.xdp("forward", &Ipv4Frame::tcp(from, node_port()).build());
     assert_eq!(forward.verdict, XDP_PASS, "forward");
-    // The ports are there (so the reply is found), the TCP checksum field is not.
+    // The ports are there (so the reply would be found), the TCP checksum field is not: the
+    // parser's drop policy (lb-ebpf/src/parse.rs) drops it before the conntrack lookup, so no
+    // rewrite is ever attempted on a header that is not all there.
     let reply = truncate(&Ipv4Frame::tcp(backend, from).build(), ETH_HLEN + 20 + 8);
     lb.expect_tc(
         "tracked TCP reply cut 8 bytes into the TCP header",
         &reply,
         TC_ACT_SHOT,
         &[(Counter::TcSeen, 1), (Counter::TcDrop, 1)],
-        &[(DropReason::RewriteFailed, 1)],
+        &[(DropReason::L4HeaderTruncated, 1)],
     );
 }
 
@@ -1132,6 +1211,8 @@ enum Outcome {
     Pass(Counter),
     /// Dropped for this reason.
     Drop(DropReason),
+    /// Dropped for this reason after its IPv4 options were counted.
+    DropWithOptions(DropReason),
 }
 
 #[test]
@@ -1206,12 +1287,12 @@ fn malformed_and_fragmented_frames() {
         (
             "TCP after an IPv4 option, cut to 10 bytes",
             truncate(&tcp_options, ip_only + 4 + 10),
-            Outcome::Drop(DropReason::L4HeaderTruncated),
+            Outcome::DropWithOptions(DropReason::L4HeaderTruncated),
         ),
         (
             "IHL 15 with the options cut short",
             truncate(&tcp_max_options, ip_only + 30),
-            Outcome::Drop(DropReason::L4HeaderTruncated),
+            Outcome::DropWithOptions(DropReason::L4HeaderTruncated),
         ),
         (
             "UDP cut to 7 bytes",
@@ -1273,6 +1354,19 @@ fn malformed_and_fragmented_frames() {
                     &frame,
                     XDP_DROP,
                     &[(Counter::XdpSeen, 1), (Counter::XdpDrop, 1)],
+                    &[(reason, 1)],
+                );
+            }
+            Outcome::DropWithOptions(reason) => {
+                lb.expect_xdp(
+                    name,
+                    &frame,
+                    XDP_DROP,
+                    &[
+                        (Counter::XdpSeen, 1),
+                        (Counter::Ipv4Options, 1),
+                        (Counter::XdpDrop, 1),
+                    ],
                     &[(reason, 1)],
                 );
             }
