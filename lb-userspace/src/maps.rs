@@ -239,7 +239,10 @@ impl MapContents {
                 }
                 for endpoint in set {
                     let key = (service_id, endpoint.addr, endpoint.port);
-                    let id = backend_ids.reuse_or_allocate(previous.backend_ids.get(&key).copied());
+                    // An endpoint in both tables is one backend: the id this build already
+                    // gave it (for the cluster table) comes before the previous build's.
+                    let known = contents.backend_ids.get(&key).or(previous.backend_ids.get(&key));
+                    let id = backend_ids.reuse_or_allocate(known.copied());
                     contents.backend_ids.insert(key, id);
                     ids_of.insert((endpoint.addr, endpoint.port), id);
                     let backend = contents.backends.entry(id).or_insert(Backend {
