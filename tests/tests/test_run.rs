@@ -2086,47 +2086,60 @@ fn flows_to_remote_endpoints_are_snated_and_their_replies_translated_back() {
 }
 
 const STICKY_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
+const STICKY_NODE_PORT: u16 = 30_150;
 
 #[test]
 fn session_affinity_keeps_a_client_on_one_backend() {
     let endpoints: Vec<Endpoint> = ENDPOINTS.iter().map(|&a| local_endpoint(a)).collect();
-    let frontend = sock(STICKY_CLUSTER_IP, SERVICE_PORT);
+    let cluster_ip = sock(STICKY_CLUSTER_IP, SERVICE_PORT);
+    let node_port = sock(NODE_IP, STICKY_NODE_PORT);
+    // Both policies, so the endpoints are in a cluster and a local table: a pin must hold
+    // through either.
     let state = DesiredState {
         service_ports: vec![ServicePort {
             affinity_timeout_seconds: Some(60),
+            external_policy: TrafficPolicy::Local,
             ..service_port(
                 "sticky",
                 Protocol::Tcp,
-                &[(FrontendKind::ClusterIp, frontend)],
+                &[
+                    (FrontendKind::ClusterIp, cluster_ip),
+                    (FrontendKind::NodePort, node_port),
+                ],
                 endpoints.clone(),
             )
         }],
     };
     let mut lb = Lb::with(&state, &node_config());
-    let from = |port| sock(POD_CLIENT, port);
-    let ports = 49_400..49_450;
-    let first = maglev_pick(&targets(&endpoints), L4::Tcp, from(ports.start), frontend);
-    assert!(
-        ports
-            .clone()
-            .any(|p| maglev_pick(&targets(&endpoints), L4::Tcp, from(p), frontend) != first),
-        "the test needs flows Maglev alone would spread"
-    );
-    for port in ports.clone() {
-        let packet = Ipv4Frame::tcp(from(port), frontend);
-        let case = format!("flow {port} of one client");
-        // The first flow pins the client; every later one finds the pin.
-        let mut counters = vec![(Counter::XdpSeen, 1), (Counter::ForwardNew, 1)];
-        if port != ports.start {
-            counters.push((Counter::AffinityHit, 1));
+    let pick = |from, frontend| maglev_pick(&targets(&endpoints), L4::Tcp, from, frontend);
+    // Pins are per client address and service port, so each frontend gets its own client.
+    for (name, client_addr, frontend) in [
+        ("clusterIP", POD_CLIENT, cluster_ip),
+        ("nodePort", CLIENT, node_port),
+    ] {
+        let from = |port| sock(client_addr, port);
+        let ports = 49_400..49_450;
+        let first = pick(from(ports.start), frontend);
+        assert!(
+            ports.clone().any(|p| pick(from(p), frontend) != first),
+            "{name}: the test needs flows Maglev alone would spread"
+        );
+        for port in ports.clone() {
+            let packet = Ipv4Frame::tcp(from(port), frontend);
+            let case = format!("{name}: flow {port} of one client");
+            // The first flow pins the client; every later one finds the pin.
+            let mut counters = vec![(Counter::XdpSeen, 1), (Counter::ForwardNew, 1)];
+            if port != ports.start {
+                counters.push((Counter::AffinityHit, 1));
+            }
+            let out = lb.expect_xdp(&case, &packet.build(), XDP_PASS, &counters, &[]);
+            assert_frame_eq(&case, &out, &packet.with_dst(first).build());
         }
-        let out = lb.expect_xdp(&case, &packet.build(), XDP_PASS, &counters, &[]);
-        assert_frame_eq(&case, &out, &packet.with_dst(first).build());
     }
 
     // Another client is balanced on its own.
-    let other = sock(CLIENT, 49_400);
-    let packet = Ipv4Frame::tcp(other, frontend);
+    let other = sock(Ipv4Addr::new(172, 16, 0, 6), 49_400);
+    let packet = Ipv4Frame::tcp(other, cluster_ip);
     let out = lb.expect_xdp(
         "another client's first flow",
         &packet.build(),
@@ -2137,9 +2150,7 @@ fn session_affinity_keeps_a_client_on_one_backend() {
     assert_frame_eq(
         "another client's first flow",
         &out,
-        &packet
-            .with_dst(maglev_pick(&targets(&endpoints), L4::Tcp, other, frontend))
-            .build(),
+        &packet.with_dst(pick(other, cluster_ip)).build(),
     );
 }
 
