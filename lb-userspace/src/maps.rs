@@ -30,7 +30,7 @@ use crate::{
 pub struct NodeConfig {
     /// Compared with each endpoint's `nodeName`.
     pub node_name: String,
-    /// Flows to other nodes' endpoints are SNATed to this address; `None` turns SNAT off.
+    /// Flows to other nodes' endpoints get this source address; `None` turns SNAT off.
     pub snat_addr: Option<Ipv4Addr>,
     /// SNAT source ports, inclusive.
     pub snat_ports: (u16, u16),
@@ -44,7 +44,7 @@ pub struct NodeConfig {
     pub max_tables: u32,
 }
 
-/// Default SNAT ports: above Linux's default ephemeral range (32768-60999), so SNATed flows
+/// Default SNAT ports: above Linux's default ephemeral range (32768-60999), so translated flows
 /// never collide with the node's own connections.
 pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61_000, 65_535);
 
@@ -101,7 +101,9 @@ pub struct MapContents {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CapacityError {
-    #[error("{count} Maglev tables are needed but the data path has room for {limit}; raise --max-tables")]
+    #[error(
+        "{count} Maglev tables are needed but the data path has room for {limit}; raise --max-tables"
+    )]
     TooManyTables { count: usize, limit: u32 },
     #[error(
         "service {service} has {count} endpoints but the Maglev table size is {size}; raise \
@@ -178,6 +180,10 @@ fn service_identity(port: &ServicePort) -> String {
 impl MapContents {
     /// Builds the contents for `state`, keeping the ids `previous` gave to the same service
     /// ports and endpoints.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one pass per service port (backends, tables, frontends) sharing its sets and ids"
+    )]
     pub fn from_state(
         state: &DesiredState,
         node: &NodeConfig,
@@ -239,7 +245,13 @@ impl MapContents {
                 }
                 for endpoint in set {
                     let key = (service_id, endpoint.addr, endpoint.port);
-                    let id = backend_ids.reuse_or_allocate(previous.backend_ids.get(&key).copied());
+                    // An endpoint in both tables is one backend: the id this build already
+                    // gave it (for the cluster table) comes before the previous build's.
+                    let known = contents
+                        .backend_ids
+                        .get(&key)
+                        .or(previous.backend_ids.get(&key));
+                    let id = backend_ids.reuse_or_allocate(known.copied());
                     contents.backend_ids.insert(key, id);
                     ids_of.insert((endpoint.addr, endpoint.port), id);
                     let backend = contents.backends.entry(id).or_insert(Backend {
@@ -273,9 +285,11 @@ impl MapContents {
                         size: node.maglev_table_size,
                     });
                 }
-                let identities: Vec<String> =
-                    set.iter().map(|e| format!("{}:{}", e.addr, e.port)).collect();
-                let identity_bytes: Vec<&[u8]> = identities.iter().map(|s| s.as_bytes()).collect();
+                let identities: Vec<String> = set
+                    .iter()
+                    .map(|e| format!("{}:{}", e.addr, e.port))
+                    .collect();
+                let identity_bytes: Vec<&[u8]> = identities.iter().map(String::as_bytes).collect();
                 let indices =
                     maglev::build_table(&identity_bytes, node.maglev_table_size, node.maglev_seed)?;
                 let table = indices
@@ -285,7 +299,9 @@ impl MapContents {
                         ids_of[&(e.addr, e.port)]
                     })
                     .collect();
-                contents.tables.insert(TableKey { service_id, local }, table);
+                contents
+                    .tables
+                    .insert(TableKey { service_id, local }, table);
             }
 
             // Frontends.
@@ -332,7 +348,10 @@ impl MapContents {
                             affinity_timeout_s: port.affinity_timeout_seconds.unwrap_or(0),
                             flags,
                         },
-                        table_key: contents.tables.contains_key(&table_key).then_some(table_key),
+                        table_key: contents
+                            .tables
+                            .contains_key(&table_key)
+                            .then_some(table_key),
                     },
                 );
             }

@@ -1,11 +1,13 @@
 //! Typed Ethernet frames for `BPF_PROG_TEST_RUN` tables, and the checks run on what comes out.
 //!
 //! Frames are described by their fields, never written as hex: [`Ipv4Frame`] builds
-//! Ethernet + IPv4 (with optional options and fragment bits) + TCP or UDP with correct checksums;
+//! Ethernet (with optional VLAN tags) + IPv4 (with optional options and fragment bits) + TCP or
+//! UDP with correct checksums; [`IcmpErrorFrame`] builds an ICMP error quoting such a packet;
 //! [`arp_request`], [`ipv6_udp`] and [`icmp_echo_request`] build the traffic the data path must
-//! leave alone. [`Ipv4L4::parse`] reads a frame back, and [`verify_ipv4_checksum`] and
-//! [`verify_l4_checksum`] recompute both checksums from scratch (RFC 1071), so a wrong
-//! incremental update cannot hide behind the same arithmetic that produced it.
+//! leave alone. [`Ipv4L4::parse`] and [`IcmpQuote::parse`] read a frame back, and
+//! [`verify_ipv4_checksum`], [`verify_l4_checksum`] and [`verify_quoted_ipv4_checksum`]
+//! recompute the checksums from scratch (RFC 1071), so a wrong incremental update cannot hide
+//! behind the same arithmetic that produced it.
 
 use std::{
     fmt,
@@ -18,6 +20,12 @@ pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_IPV6: u16 = 0x86dd;
+/// 802.1Q VLAN tag (a customer tag, or the inner tag of Q-in-Q).
+pub const ETH_P_8021Q: u16 = 0x8100;
+/// 802.1ad service tag (the outer tag of Q-in-Q).
+pub const ETH_P_8021AD: u16 = 0x88a8;
+/// Bytes a VLAN tag adds to the Ethernet header: TPID and TCI.
+pub const VLAN_HLEN: usize = 4;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = lb_common::IPPROTO_TCP;
 pub const IPPROTO_UDP: u8 = lb_common::IPPROTO_UDP;
@@ -42,6 +50,7 @@ pub const IPV4_OPT_NOP: u8 = 0x01;
 /// TCP flags.
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_PSH: u8 = 0x08;
 pub const TCP_ACK: u8 = 0x10;
 
@@ -88,6 +97,15 @@ pub struct Fragment {
     pub offset: u16,
 }
 
+/// One VLAN tag of an Ethernet header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VlanTag {
+    /// [`ETH_P_8021Q`] or [`ETH_P_8021AD`].
+    pub tpid: u16,
+    /// The VLAN id (12 bits); priority and DEI are 0.
+    pub vid: u16,
+}
+
 /// Ethernet + IPv4 + TCP or UDP, described by its fields.
 ///
 /// [`Ipv4Frame::build`] computes the IPv4 total length and header checksum, the UDP length and
@@ -96,6 +114,8 @@ pub struct Fragment {
 pub struct Ipv4Frame {
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
+    /// VLAN tags, outermost first, between the MAC addresses and the IPv4 Ethernet type.
+    pub vlan_tags: Vec<VlanTag>,
     pub l4: L4,
     pub src: SocketAddrV4,
     pub dst: SocketAddrV4,
@@ -122,6 +142,7 @@ impl Ipv4Frame {
         Ipv4Frame {
             src_mac: CLIENT_MAC,
             dst_mac: NODE_MAC,
+            vlan_tags: Vec::new(),
             l4: L4::Tcp,
             src,
             dst,
@@ -201,6 +222,23 @@ impl Ipv4Frame {
         self
     }
 
+    /// VLAN tags, outermost first.
+    #[must_use]
+    pub fn with_vlan_tags(mut self, tags: &[VlanTag]) -> Self {
+        assert!(
+            tags.iter().all(|t| t.vid < 1 << 12),
+            "a VLAN id has 12 bits"
+        );
+        self.vlan_tags = tags.to_vec();
+        self
+    }
+
+    /// Offset of the IPv4 header in the built frame.
+    #[must_use]
+    pub fn l3_offset(&self) -> usize {
+        ETH_HLEN + VLAN_HLEN * self.vlan_tags.len()
+    }
+
     /// The IPv4 header length in bytes (options padded to 4).
     #[must_use]
     pub fn ip_header_len(&self) -> usize {
@@ -210,7 +248,7 @@ impl Ipv4Frame {
     /// Offset of the L4 header in the built frame.
     #[must_use]
     pub fn l4_offset(&self) -> usize {
-        ETH_HLEN + self.ip_header_len()
+        self.l3_offset() + self.ip_header_len()
     }
 
     /// The L4 header and payload with the checksum field zero.
@@ -277,10 +315,135 @@ impl Ipv4Frame {
             options: &options,
         };
 
-        let mut frame = ethernet(self.dst_mac, self.src_mac, ETH_P_IP);
+        let mut frame = ethernet_tagged(self.dst_mac, self.src_mac, &self.vlan_tags, ETH_P_IP);
         frame.extend_from_slice(&header.build(segment.len()));
         frame.extend_from_slice(&segment);
         frame.resize(frame.len() + self.trailer, 0);
+        frame
+    }
+
+    /// The IPv4 packet alone: the frame without Ethernet header, tags and trailer.
+    #[must_use]
+    pub fn ip_packet(&self) -> Vec<u8> {
+        let frame = self.build();
+        frame[self.l3_offset()..frame.len() - self.trailer].to_vec()
+    }
+}
+
+/// An ICMP error (RFC 792) over IPv4, quoting the start of the packet it is about.
+///
+/// [`IcmpErrorFrame::build`] computes the outer IPv4 header and the ICMP checksums; the quote
+/// is the quoted packet as built (its own checksums correct), cut and patched as told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IcmpErrorFrame {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    /// The error's sender and receiver.
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub icmp_type: u8,
+    pub code: u8,
+    /// The 4 bytes after the checksum: unused (0), or the next-hop MTU of "fragmentation
+    /// needed" in the last two.
+    pub rest: [u8; 4],
+    /// The packet the error is about, as its sender built it.
+    pub quoted: Ipv4Frame,
+    /// How many bytes of the quoted IPv4 packet are included; `None`: all of it.
+    pub quoted_len: Option<usize>,
+    /// The quoted packet's L4 checksum field, if not as built: translators rewrite a quote's
+    /// addresses and ports but leave its L4 checksum alone (receivers do not verify it).
+    pub quoted_l4_checksum: Option<u16>,
+}
+
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_PORT_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+
+impl IcmpErrorFrame {
+    /// "Destination unreachable, port unreachable" from `src` to `dst` about `quoted`, quoting
+    /// all of it.
+    #[must_use]
+    pub fn port_unreachable(src: Ipv4Addr, dst: Ipv4Addr, quoted: Ipv4Frame) -> Self {
+        IcmpErrorFrame {
+            src_mac: NODE_MAC,
+            dst_mac: CLIENT_MAC,
+            src,
+            dst,
+            icmp_type: ICMP_DEST_UNREACH,
+            code: ICMP_PORT_UNREACH,
+            rest: [0; 4],
+            quoted,
+            quoted_len: None,
+            quoted_l4_checksum: None,
+        }
+    }
+
+    #[must_use]
+    pub fn with_src(mut self, src: Ipv4Addr) -> Self {
+        self.src = src;
+        self
+    }
+
+    #[must_use]
+    pub fn with_dst(mut self, dst: Ipv4Addr) -> Self {
+        self.dst = dst;
+        self
+    }
+
+    /// The quoted packet replaced by `quoted`.
+    #[must_use]
+    pub fn with_quoted(mut self, quoted: Ipv4Frame) -> Self {
+        self.quoted = quoted;
+        self
+    }
+
+    /// Only the first `len` bytes of the quoted IPv4 packet are included.
+    #[must_use]
+    pub fn with_quoted_len(mut self, len: usize) -> Self {
+        self.quoted_len = Some(len);
+        self
+    }
+
+    #[must_use]
+    pub fn with_quoted_l4_checksum(mut self, check: u16) -> Self {
+        self.quoted_l4_checksum = Some(check);
+        self
+    }
+
+    /// The quoted bytes as they appear after the ICMP header.
+    #[must_use]
+    pub fn quote(&self) -> Vec<u8> {
+        let mut quote = self.quoted.ip_packet();
+        if let Some(check) = self.quoted_l4_checksum {
+            let at = self.quoted.ip_header_len() + self.quoted.l4.check_offset();
+            quote[at..at + 2].copy_from_slice(&check.to_be_bytes());
+        }
+        if let Some(len) = self.quoted_len {
+            quote.truncate(len);
+        }
+        quote
+    }
+
+    /// The frame's bytes.
+    #[must_use]
+    pub fn build(&self) -> Vec<u8> {
+        let mut message = vec![self.icmp_type, self.code, 0, 0];
+        message.extend_from_slice(&self.rest);
+        message.extend_from_slice(&self.quote());
+        let check = checksum_be(&message);
+        message[2..4].copy_from_slice(&check.to_be_bytes());
+        let header = Ipv4Header {
+            ident: 0x4321,
+            flags_fragment: 0,
+            ttl: 64,
+            protocol: IPPROTO_ICMP,
+            src: self.src,
+            dst: self.dst,
+            options: &[],
+        };
+        let mut frame = ethernet(self.dst_mac, self.src_mac, ETH_P_IP);
+        frame.extend_from_slice(&header.build(message.len()));
+        frame.extend_from_slice(&message);
         frame
     }
 }
@@ -293,9 +456,22 @@ fn be16(len: usize) -> [u8; 2] {
 }
 
 fn ethernet(dst_mac: [u8; 6], src_mac: [u8; 6], ether_type: u16) -> Vec<u8> {
+    ethernet_tagged(dst_mac, src_mac, &[], ether_type)
+}
+
+fn ethernet_tagged(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    tags: &[VlanTag],
+    ether_type: u16,
+) -> Vec<u8> {
     let mut frame = Vec::with_capacity(128);
     frame.extend_from_slice(&dst_mac);
     frame.extend_from_slice(&src_mac);
+    for tag in tags {
+        frame.extend_from_slice(&tag.tpid.to_be_bytes());
+        frame.extend_from_slice(&tag.vid.to_be_bytes());
+    }
     frame.extend_from_slice(&ether_type.to_be_bytes());
     frame
 }
@@ -505,6 +681,8 @@ pub struct Ipv4L4 {
     pub protocol: u8,
     pub src: SocketAddrV4,
     pub dst: SocketAddrV4,
+    /// Offset of the IPv4 header in the frame (after Ethernet and any VLAN tags).
+    pub l3_offset: usize,
     /// IPv4 header length from IHL.
     pub ip_header_len: usize,
     /// Offset of the L4 header in the frame.
@@ -514,41 +692,48 @@ pub struct Ipv4L4 {
 }
 
 impl Ipv4L4 {
-    /// Reads Ethernet, the IPv4 header and, for TCP and UDP, the ports (ICMP gets port 0).
+    /// Reads Ethernet (skipping up to two VLAN tags), the IPv4 header and, for TCP and UDP,
+    /// the ports (ICMP gets port 0).
     pub fn parse(frame: &[u8]) -> Result<Self, FrameError> {
-        let need = |what, need: usize| {
-            if frame.len() < need {
-                Err(FrameError::TooShort {
-                    what,
-                    need,
-                    have: frame.len(),
-                })
+        // Up to two tags (one, or Q-in-Q): what the data path skips too.
+        let max_type_at = ETH_HLEN - 2 + 2 * VLAN_HLEN;
+        let mut type_at = ETH_HLEN - 2;
+        let ether_type = loop {
+            need(frame, "Ethernet", type_at + 2)?;
+            let ether_type = u16::from_be_bytes([frame[type_at], frame[type_at + 1]]);
+            if (ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD) && type_at < max_type_at {
+                type_at += VLAN_HLEN;
             } else {
-                Ok(())
+                break ether_type;
             }
         };
-        need("Ethernet", ETH_HLEN)?;
-        let ether_type = u16::from_be_bytes([frame[12], frame[13]]);
         if ether_type != ETH_P_IP {
             return Err(FrameError::NotIpv4 { ether_type });
         }
-        need("the IPv4 header", ETH_HLEN + IPV4_MIN_HDR_LEN)?;
-        let version_ihl = frame[ETH_HLEN];
+        Ipv4L4::parse_at(frame, type_at + 2, true)
+    }
+
+    /// Reads the IPv4 header at `l3` and what follows. `complete`: the packet must be all
+    /// there (as its total length says); otherwise it may be cut after the L4 ports (a quote).
+    fn parse_at(frame: &[u8], l3: usize, complete: bool) -> Result<Self, FrameError> {
+        need(frame, "the IPv4 header", l3 + IPV4_MIN_HDR_LEN)?;
+        let version_ihl = frame[l3];
         let ip_header_len = usize::from(version_ihl & 0x0f) * 4;
         if version_ihl >> 4 != 4 || ip_header_len < IPV4_MIN_HDR_LEN {
             return Err(FrameError::BadIpv4Header { version_ihl });
         }
-        need("the IPv4 options", ETH_HLEN + ip_header_len)?;
-        let total_len = usize::from(u16::from_be_bytes([
-            frame[ETH_HLEN + 2],
-            frame[ETH_HLEN + 3],
-        ]));
-        let ip_end = ETH_HLEN + total_len;
-        need("the IPv4 total length", ip_end)?;
-        let protocol = frame[ETH_HLEN + 9];
+        need(frame, "the IPv4 options", l3 + ip_header_len)?;
+        let total_len = usize::from(u16::from_be_bytes([frame[l3 + 2], frame[l3 + 3]]));
+        let ip_end = if complete {
+            need(frame, "the IPv4 total length", l3 + total_len)?;
+            l3 + total_len
+        } else {
+            (l3 + total_len).min(frame.len())
+        };
+        let protocol = frame[l3 + 9];
         let addr =
             |at: usize| Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3]);
-        let l4_offset = ETH_HLEN + ip_header_len;
+        let l4_offset = l3 + ip_header_len;
         let (src_port, dst_port) = match protocol {
             IPPROTO_TCP | IPPROTO_UDP => {
                 let l4 = if protocol == IPPROTO_TCP {
@@ -556,7 +741,9 @@ impl Ipv4L4 {
                 } else {
                     L4::Udp
                 };
-                need("the L4 header", l4_offset + l4.header_len())?;
+                // A quote need only hold the first 8 bytes (RFC 792).
+                let l4_len = if complete { l4.header_len() } else { 8 };
+                need(frame, "the L4 header", l4_offset + l4_len)?;
                 let port = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
                 (port(l4_offset), port(l4_offset + 2))
             }
@@ -565,8 +752,9 @@ impl Ipv4L4 {
         };
         Ok(Ipv4L4 {
             protocol,
-            src: SocketAddrV4::new(addr(IPV4_SRC_OFFSET), src_port),
-            dst: SocketAddrV4::new(addr(IPV4_DST_OFFSET), dst_port),
+            src: SocketAddrV4::new(addr(l3 + 12), src_port),
+            dst: SocketAddrV4::new(addr(l3 + 16), dst_port),
+            l3_offset: l3,
             ip_header_len,
             l4_offset,
             ip_end,
@@ -597,11 +785,61 @@ impl Ipv4L4 {
     }
 }
 
+/// `Err` unless `frame` has at least `len` bytes.
+fn need(frame: &[u8], what: &'static str, len: usize) -> Result<(), FrameError> {
+    if frame.len() < len {
+        Err(FrameError::TooShort {
+            what,
+            need: len,
+            have: frame.len(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// An ICMP error frame read back: the error's own packet and the one it quotes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpQuote {
+    pub outer: Ipv4L4,
+    pub icmp_type: u8,
+    pub code: u8,
+    /// Offsets are in the whole frame; `ip_end` is where the quote ends.
+    pub quoted: Ipv4L4,
+}
+
+impl IcmpQuote {
+    pub fn parse(frame: &[u8]) -> Result<Self, FrameError> {
+        let outer = Ipv4L4::parse(frame)?;
+        if outer.protocol != IPPROTO_ICMP {
+            return Err(FrameError::UnsupportedProtocol {
+                protocol: outer.protocol,
+            });
+        }
+        // Type, code, checksum and 4 more bytes come before the quote.
+        let quoted = Ipv4L4::parse_at(&frame[..outer.ip_end], outer.l4_offset + 8, false)?;
+        Ok(IcmpQuote {
+            outer,
+            icmp_type: frame[outer.l4_offset],
+            code: frame[outer.l4_offset + 1],
+            quoted,
+        })
+    }
+}
+
 /// Recomputes the IPv4 header checksum over the header (options included) with the checksum
 /// field taken as zero, and compares it with the stored one.
 pub fn verify_ipv4_checksum(frame: &[u8]) -> Result<(), FrameError> {
-    let ip = Ipv4L4::parse(frame)?;
-    let mut header = frame[ETH_HLEN..ETH_HLEN + ip.ip_header_len].to_vec();
+    verify_header_checksum(frame, &Ipv4L4::parse(frame)?)
+}
+
+/// [`verify_ipv4_checksum`] for the IPv4 header an ICMP error quotes.
+pub fn verify_quoted_ipv4_checksum(frame: &[u8]) -> Result<(), FrameError> {
+    verify_header_checksum(frame, &IcmpQuote::parse(frame)?.quoted)
+}
+
+fn verify_header_checksum(frame: &[u8], ip: &Ipv4L4) -> Result<(), FrameError> {
+    let mut header = frame[ip.l3_offset..ip.l3_offset + ip.ip_header_len].to_vec();
     let stored = u16::from_be_bytes([header[10], header[11]]);
     header[10..12].fill(0);
     let computed = checksum_be(&header);
@@ -707,6 +945,70 @@ mod tests {
                 0
             );
         }
+    }
+
+    #[test]
+    fn tagged_frames_read_back_and_verify() {
+        let tags = [
+            VlanTag {
+                tpid: ETH_P_8021AD,
+                vid: 200,
+            },
+            VlanTag {
+                tpid: ETH_P_8021Q,
+                vid: 100,
+            },
+        ];
+        for count in 1..=2 {
+            let spec = Ipv4Frame::udp(client(), node())
+                .with_payload(*b"tagged")
+                .with_vlan_tags(&tags[2 - count..]);
+            let frame = spec.build();
+            let ip = Ipv4L4::parse(&frame).unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+            assert_eq!(ip.l3_offset, ETH_HLEN + VLAN_HLEN * count);
+            assert_eq!(
+                (ip.src, ip.dst, ip.l4_offset),
+                (client(), node(), spec.l4_offset())
+            );
+            assert_eq!(frame[12..14], tags[2 - count].tpid.to_be_bytes());
+            verify_ipv4_checksum(&frame).unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+            assert_eq!(verify_l4_checksum(&frame), Ok(L4Checksum::Valid));
+            // Untagged, the IPv4 packet is the same bytes.
+            assert_eq!(
+                spec.ip_packet(),
+                spec.clone().with_vlan_tags(&[]).ip_packet()
+            );
+        }
+    }
+
+    #[test]
+    fn icmp_errors_read_back_and_verify() {
+        let quoted = Ipv4Frame::udp(client(), node()).with_payload(*b"query");
+        let error = IcmpErrorFrame::port_unreachable(*node().ip(), *client().ip(), quoted.clone());
+        for (spec, quote_len) in [
+            (error.clone(), quoted.ip_packet().len()),
+            (error.clone().with_quoted_len(28), 28),
+        ] {
+            let frame = spec.build();
+            let got = IcmpQuote::parse(&frame).unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+            assert_eq!((got.icmp_type, got.code), (3, 3));
+            assert_eq!(
+                (*got.outer.src.ip(), *got.outer.dst.ip()),
+                (*node().ip(), *client().ip())
+            );
+            assert_eq!((got.quoted.src, got.quoted.dst), (client(), node()));
+            assert_eq!(got.quoted.ip_end - got.quoted.l3_offset, quote_len);
+            verify_ipv4_checksum(&frame).unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+            verify_quoted_ipv4_checksum(&frame).unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+            assert_eq!(verify_l4_checksum(&frame), Ok(L4Checksum::Valid));
+        }
+        let mut corrupted = error.build();
+        let quoted_dst = IcmpQuote::parse(&corrupted).unwrap().quoted.l3_offset + 16;
+        corrupted[quoted_dst] ^= 1;
+        assert!(matches!(
+            verify_quoted_ipv4_checksum(&corrupted),
+            Err(FrameError::Ipv4Checksum { .. })
+        ));
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The data path as tables of packets, run through `BPF_PROG_TEST_RUN`.
 //!
-//! Every test loads its own `DataPlane`, fills the maps from one desired state (a TCP and a UDP
-//! service port answering on a clusterIP, a nodePort, a loadBalancer IP and an externalIP, each
-//! with three endpoints, plus a service port without endpoints), and sends typed frames through
-//! the XDP and TC programs. A case names the frame, the verdict, what the output frame must be
-//! (byte for byte, with both checksums recomputed from scratch), and the counter deltas.
+//! Every test loads its own `DataPlane`, fills the maps from a desired state (most use one: a
+//! TCP and a UDP service port answering on a clusterIP, a nodePort, a loadBalancer IP and an
+//! externalIP, each with three endpoints on this node, plus a service port without endpoints;
+//! the tests of traffic policies, source ranges, SNAT, affinity and the pod program build their
+//! own), and sends typed frames through the XDP and TC programs. A case names the frame, the
+//! verdict, what the output frame must be (byte for byte, with every checksum recomputed from
+//! scratch), and the counter deltas. Backends are predicted independently of the agent: the
+//! Maglev table built from the endpoints, indexed by the flow hash.
 //!
 //! Needs root (`CAP_BPF`, `CAP_NET_ADMIN`) to load the programs.
 
@@ -22,18 +25,24 @@ use aya::{
     programs::{ProgramError, SchedClassifier},
 };
 use integration_tests::frame::{
-    CLIENT_MAC, ETH_HLEN, ETH_P_IP, IPV4_CHECK_OFFSET, IPV4_DST_OFFSET, IPV4_OPT_NOP,
-    IPV4_OPT_ROUTER_ALERT, IPV4_SRC_OFFSET, Ipv4Frame, Ipv4L4, L4, L4Checksum, NODE_MAC, TCP_ACK,
-    TCP_PSH, TCP_SYN, arp_request, differing_offsets, icmp_echo_request, ipv6_udp, truncate,
-    verify_ipv4_checksum, verify_l4_checksum,
+    CLIENT_MAC, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, IPV4_CHECK_OFFSET, IPV4_DST_OFFSET,
+    IPV4_MIN_HDR_LEN, IPV4_OPT_NOP, IPV4_OPT_ROUTER_ALERT, IPV4_SRC_OFFSET, IcmpErrorFrame,
+    IcmpQuote, Ipv4Frame, Ipv4L4, L4, L4Checksum, NODE_MAC, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST,
+    TCP_SYN, VLAN_HLEN, VlanTag, arp_request, differing_offsets, icmp_echo_request, ipv6_udp,
+    truncate, verify_ipv4_checksum, verify_l4_checksum, verify_quoted_ipv4_checksum,
 };
 use lb_common::{
-    Counter, DropReason, FlowKey, FlowTarget, checksum::l4_checksum_be, direction, hash::flow_hash,
+    Counter, DropReason, FlowEntry, FlowKey, checksum::l4_checksum_be, direction, flow_flags,
+    hash::flow_hash, tcp_state,
 };
 use lb_userspace::{
-    dataplane::{Counters, DataPlane},
-    maps::MapContents,
-    model::{DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePort},
+    dataplane::{Counters, DataPlane, LoadOptions},
+    maglev,
+    maps::{MapContents, NodeConfig},
+    model::{
+        DesiredState, Endpoint, EndpointState, Frontend, FrontendKind, Ipv4Cidr, Protocol,
+        ServicePort, TrafficPolicy,
+    },
 };
 
 // Program return values (include/uapi/linux/bpf.h, pkt_cls.h).
@@ -57,6 +66,13 @@ const TARGET_PORT: u16 = 8080;
 /// A service port with no ready endpoint.
 const EMPTY_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
 const EMPTY_NODE_PORT: u16 = 30_090;
+/// This node's name: endpoints with it are local.
+const NODE_NAME: &str = "node-a";
+/// M: a small prime keeps the tables (and their expected copies) cheap to build.
+const MAGLEV_SIZE: u32 = 251;
+/// Not 0, so a data path or agent that dropped the seed would pick differently.
+const HASH_SEED: u32 = 0x5eed_1234;
+const MAX_TABLES: u32 = 8;
 /// Outside the cluster.
 const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 5);
 /// A pod on another node, reaching the service by its clusterIP.
@@ -100,14 +116,19 @@ fn web(protocol: Protocol) -> ServicePort {
             frontend(FrontendKind::LoadBalancer, LB_IP, SERVICE_PORT),
             frontend(FrontendKind::ExternalIp, EXTERNAL_IP, SERVICE_PORT),
         ],
-        endpoints: ENDPOINTS
-            .iter()
-            .map(|&addr| Endpoint {
-                addr,
-                port: TARGET_PORT,
-                pod: None,
-            })
-            .collect(),
+        endpoints: ENDPOINTS.iter().map(|&addr| local_endpoint(addr)).collect(),
+        ..ServicePort::default()
+    }
+}
+
+/// An endpoint on this node: reached without SNAT.
+fn local_endpoint(addr: Ipv4Addr) -> Endpoint {
+    Endpoint {
+        addr,
+        port: TARGET_PORT,
+        pod: None,
+        node_name: Some(NODE_NAME.to_owned()),
+        state: EndpointState::Ready,
     }
 }
 
@@ -130,7 +151,7 @@ fn desired_state() -> DesiredState {
                         port: EMPTY_NODE_PORT,
                     },
                 ],
-                endpoints: Vec::new(),
+                ..ServicePort::default()
             },
             web(Protocol::Tcp),
             web(Protocol::Udp),
@@ -138,15 +159,47 @@ fn desired_state() -> DesiredState {
     }
 }
 
-/// The backend the data path must pick for a new flow: the same hash over the packet's 5-tuple
-/// (fields in network byte order read as native integers), modulo the endpoint count, indexing
-/// the endpoints in the order the state lists them.
-fn expected_backend(l4: L4, from: SocketAddrV4, frontend: SocketAddrV4) -> SocketAddrV4 {
+/// The Maglev table of a set of endpoints, built as the agent builds it (identities
+/// `"addr:port"`, this test's size and seed), as endpoints rather than indices.
+fn maglev_table(endpoints: &[SocketAddrV4]) -> Vec<SocketAddrV4> {
+    let identities: Vec<String> = endpoints
+        .iter()
+        .map(|e| format!("{}:{}", e.ip(), e.port()))
+        .collect();
+    let bytes: Vec<&[u8]> = identities.iter().map(String::as_bytes).collect();
+    maglev::build_table(&bytes, MAGLEV_SIZE, HASH_SEED)
+        .unwrap_or_else(|e| panic!("building the expected Maglev table: {e}"))
+        .into_iter()
+        .map(|i| endpoints[i as usize])
+        .collect()
+}
+
+/// The backend the data path must pick for a new flow to a service port served by
+/// `endpoints`: the Maglev table's entry at the flow hash (over the packet's 5-tuple, fields in
+/// network byte order read as native integers, with the configured seed) modulo M.
+fn maglev_pick(
+    endpoints: &[SocketAddrV4],
+    l4: L4,
+    from: SocketAddrV4,
+    frontend: SocketAddrV4,
+) -> SocketAddrV4 {
     let ne = |addr: &Ipv4Addr| u32::from_ne_bytes(addr.octets());
     let ports = (u32::from(from.port().to_be()) << 16) | u32::from(frontend.port().to_be());
-    let hash = flow_hash(ne(from.ip()), ne(frontend.ip()), ports, l4.number(), 0);
-    let slot = usize::try_from(hash % 3).expect("a slot index fits in usize");
-    sock(ENDPOINTS[slot], TARGET_PORT)
+    let hash = flow_hash(
+        ne(from.ip()),
+        ne(frontend.ip()),
+        ports,
+        l4.number(),
+        HASH_SEED,
+    );
+    let slot = usize::try_from(hash % MAGLEV_SIZE).expect("a slot index fits in usize");
+    maglev_table(endpoints)[slot]
+}
+
+/// The backend the data path must pick for a new flow to the `web` service ports.
+fn expected_backend(l4: L4, from: SocketAddrV4, frontend: SocketAddrV4) -> SocketAddrV4 {
+    let endpoints: Vec<SocketAddrV4> = ENDPOINTS.iter().map(|&a| sock(a, TARGET_PORT)).collect();
+    maglev_pick(&endpoints, l4, from, frontend)
 }
 
 /// What a program did with one frame.
@@ -250,16 +303,35 @@ fn tc_test_run_checksum_complete(program: &SchedClassifier, frame: &[u8]) -> io:
     })
 }
 
-/// A loaded data plane with the maps filled from [`desired_state`].
+/// This node as the tests configure it: no SNAT unless a test turns it on.
+fn node_config() -> NodeConfig {
+    NodeConfig {
+        node_name: NODE_NAME.to_owned(),
+        maglev_table_size: MAGLEV_SIZE,
+        maglev_seed: HASH_SEED,
+        max_tables: MAX_TABLES,
+        ..NodeConfig::default()
+    }
+}
+
+/// A loaded data plane with the maps filled from a desired state.
 struct Lb {
     dp: DataPlane,
 }
 
 impl Lb {
+    /// The maps filled from [`desired_state`].
     fn new() -> Self {
-        let mut dp = DataPlane::load()
-            .unwrap_or_else(|e| panic!("loading the data plane failed (run as root): {e}"));
-        let contents = MapContents::from_state(&desired_state())
+        Lb::with(&desired_state(), &node_config())
+    }
+
+    fn with(state: &DesiredState, node: &NodeConfig) -> Self {
+        let mut dp = DataPlane::load(LoadOptions {
+            max_tables: MAX_TABLES,
+            maglev_table_size: MAGLEV_SIZE,
+        })
+        .unwrap_or_else(|e| panic!("loading the data plane failed (run as root): {e}"));
+        let contents = MapContents::from_state(state, node, &MapContents::default())
             .unwrap_or_else(|e| panic!("the test state does not fit the maps: {e}"));
         dp.apply(contents)
             .unwrap_or_else(|e| panic!("filling the maps failed: {e}"));
@@ -302,7 +374,7 @@ impl Lb {
             .unwrap_or_else(|e| panic!("reading the counters failed: {e}"))
     }
 
-    fn flows(&self) -> Vec<(FlowKey, FlowTarget)> {
+    fn flows(&self) -> Vec<(FlowKey, FlowEntry)> {
         self.dp
             .flows()
             .unwrap_or_else(|e| panic!("reading the conntrack table failed: {e}"))
@@ -342,6 +414,46 @@ impl Lb {
         assert_deltas(case, &before, &after, counters, drops);
         out
     }
+
+    /// Like [`Lb::expect_xdp`] for the pod-interface TC program.
+    fn expect_pod(
+        &mut self,
+        case: &str,
+        frame: &[u8],
+        verdict: u32,
+        counters: &[(Counter, u64)],
+        drops: &[(DropReason, u64)],
+    ) -> Vec<u8> {
+        let before = self.counters();
+        let program = self
+            .dp
+            .pod_program()
+            .unwrap_or_else(|e| panic!("no pod program: {e}"));
+        let Run { verdict: got, out } = test_run(program, frame)
+            .unwrap_or_else(|e| panic!("{case}: pod program test run failed: {e} ({e:?})"));
+        let after = self.counters();
+        assert_eq!(got, verdict, "{case}: pod program verdict (0 ok, 2 shot)");
+        assert_deltas(case, &before, &after, counters, drops);
+        out
+    }
+
+    /// The conntrack entry under `key`; panics if there is none.
+    fn flow(&self, case: &str, key: &FlowKey) -> FlowEntry {
+        let Some((_, entry)) = self.flows().into_iter().find(|(k, _)| k == key) else {
+            panic!("{case}: no conntrack entry {key:?}");
+        };
+        entry
+    }
+}
+
+/// `counters`, plus `ipv4_options` if `packet` carries IPv4 options (the parser counts them
+/// for every packet it reads, whatever happens to it next).
+fn with_options_counted(packet: &Ipv4Frame, counters: &[(Counter, u64)]) -> Vec<(Counter, u64)> {
+    let mut counters = counters.to_vec();
+    if !packet.options.is_empty() {
+        counters.push((Counter::Ipv4Options, 1));
+    }
+    counters
 }
 
 /// How much each counter and drop reason moved.
@@ -637,7 +749,7 @@ fn dnat_translates_every_frontend_kind() {
                 &case,
                 &input,
                 XDP_PASS,
-                &[(Counter::XdpSeen, 1), (counter, 1)],
+                &with_options_counted(packet, &[(Counter::XdpSeen, 1), (counter, 1)]),
                 &[],
             );
             let got = parse(&case, &out);
@@ -880,7 +992,10 @@ fn tc_translates_replies_back_to_the_frontend() {
             &case,
             &input,
             TC_ACT_OK,
-            &[(Counter::TcSeen, 1), (Counter::ReplyTranslated, 1)],
+            &with_options_counted(
+                &reply,
+                &[(Counter::TcSeen, 1), (Counter::ReplyTranslated, 1)],
+            ),
             &[],
         );
         let got = parse(&case, &out);
@@ -1016,14 +1131,16 @@ fn tc_drops_a_tracked_reply_too_short_to_rewrite() {
     let backend = expected_backend(L4::Tcp, from, node_port());
     let forward = lb.xdp("forward", &Ipv4Frame::tcp(from, node_port()).build());
     assert_eq!(forward.verdict, XDP_PASS, "forward");
-    // The ports are there (so the reply is found), the TCP checksum field is not.
+    // The ports are there (so the reply would be found), the TCP checksum field is not: the
+    // parser's drop policy (lb-ebpf/src/parse.rs) drops it before the conntrack lookup, so no
+    // rewrite is ever attempted on a header that is not all there.
     let reply = truncate(&Ipv4Frame::tcp(backend, from).build(), ETH_HLEN + 20 + 8);
     lb.expect_tc(
         "tracked TCP reply cut 8 bytes into the TCP header",
         &reply,
         TC_ACT_SHOT,
         &[(Counter::TcSeen, 1), (Counter::TcDrop, 1)],
-        &[(DropReason::RewriteFailed, 1)],
+        &[(DropReason::L4HeaderTruncated, 1)],
     );
 }
 
@@ -1132,6 +1249,8 @@ enum Outcome {
     Pass(Counter),
     /// Dropped for this reason.
     Drop(DropReason),
+    /// Dropped for this reason after its IPv4 options were counted.
+    DropWithOptions(DropReason),
 }
 
 #[test]
@@ -1206,12 +1325,12 @@ fn malformed_and_fragmented_frames() {
         (
             "TCP after an IPv4 option, cut to 10 bytes",
             truncate(&tcp_options, ip_only + 4 + 10),
-            Outcome::Drop(DropReason::L4HeaderTruncated),
+            Outcome::DropWithOptions(DropReason::L4HeaderTruncated),
         ),
         (
             "IHL 15 with the options cut short",
             truncate(&tcp_max_options, ip_only + 30),
-            Outcome::Drop(DropReason::L4HeaderTruncated),
+            Outcome::DropWithOptions(DropReason::L4HeaderTruncated),
         ),
         (
             "UDP cut to 7 bytes",
@@ -1273,6 +1392,19 @@ fn malformed_and_fragmented_frames() {
                     &frame,
                     XDP_DROP,
                     &[(Counter::XdpSeen, 1), (Counter::XdpDrop, 1)],
+                    &[(reason, 1)],
+                );
+            }
+            Outcome::DropWithOptions(reason) => {
+                lb.expect_xdp(
+                    name,
+                    &frame,
+                    XDP_DROP,
+                    &[
+                        (Counter::XdpSeen, 1),
+                        (Counter::Ipv4Options, 1),
+                        (Counter::XdpDrop, 1),
+                    ],
                     &[(reason, 1)],
                 );
             }
@@ -1342,4 +1474,899 @@ fn service_without_endpoints_drops() {
         }
     }
     assert!(lb.flows().is_empty(), "a dropped flow was tracked");
+}
+
+// The behaviours of the rewritten data path: VLAN tags, traffic policies, source ranges, SNAT
+// to other nodes' endpoints, session affinity, ICMP errors, TCP state, the pod program. Each
+// test builds the state it needs; the helpers below describe it.
+
+/// Another node of the cluster: its endpoints are remote.
+const OTHER_NODE: &str = "node-b";
+/// Few SNAT ports, so "in the range" is a narrow check.
+const SNAT_PORTS: (u16, u16) = (61_000, 61_007);
+
+fn addr_be(addr: SocketAddrV4) -> u32 {
+    u32::from_ne_bytes(addr.ip().octets())
+}
+
+/// The conntrack key of a packet `src -> dst`.
+fn flow_key(l4: L4, src: SocketAddrV4, dst: SocketAddrV4, direction: u8) -> FlowKey {
+    FlowKey {
+        src_addr_be: addr_be(src),
+        dst_addr_be: addr_be(dst),
+        src_port_be: src.port().to_be(),
+        dst_port_be: dst.port().to_be(),
+        protocol: l4.number(),
+        direction,
+        _pad: [0; 2],
+    }
+}
+
+/// An entry's `nat_*` end.
+fn nat_of(entry: &FlowEntry) -> SocketAddrV4 {
+    sock(
+        Ipv4Addr::from(entry.nat_addr_be.to_ne_bytes()),
+        u16::from_be(entry.nat_port_be),
+    )
+}
+
+/// An entry's `peer_*` end.
+fn peer_of(entry: &FlowEntry) -> SocketAddrV4 {
+    sock(
+        Ipv4Addr::from(entry.peer_addr_be.to_ne_bytes()),
+        u16::from_be(entry.peer_port_be),
+    )
+}
+
+fn endpoint_on(addr: Ipv4Addr, node: &str) -> Endpoint {
+    Endpoint {
+        node_name: Some(node.to_owned()),
+        ..local_endpoint(addr)
+    }
+}
+
+fn frontend_at(kind: FrontendKind, at: SocketAddrV4) -> Frontend {
+    Frontend {
+        kind,
+        addr: *at.ip(),
+        port: at.port(),
+    }
+}
+
+/// A service port named `name` with these frontends and endpoints, everything else default.
+fn service_port(
+    name: &str,
+    protocol: Protocol,
+    frontends: &[(FrontendKind, SocketAddrV4)],
+    endpoints: Vec<Endpoint>,
+) -> ServicePort {
+    ServicePort {
+        service: format!("default/{name}"),
+        port_name: protocol.to_string().to_lowercase(),
+        protocol,
+        frontends: frontends
+            .iter()
+            .map(|&(kind, at)| frontend_at(kind, at))
+            .collect(),
+        endpoints,
+        ..ServicePort::default()
+    }
+}
+
+fn targets(endpoints: &[Endpoint]) -> Vec<SocketAddrV4> {
+    endpoints.iter().map(|e| sock(e.addr, e.port)).collect()
+}
+
+/// `node_config` with SNAT to this node's address.
+fn snat_node() -> NodeConfig {
+    NodeConfig {
+        snat_addr: Some(NODE_IP),
+        snat_ports: SNAT_PORTS,
+        ..node_config()
+    }
+}
+
+/// The translated packets `tcp` and `udp` make for a first packet and a later one.
+fn later_packet(first: &Ipv4Frame) -> Ipv4Frame {
+    match first.l4 {
+        L4::Tcp => first
+            .clone()
+            .with_tcp_flags(TCP_ACK | TCP_PSH)
+            .with_payload(*b"GET / HTTP/1.1\r\n\r\n"),
+        L4::Udp => first.clone().with_payload(*b"second datagram"),
+    }
+}
+
+fn vlan(tpid: u16, vid: u16) -> VlanTag {
+    VlanTag { tpid, vid }
+}
+
+#[test]
+fn vlan_tagged_frames_are_translated_with_their_tags() {
+    let mut lb = Lb::new();
+    let single = [vlan(ETH_P_8021Q, 100)];
+    let qinq = [vlan(ETH_P_8021AD, 200), vlan(ETH_P_8021Q, 100)];
+    let cases: Vec<(&str, Ipv4Frame, &[VlanTag])> = vec![
+        (
+            "TCP nodePort, 802.1Q",
+            Ipv4Frame::tcp(client(48_001), node_port()),
+            &single,
+        ),
+        (
+            "UDP clusterIP, 802.1Q",
+            Ipv4Frame::udp(sock(POD_CLIENT, 48_002), cluster_ip()).with_payload(*b"query"),
+            &single,
+        ),
+        (
+            "TCP loadBalancer IP, Q-in-Q",
+            Ipv4Frame::tcp(client(48_003), lb_ip()),
+            &qinq,
+        ),
+        (
+            "UDP nodePort, Q-in-Q",
+            Ipv4Frame::udp(client(48_004), node_port()).with_payload(*b"query"),
+            &qinq,
+        ),
+        (
+            "TCP externalIP, Q-in-Q, IPv4 option",
+            Ipv4Frame::tcp(client(48_005), external_ip()).with_options(&IPV4_OPT_ROUTER_ALERT),
+            &qinq,
+        ),
+    ];
+    for (name, first, tags) in cases {
+        let first = first.with_vlan_tags(tags);
+        let backend = expected_backend(first.l4, first.src, first.dst);
+        let later = later_packet(&first);
+        for (packet, counter) in [
+            (first, Counter::ForwardNew),
+            (later, Counter::ForwardTracked),
+        ] {
+            let case = format!(
+                "{name}: {} -> {} (backend {backend})",
+                packet.src, packet.dst
+            );
+            let counters = [
+                (Counter::XdpSeen, 1),
+                (Counter::VlanTagged, 1),
+                (counter, 1),
+            ];
+            let out = lb.expect_xdp(
+                &case,
+                &packet.build(),
+                XDP_PASS,
+                &with_options_counted(&packet, &counters),
+                &[],
+            );
+            // Tags, MACs and everything else as they came; only the destination translated.
+            assert_frame_eq(&case, &out, &packet.clone().with_dst(backend).build());
+            assert_checksums(&case, &out, L4Checksum::Valid);
+            assert_eq!(
+                parse(&case, &out).l3_offset,
+                ETH_HLEN + VLAN_HLEN * tags.len(),
+                "{case}: IPv4 header offset"
+            );
+        }
+    }
+
+    // A tagged frame for no service is passed untouched, counted as tagged.
+    let ssh = Ipv4Frame::tcp(client(48_006), sock(NODE_IP, 22)).with_vlan_tags(&qinq);
+    let out = lb.expect_xdp(
+        "Q-in-Q TCP to the SSH port",
+        &ssh.build(),
+        XDP_PASS,
+        &[
+            (Counter::XdpSeen, 1),
+            (Counter::VlanTagged, 1),
+            (Counter::PassNotService, 1),
+        ],
+        &[],
+    );
+    assert_frame_eq("Q-in-Q TCP to the SSH port", &out, &ssh.build());
+
+    // A third tag is beyond what the parser skips: not IPv4 as far as it can tell.
+    let three = Ipv4Frame::tcp(client(48_007), node_port()).with_vlan_tags(&[
+        vlan(ETH_P_8021AD, 300),
+        vlan(ETH_P_8021AD, 200),
+        vlan(ETH_P_8021Q, 100),
+    ]);
+    let out = lb.expect_xdp(
+        "three VLAN tags to the nodePort",
+        &three.build(),
+        XDP_PASS,
+        &[(Counter::XdpSeen, 1), (Counter::PassNotIpv4, 1)],
+        &[],
+    );
+    assert_frame_eq("three VLAN tags to the nodePort", &out, &three.build());
+}
+
+const LOCAL_ONLY_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 60);
+const LOCAL_ONLY_LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 60);
+const LOCAL_ONLY_NODE_PORT: u16 = 30_160;
+const LOCAL_SOME_NODE_PORT: u16 = 30_161;
+const REMOTE_ENDPOINTS: [Ipv4Addr; 2] =
+    [Ipv4Addr::new(10, 244, 2, 21), Ipv4Addr::new(10, 244, 2, 22)];
+
+/// Two service ports with `externalTrafficPolicy: Local`: one with only remote endpoints, one
+/// with a local endpoint among remote ones. Returns the state and both endpoint lists.
+fn local_policy_state() -> (DesiredState, Vec<Endpoint>, Vec<Endpoint>) {
+    let remote: Vec<Endpoint> = REMOTE_ENDPOINTS
+        .iter()
+        .map(|&a| endpoint_on(a, OTHER_NODE))
+        .collect();
+    // One local endpoint among remote ones.
+    let mut mixed = remote.clone();
+    mixed.push(local_endpoint(ENDPOINTS[0]));
+    let state = DesiredState {
+        service_ports: vec![
+            ServicePort {
+                external_policy: TrafficPolicy::Local,
+                ..service_port(
+                    "local-only",
+                    Protocol::Tcp,
+                    &[
+                        (
+                            FrontendKind::ClusterIp,
+                            sock(LOCAL_ONLY_CLUSTER_IP, SERVICE_PORT),
+                        ),
+                        (FrontendKind::NodePort, sock(NODE_IP, LOCAL_ONLY_NODE_PORT)),
+                        (
+                            FrontendKind::LoadBalancer,
+                            sock(LOCAL_ONLY_LB_IP, SERVICE_PORT),
+                        ),
+                    ],
+                    remote.clone(),
+                )
+            },
+            ServicePort {
+                external_policy: TrafficPolicy::Local,
+                ..service_port(
+                    "local-some",
+                    Protocol::Tcp,
+                    &[(FrontendKind::NodePort, sock(NODE_IP, LOCAL_SOME_NODE_PORT))],
+                    mixed.clone(),
+                )
+            },
+        ],
+    };
+    (state, remote, mixed)
+}
+
+#[test]
+fn local_policy_without_local_endpoint_drops() {
+    let (state, remote, mixed) = local_policy_state();
+    let mut lb = Lb::with(&state, &node_config());
+
+    for (name, frontend) in [
+        (
+            "Local nodePort, no local endpoint",
+            sock(NODE_IP, LOCAL_ONLY_NODE_PORT),
+        ),
+        (
+            "Local loadBalancer IP, no local endpoint",
+            sock(LOCAL_ONLY_LB_IP, SERVICE_PORT),
+        ),
+    ] {
+        for packet in [
+            Ipv4Frame::tcp(client(49_000), frontend),
+            Ipv4Frame::tcp(client(49_000), frontend).with_tcp_flags(TCP_ACK),
+        ] {
+            lb.expect_xdp(
+                name,
+                &packet.build(),
+                XDP_DROP,
+                &[(Counter::XdpSeen, 1), (Counter::XdpDrop, 1)],
+                &[(DropReason::NoLocalBackend, 1)],
+            );
+        }
+    }
+    assert!(lb.flows().is_empty(), "a dropped flow was tracked");
+
+    // The clusterIP follows the internal policy (Cluster): the remote endpoints serve it.
+    let to_cluster_ip = Ipv4Frame::tcp(sock(POD_CLIENT, 49_001), sock(LOCAL_ONLY_CLUSTER_IP, 80));
+    let backend = maglev_pick(
+        &targets(&remote),
+        L4::Tcp,
+        to_cluster_ip.src,
+        to_cluster_ip.dst,
+    );
+    let out = lb.expect_xdp(
+        "clusterIP of the Local service",
+        &to_cluster_ip.build(),
+        XDP_PASS,
+        &[(Counter::XdpSeen, 1), (Counter::ForwardNew, 1)],
+        &[],
+    );
+    assert_frame_eq(
+        "clusterIP of the Local service",
+        &out,
+        &to_cluster_ip.clone().with_dst(backend).build(),
+    );
+
+    // With one local endpoint, every flow goes to it, though Maglev over all three would not.
+    let frontend = sock(NODE_IP, LOCAL_SOME_NODE_PORT);
+    let local = sock(ENDPOINTS[0], TARGET_PORT);
+    let ports = 49_100..49_120;
+    assert!(
+        ports
+            .clone()
+            .any(|p| maglev_pick(&targets(&mixed), L4::Tcp, client(p), frontend) != local),
+        "the test needs a flow the cluster-wide table would send elsewhere"
+    );
+    for port in ports {
+        let packet = Ipv4Frame::tcp(client(port), frontend);
+        let case = format!("Local nodePort with a local endpoint, port {port}");
+        let out = lb.expect_xdp(
+            &case,
+            &packet.build(),
+            XDP_PASS,
+            &[(Counter::XdpSeen, 1), (Counter::ForwardNew, 1)],
+            &[],
+        );
+        assert_frame_eq(&case, &out, &packet.with_dst(local).build());
+    }
+}
+
+const RANGED_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+const RANGED_LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 40);
+const RANGED_NODE_PORT: u16 = 30_140;
+
+#[test]
+fn load_balancer_source_ranges_filter_external_frontends() {
+    let cidr = |a, b, c, d, prefix_len| Ipv4Cidr {
+        addr: Ipv4Addr::new(a, b, c, d),
+        prefix_len,
+    };
+    let endpoints: Vec<Endpoint> = ENDPOINTS.iter().map(|&a| local_endpoint(a)).collect();
+    let state = DesiredState {
+        service_ports: vec![ServicePort {
+            source_ranges: vec![cidr(172, 16, 0, 0, 24), cidr(198, 51, 100, 7, 32)],
+            ..service_port(
+                "ranged",
+                Protocol::Tcp,
+                &[
+                    (
+                        FrontendKind::ClusterIp,
+                        sock(RANGED_CLUSTER_IP, SERVICE_PORT),
+                    ),
+                    (FrontendKind::NodePort, sock(NODE_IP, RANGED_NODE_PORT)),
+                    (FrontendKind::LoadBalancer, sock(RANGED_LB_IP, SERVICE_PORT)),
+                ],
+                endpoints.clone(),
+            )
+        }],
+    };
+    let mut lb = Lb::with(&state, &node_config());
+    let lb_frontend = sock(RANGED_LB_IP, SERVICE_PORT);
+    let outside = Ipv4Addr::new(172, 16, 1, 5);
+    let cases = [
+        (
+            "inside the /24, to the loadBalancer IP",
+            client(49_200),
+            lb_frontend,
+            true,
+        ),
+        (
+            "the /32, to the loadBalancer IP",
+            sock(Ipv4Addr::new(198, 51, 100, 7), 49_201),
+            lb_frontend,
+            true,
+        ),
+        (
+            "next to the /32, to the loadBalancer IP",
+            sock(Ipv4Addr::new(198, 51, 100, 8), 49_202),
+            lb_frontend,
+            false,
+        ),
+        (
+            "just outside the /24, to the loadBalancer IP",
+            sock(outside, 49_203),
+            lb_frontend,
+            false,
+        ),
+        (
+            "just outside the /24, to the nodePort",
+            sock(outside, 49_204),
+            sock(NODE_IP, RANGED_NODE_PORT),
+            false,
+        ),
+        (
+            "just outside the /24, to the clusterIP (not filtered)",
+            sock(outside, 49_205),
+            sock(RANGED_CLUSTER_IP, SERVICE_PORT),
+            true,
+        ),
+    ];
+    let mut allowed = 0;
+    for (name, from, frontend, allow) in cases {
+        let packet = Ipv4Frame::tcp(from, frontend);
+        if allow {
+            allowed += 1;
+            let backend = maglev_pick(&targets(&endpoints), L4::Tcp, from, frontend);
+            let out = lb.expect_xdp(
+                name,
+                &packet.build(),
+                XDP_PASS,
+                &[(Counter::XdpSeen, 1), (Counter::ForwardNew, 1)],
+                &[],
+            );
+            assert_frame_eq(name, &out, &packet.with_dst(backend).build());
+        } else {
+            lb.expect_xdp(
+                name,
+                &packet.build(),
+                XDP_DROP,
+                &[(Counter::XdpSeen, 1), (Counter::XdpDrop, 1)],
+                &[(DropReason::SourceRangeDenied, 1)],
+            );
+        }
+    }
+    assert_eq!(lb.flows().len(), allowed * 2, "denied flows were tracked");
+}
+
+const REMOTE_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const REMOTE_LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+const REMOTE_NODE_PORT: u16 = 30_120;
+
+/// A TCP and a UDP service port whose endpoints all run on another node.
+fn remote_state() -> DesiredState {
+    let endpoints: Vec<Endpoint> = REMOTE_ENDPOINTS
+        .iter()
+        .map(|&a| endpoint_on(a, OTHER_NODE))
+        .collect();
+    let frontends = [
+        (
+            FrontendKind::ClusterIp,
+            sock(REMOTE_CLUSTER_IP, SERVICE_PORT),
+        ),
+        (FrontendKind::NodePort, sock(NODE_IP, REMOTE_NODE_PORT)),
+        (FrontendKind::LoadBalancer, sock(REMOTE_LB_IP, SERVICE_PORT)),
+    ];
+    DesiredState {
+        service_ports: vec![
+            service_port("remote", Protocol::Tcp, &frontends, endpoints.clone()),
+            service_port("remote", Protocol::Udp, &frontends, endpoints),
+        ],
+    }
+}
+
+fn remote_targets() -> Vec<SocketAddrV4> {
+    REMOTE_ENDPOINTS
+        .iter()
+        .map(|&a| sock(a, TARGET_PORT))
+        .collect()
+}
+
+/// The L4 checksum `packet` is built with (and keeps through every translation).
+fn built_checksum(packet: &Ipv4Frame) -> L4Checksum {
+    if packet.l4 == L4::Udp && !packet.udp_checksum {
+        L4Checksum::UdpNone
+    } else {
+        L4Checksum::Valid
+    }
+}
+
+/// A new flow to a remote endpoint, through XDP: its destination translated, with its three conntrack entries
+/// checked. Returns the backend and the SNAT address and port the flow got.
+fn snat_flow(lb: &mut Lb, name: &str, request: &Ipv4Frame) -> (SocketAddrV4, SocketAddrV4) {
+    let (from, frontend, l4) = (request.src, request.dst, request.l4);
+    let backend = maglev_pick(&remote_targets(), l4, from, frontend);
+    let flows_before = lb.flows().len();
+    let case = format!("{name}: {from} -> {frontend} (backend {backend})");
+    let out = lb.expect_xdp(
+        &case,
+        &request.build(),
+        XDP_PASS,
+        &[
+            (Counter::XdpSeen, 1),
+            (Counter::ForwardNew, 1),
+            (Counter::SnatNew, 1),
+        ],
+        &[],
+    );
+    assert_frame_eq(&case, &out, &request.clone().with_dst(backend).build());
+    assert_checksums(&case, &out, built_checksum(request));
+
+    assert_eq!(
+        lb.flows().len(),
+        flows_before + 3,
+        "{case}: a SNATed flow has three conntrack entries"
+    );
+    let forward = lb.flow(&case, &flow_key(l4, from, frontend, direction::FORWARD));
+    assert_eq!(
+        nat_of(&forward),
+        backend,
+        "{case}: FORWARD names the backend"
+    );
+    assert_eq!(forward.flags, flow_flags::SNAT, "{case}: FORWARD is SNATed");
+    let snat = peer_of(&forward);
+    assert_eq!(*snat.ip(), NODE_IP, "{case}: SNAT address");
+    assert!(
+        (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&snat.port()),
+        "{case}: SNAT port {} outside {SNAT_PORTS:?}",
+        snat.port()
+    );
+    let reply = lb.flow(&case, &flow_key(l4, backend, snat, direction::REPLY));
+    assert_eq!(
+        (nat_of(&reply), peer_of(&reply), reply.flags),
+        (frontend, from, flow_flags::SNAT),
+        "{case}: REPLY (backend -> SNAT port) names the frontend and the client"
+    );
+    let outgoing = lb.flow(&case, &flow_key(l4, from, backend, direction::SNAT));
+    assert_eq!(
+        (nat_of(&outgoing), peer_of(&outgoing)),
+        (snat, frontend),
+        "{case}: SNAT (client -> backend) names the SNAT port and the frontend"
+    );
+    (backend, snat)
+}
+
+#[test]
+fn flows_to_remote_endpoints_are_snated_and_their_replies_translated_back() {
+    let mut lb = Lb::with(&remote_state(), &snat_node());
+    let cases = [
+        (
+            "TCP nodePort",
+            Ipv4Frame::tcp(client(49_300), sock(NODE_IP, REMOTE_NODE_PORT)),
+            syn_ack as fn(SocketAddrV4, SocketAddrV4) -> Ipv4Frame,
+        ),
+        (
+            "UDP loadBalancer IP",
+            Ipv4Frame::udp(client(49_301), sock(REMOTE_LB_IP, SERVICE_PORT))
+                .with_payload(*b"query"),
+            udp_answer,
+        ),
+        (
+            "UDP nodePort without checksum",
+            Ipv4Frame::udp(client(49_302), sock(NODE_IP, REMOTE_NODE_PORT))
+                .with_payload(*b"query")
+                .without_udp_checksum(),
+            |from, to| udp_answer(from, to).without_udp_checksum(),
+        ),
+    ];
+    let mut snat_ports = Vec::new();
+    for (name, request, answer) in cases {
+        let checksum = built_checksum(&request);
+        let (from, frontend) = (request.src, request.dst);
+        let (backend, snat) = snat_flow(&mut lb, name, &request);
+        snat_ports.push((backend, snat));
+
+        // Leaving the node, the source becomes the SNAT address and port.
+        let dnated = request.clone().with_dst(backend);
+        let case = format!("{name}: TC egress {from} -> {backend}");
+        let out = lb.expect_tc(
+            &case,
+            &dnated.build(),
+            TC_ACT_OK,
+            &[(Counter::TcSeen, 1), (Counter::SnatTranslated, 1)],
+            &[],
+        );
+        let on_the_wire = dnated.clone().with_src(snat);
+        assert_frame_eq(&case, &out, &on_the_wire.build());
+        assert_checksums(&case, &out, checksum);
+        assert_changed_only(
+            &case,
+            &dnated.build(),
+            &out,
+            &snat_offsets(&parse(&case, &out)),
+        );
+        // The same through a CHECKSUM_COMPLETE skb: skb->csum must follow the rewrite.
+        match lb.tc_checksum_complete(&dnated.build()) {
+            Ok(Run { verdict, out }) => {
+                assert_eq!(verdict, TC_ACT_OK, "{case} (CHECKSUM_COMPLETE)");
+                assert_frame_eq(&case, &out, &on_the_wire.build());
+            }
+            Err(e) => panic!("{case} (CHECKSUM_COMPLETE): {e}"),
+        }
+
+        // The backend answers the SNAT address and port; XDP sends it on to the client as
+        // coming from the frontend.
+        let reply = answer(backend, snat);
+        let case = format!("{name}: reply {backend} -> {snat}");
+        let out = lb.expect_xdp(
+            &case,
+            &reply.build(),
+            XDP_PASS,
+            &[(Counter::XdpSeen, 1), (Counter::ReplyTranslated, 1)],
+            &[],
+        );
+        assert_frame_eq(
+            &case,
+            &out,
+            &reply.clone().with_src(frontend).with_dst(from).build(),
+        );
+        assert_checksums(&case, &out, checksum);
+    }
+    // Flows to the same backend never share a SNAT port.
+    for (i, a) in snat_ports.iter().enumerate() {
+        assert!(
+            !snat_ports[i + 1..].contains(a),
+            "two flows to one backend got one SNAT port: {snat_ports:?}"
+        );
+    }
+}
+
+const STICKY_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
+const STICKY_NODE_PORT: u16 = 30_150;
+
+#[test]
+fn session_affinity_keeps_a_client_on_one_backend() {
+    let endpoints: Vec<Endpoint> = ENDPOINTS.iter().map(|&a| local_endpoint(a)).collect();
+    let cluster_ip = sock(STICKY_CLUSTER_IP, SERVICE_PORT);
+    let node_port = sock(NODE_IP, STICKY_NODE_PORT);
+    // Both policies, so the endpoints are in a cluster and a local table: a pin must hold
+    // through either.
+    let state = DesiredState {
+        service_ports: vec![ServicePort {
+            affinity_timeout_seconds: Some(60),
+            external_policy: TrafficPolicy::Local,
+            ..service_port(
+                "sticky",
+                Protocol::Tcp,
+                &[
+                    (FrontendKind::ClusterIp, cluster_ip),
+                    (FrontendKind::NodePort, node_port),
+                ],
+                endpoints.clone(),
+            )
+        }],
+    };
+    let mut lb = Lb::with(&state, &node_config());
+    let pick = |from, frontend| maglev_pick(&targets(&endpoints), L4::Tcp, from, frontend);
+    // Pins are per client address and service port, so each frontend gets its own client.
+    for (name, client_addr, frontend) in [
+        ("clusterIP", POD_CLIENT, cluster_ip),
+        ("nodePort", CLIENT, node_port),
+    ] {
+        let from = |port| sock(client_addr, port);
+        let ports = 49_400..49_450;
+        let first = pick(from(ports.start), frontend);
+        assert!(
+            ports.clone().any(|p| pick(from(p), frontend) != first),
+            "{name}: the test needs flows Maglev alone would spread"
+        );
+        for port in ports.clone() {
+            let packet = Ipv4Frame::tcp(from(port), frontend);
+            let case = format!("{name}: flow {port} of one client");
+            // The first flow pins the client; every later one finds the pin.
+            let mut counters = vec![(Counter::XdpSeen, 1), (Counter::ForwardNew, 1)];
+            if port != ports.start {
+                counters.push((Counter::AffinityHit, 1));
+            }
+            let out = lb.expect_xdp(&case, &packet.build(), XDP_PASS, &counters, &[]);
+            assert_frame_eq(&case, &out, &packet.with_dst(first).build());
+        }
+    }
+
+    // Another client is balanced on its own.
+    let other = sock(Ipv4Addr::new(172, 16, 0, 6), 49_400);
+    let packet = Ipv4Frame::tcp(other, cluster_ip);
+    let out = lb.expect_xdp(
+        "another client's first flow",
+        &packet.build(),
+        XDP_PASS,
+        &[(Counter::XdpSeen, 1), (Counter::ForwardNew, 1)],
+        &[],
+    );
+    assert_frame_eq(
+        "another client's first flow",
+        &out,
+        &packet.with_dst(pick(other, cluster_ip)).build(),
+    );
+}
+
+/// Panics unless the outer IPv4, quoted IPv4 and ICMP checksums of an ICMP error all verify.
+fn assert_icmp_checksums(case: &str, out: &[u8]) {
+    if let Err(e) = verify_ipv4_checksum(out) {
+        panic!("{case}: outer {e}");
+    }
+    if let Err(e) = verify_quoted_ipv4_checksum(out) {
+        panic!("{case}: quoted {e}");
+    }
+    match verify_l4_checksum(out) {
+        Ok(got) => assert_eq!(got, L4Checksum::Valid, "{case}: ICMP checksum"),
+        Err(e) => panic!("{case}: ICMP {e}"),
+    }
+}
+
+#[test]
+fn icmp_errors_from_a_local_backend_reach_the_client_as_from_the_frontend() {
+    let mut lb = Lb::new();
+    let cases = [
+        (
+            "UDP nodePort, whole datagram quoted",
+            Ipv4Frame::udp(client(49_500), node_port()).with_payload(*b"query"),
+            None,
+        ),
+        (
+            "TCP loadBalancer IP, 8 bytes of TCP quoted",
+            Ipv4Frame::tcp(client(49_501), lb_ip()),
+            Some(IPV4_MIN_HDR_LEN + 8),
+        ),
+    ];
+    for (name, request, quoted_len) in cases {
+        let (from, frontend) = (request.src, request.dst);
+        let backend = expected_backend(request.l4, from, frontend);
+        let forward = lb.xdp(name, &request.build());
+        assert_eq!(forward.verdict, XDP_PASS, "{name}: forward packet");
+
+        // The backend got the DNATed packet and quotes it.
+        let received = request.clone().with_dst(backend);
+        let mut error = IcmpErrorFrame::port_unreachable(*backend.ip(), CLIENT, received.clone());
+        let mut expected = error
+            .clone()
+            .with_src(*frontend.ip())
+            .with_quoted(request.clone())
+            .with_quoted_l4_checksum(received.l4_checksum());
+        if let Some(len) = quoted_len {
+            error = error.with_quoted_len(len);
+            expected = expected.with_quoted_len(len);
+        }
+        let case = format!("{name}: port unreachable {backend} -> {CLIENT}");
+        let out = lb.expect_tc(
+            &case,
+            &error.build(),
+            TC_ACT_OK,
+            &[(Counter::TcSeen, 1), (Counter::IcmpTranslated, 1)],
+            &[],
+        );
+        assert_frame_eq(&case, &out, &expected.build());
+        assert_icmp_checksums(&case, &out);
+        let got = IcmpQuote::parse(&out).unwrap_or_else(|e| panic!("{case}: {e}"));
+        assert_eq!(
+            (*got.outer.src.ip(), got.quoted.src, got.quoted.dst),
+            (*frontend.ip(), from, frontend),
+            "{case}: error source and quote"
+        );
+        match lb.tc_checksum_complete(&error.build()) {
+            Ok(Run { verdict, out }) => {
+                assert_eq!(verdict, TC_ACT_OK, "{case} (CHECKSUM_COMPLETE)");
+                assert_frame_eq(&case, &out, &expected.build());
+            }
+            Err(e) => panic!("{case} (CHECKSUM_COMPLETE): {e}"),
+        }
+    }
+}
+
+#[test]
+fn icmp_errors_from_a_remote_backend_reach_the_client_through_snat() {
+    let mut lb = Lb::with(&remote_state(), &snat_node());
+    let request =
+        Ipv4Frame::udp(client(49_600), sock(REMOTE_LB_IP, SERVICE_PORT)).with_payload(*b"query");
+    let (from, frontend) = (request.src, request.dst);
+    let (backend, snat) = snat_flow(&mut lb, "UDP loadBalancer IP", &request);
+
+    // What the backend received, and quotes back to the SNAT address.
+    let received = request.clone().with_dst(backend).with_src(snat);
+    let error = IcmpErrorFrame::port_unreachable(*backend.ip(), NODE_IP, received.clone());
+    let expected = error
+        .clone()
+        .with_src(*frontend.ip())
+        .with_dst(CLIENT)
+        .with_quoted(request.clone())
+        .with_quoted_l4_checksum(received.l4_checksum());
+    let case = format!("port unreachable {backend} -> {NODE_IP} quoting {snat} -> {backend}");
+    let out = lb.expect_xdp(
+        &case,
+        &error.build(),
+        XDP_PASS,
+        &[(Counter::XdpSeen, 1), (Counter::IcmpTranslated, 1)],
+        &[],
+    );
+    assert_frame_eq(&case, &out, &expected.build());
+    assert_icmp_checksums(&case, &out);
+    let got = IcmpQuote::parse(&out).unwrap_or_else(|e| panic!("{case}: {e}"));
+    assert_eq!(
+        (
+            *got.outer.src.ip(),
+            *got.outer.dst.ip(),
+            got.quoted.src,
+            got.quoted.dst
+        ),
+        (*frontend.ip(), CLIENT, from, frontend),
+        "{case}: error ends and quote"
+    );
+}
+
+/// `CLOCK_MONOTONIC` now, the clock of `bpf_ktime_get_ns` and so of every `expires_ns`.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write to.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+    assert_eq!(ret, 0, "clock_gettime: {}", io::Error::last_os_error());
+    u64::try_from(now.tv_sec).expect("the monotonic clock is not negative") * 1_000_000_000
+        + u64::try_from(now.tv_nsec).expect("nanoseconds are not negative")
+}
+
+#[test]
+fn tcp_state_sets_the_idle_timeout() {
+    const SECOND: u64 = 1_000_000_000;
+    let mut lb = Lb::new();
+    let from = client(49_700);
+    let key = flow_key(L4::Tcp, from, node_port(), direction::FORWARD);
+    // Each packet, the state its FORWARD entry must be in after it, and the timeout.
+    let steps = [
+        ("SYN", TCP_SYN, tcp_state::SYN, 60),
+        ("ACK", TCP_ACK, tcp_state::OPEN, 86_400),
+        ("data", TCP_ACK | TCP_PSH, tcp_state::OPEN, 86_400),
+        ("FIN", TCP_FIN | TCP_ACK, tcp_state::CLOSING, 10),
+        ("ACK after FIN", TCP_ACK, tcp_state::CLOSING, 10),
+        ("SYN reusing the tuple", TCP_SYN, tcp_state::SYN, 60),
+        ("RST", TCP_RST, tcp_state::CLOSING, 10),
+    ];
+    for (i, (name, flags, state, timeout_s)) in steps.into_iter().enumerate() {
+        let packet = Ipv4Frame::tcp(from, node_port()).with_tcp_flags(flags);
+        let counter = if i == 0 {
+            Counter::ForwardNew
+        } else {
+            Counter::ForwardTracked
+        };
+        let before = monotonic_ns();
+        lb.expect_xdp(
+            name,
+            &packet.build(),
+            XDP_PASS,
+            &[(Counter::XdpSeen, 1), (counter, 1)],
+            &[],
+        );
+        let after = monotonic_ns();
+        let entry = lb.flow(name, &key);
+        assert_eq!(entry.tcp_state, state, "{name}: TCP state");
+        // Generous bounds: the expiry may have been set by an earlier packet of the same state
+        // (it is only rewritten when it moves by more than a second).
+        let timeout = timeout_s * SECOND;
+        let (low, high) = (before + timeout - 2 * SECOND, after + timeout + SECOND);
+        assert!(
+            (low..=high).contains(&entry.expires_ns),
+            "{name}: expires {} s from now, expected about {timeout_s} s",
+            entry.expires_ns.saturating_sub(after) / SECOND
+        );
+    }
+}
+
+#[test]
+fn pod_program_dnats_to_remote_endpoints_without_snat() {
+    let mut lb = Lb::with(&remote_state(), &snat_node());
+    let pod = sock(Ipv4Addr::new(10, 244, 1, 50), 49_800);
+    let frontend = sock(REMOTE_CLUSTER_IP, SERVICE_PORT);
+    let first = Ipv4Frame::tcp(pod, frontend);
+    let backend = maglev_pick(&remote_targets(), L4::Tcp, pod, frontend);
+    for (packet, counter) in [
+        (first.clone(), Counter::ForwardNew),
+        (later_packet(&first), Counter::ForwardTracked),
+    ] {
+        let case = format!("pod {pod} -> clusterIP {frontend} (backend {backend})");
+        let out = lb.expect_pod(
+            &case,
+            &packet.build(),
+            TC_ACT_OK,
+            &[(Counter::PodSeen, 1), (counter, 1)],
+            &[],
+        );
+        assert_frame_eq(&case, &out, &packet.clone().with_dst(backend).build());
+        assert_checksums(&case, &out, L4Checksum::Valid);
+    }
+    // Two entries, as for a local backend: the reply comes back to the pod's address.
+    let flows = lb.flows();
+    assert_eq!(flows.len(), 2, "pod flow entries: {flows:?}");
+    let forward = lb.flow(
+        "pod flow",
+        &flow_key(L4::Tcp, pod, frontend, direction::FORWARD),
+    );
+    assert_eq!(
+        (nat_of(&forward), forward.flags),
+        (backend, 0),
+        "pod flow: FORWARD names the backend, without SNAT"
+    );
+    let reply = lb.flow(
+        "pod flow",
+        &flow_key(L4::Tcp, backend, pod, direction::REPLY),
+    );
+    assert_eq!(
+        (nat_of(&reply), reply.flags),
+        (frontend, 0),
+        "pod flow: REPLY (backend -> pod) names the frontend"
+    );
 }
