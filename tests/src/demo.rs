@@ -16,6 +16,8 @@ use crate::{
 
 /// The config, relative to the workspace root.
 pub const CONFIG: &str = "manifests/examples/demo.yaml";
+/// The node's name: the `nodeName` of the demo's endpoints, so they are served as local.
+pub const NODE_NAME: &str = "demo-node";
 /// The pods behind both Services, in address order (10.244.1.10, .11, .12).
 pub const PODS: [&str; 3] = ["web-0", "web-1", "web-2"];
 /// `demo/web`'s `status.loadBalancer.ingress[0].ip`.
@@ -74,7 +76,7 @@ impl Demo {
             agent_bin,
             &workspace.join(CONFIG),
             NODE_IFACE,
-            &[],
+            &["--node-name", NODE_NAME],
             Duration::from_secs(30),
         )?;
         Ok(Demo {

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 use anyhow::{Context as _, bail};
 use integration_tests::{
     demo::{
-        CONFIG, Demo, PODS, http_load_balancer, http_node_port, udp_external_ip, udp_node_port,
+        CONFIG, Demo, NODE_NAME, PODS, http_load_balancer, http_node_port, udp_external_ip, udp_node_port,
     },
     netns::{NODE_ADDR, NODE_IFACE, Netns},
     probe::Batch,
@@ -39,7 +39,7 @@ pub fn run(requests: u32) -> anyhow::Result<()> {
         "==> topology: namespaces {PREFIX}-client (172.30.0.2), {PREFIX}-node ({NODE_ADDR}, \
          lb-agent on {NODE_IFACE}), {PREFIX}-web-0..2 (10.244.1.10-12)"
     );
-    println!("==> lb-agent run --config {CONFIG} --iface {NODE_IFACE}");
+    println!("==> lb-agent run --config {CONFIG} --iface {NODE_IFACE} --node-name {NODE_NAME}");
     let mut demo = Demo::start(PREFIX, &workspace(), &agent_bin, &probe_bin, |_| Ok(()))?;
     for line in demo.agent_log().lines() {
         println!("    | {line}");
