@@ -51,7 +51,7 @@ pub const MAX_FRONTENDS: u32 = 65_536;
 pub const DEFAULT_MAX_TABLES: u32 = 1_024;
 /// Backends across all service ports (one per service port and endpoint). Id 0 is never used.
 pub const MAX_BACKENDS: u32 = 65_536;
-/// Tracked flow entries: two per connection (forward and reply), three when it is SNATed.
+/// Tracked flow entries: two per connection (forward and reply), three with SNAT.
 pub const CONNTRACK_ENTRIES: u32 = 262_144;
 /// Clients remembered by `sessionAffinity: ClientIP`, across all service ports.
 pub const AFFINITY_ENTRIES: u32 = 65_536;
@@ -87,7 +87,7 @@ pub struct Settings {
     pub maglev_table_size: u32,
     /// Seed of the flow hash (the same on every node, so every node picks the same backend).
     pub hash_seed: u32,
-    /// The node address flows to other nodes' backends are SNATed to; 0 disables SNAT.
+    /// The node address flows to other nodes' backends are translated to (SNAT); 0 disables SNAT.
     pub snat_addr_be: u32,
     /// SNAT source ports, host byte order, inclusive.
     pub snat_port_min: u16,
@@ -206,7 +206,7 @@ pub mod direction {
     /// Client -> frontend, as the packet arrives: rewrite the destination to the backend.
     pub const FORWARD: u8 = 1;
     /// Backend -> client (or -> this node's SNAT address and port): rewrite the source to the
-    /// frontend (and, when SNATed, the destination back to the client).
+    /// frontend (and, with SNAT, the destination back to the client).
     pub const REPLY: u8 = 2;
     /// Client -> remote backend, after DNAT, leaving the node: rewrite the source to the SNAT
     /// address and port.
@@ -298,7 +298,7 @@ pub enum Counter {
     TcPass = 11,
     /// Dropped by TC; the reason is counted in `DROPS`.
     TcDrop = 12,
-    /// A new flow to a backend on another node: source to be SNATed on the way out.
+    /// A new flow to a backend on another node: its source is translated (SNAT) on the way out.
     SnatNew = 13,
     /// TC egress rewrote a flow's source to the SNAT address and port.
     SnatTranslated = 14,

@@ -58,7 +58,10 @@ pub fn forward<R: Rewrite>(
         } else {
             track::track(&flow, now)?;
         }
-        (target(backend.addr_be, backend.port_be), Counter::ForwardNew)
+        (
+            target(backend.addr_be, backend.port_be),
+            Counter::ForwardNew,
+        )
     };
     frame.set_l4_end(packet, End::Destination, backend)?;
     Ok(Verdict::Translated(counter))
@@ -78,7 +81,11 @@ pub fn reply<R: Rewrite>(frame: &R, packet: &L4Packet) -> Option<Result<Verdict,
     // SAFETY: a valid map value pointer; copied out.
     let entry: FlowEntry = unsafe { *entry };
     let translated = frame
-        .set_l4_end(packet, End::Source, target(entry.nat_addr_be, entry.nat_port_be))
+        .set_l4_end(
+            packet,
+            End::Source,
+            target(entry.nat_addr_be, entry.nat_port_be),
+        )
         .and_then(|()| {
             if entry.flags & flow_flags::SNAT == 0 {
                 return Ok(());

@@ -84,11 +84,7 @@ pub fn leaving<R: Rewrite>(frame: &R, error: &IcmpError) -> Result<Verdict, Drop
 /// The quote's destination (the backend) becomes the frontend; if the backend itself sent the
 /// error, its source does too.
 #[inline(always)]
-fn to_client<R: Rewrite>(
-    frame: &R,
-    error: &IcmpError,
-    flow: &FlowEntry,
-) -> Result<(), DropReason> {
+fn to_client<R: Rewrite>(frame: &R, error: &IcmpError, flow: &FlowEntry) -> Result<(), DropReason> {
     set_icmp_quoted_end(frame, error, End::Destination, nat(flow))?;
     if error.outer.src_addr_be == error.inner.dst_addr_be {
         set_icmp_outer_addr(frame, error, End::Source, flow.nat_addr_be)?;

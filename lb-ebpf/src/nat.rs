@@ -128,8 +128,13 @@ impl Rewrite for TcContext {
         let check = packet.l4_check_offset();
 
         let (old_addr, new_addr) = (u64::from(old.addr_be), u64::from(new.addr_be));
-        self.l4_csum_replace(check, old_addr, new_addr, u64::from(BPF_F_PSEUDO_HDR) | udp | 4)
-            .map_err(fail)?;
+        self.l4_csum_replace(
+            check,
+            old_addr,
+            new_addr,
+            u64::from(BPF_F_PSEUDO_HDR) | udp | 4,
+        )
+        .map_err(fail)?;
         self.l3_csum_replace(at.l3 + IPV4_CHECK_OFFSET, old_addr, new_addr, 4)
             .map_err(fail)?;
         self.store(at.l3 + end.addr_offset(), &new.addr_be, 0)

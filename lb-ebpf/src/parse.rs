@@ -13,7 +13,9 @@
 //! skb load helper (which also reads non-linear data). `Frame` is the one interface they share.
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use lb_common::{Counter, DropReason, FlowKey, FrontendKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{
+    Counter, DropReason, FlowKey, FrontendKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+};
 
 use crate::stats;
 
@@ -175,7 +177,6 @@ impl Frame for XdpContext {
         // no alignment guarantee, hence the unaligned read.
         ptr_at::<T>(self, offset).map(|p| unsafe { p.read_unaligned() })
     }
-
 }
 
 impl Frame for TcContext {
@@ -183,7 +184,6 @@ impl Frame for TcContext {
     fn read<T: Copy>(&self, offset: usize) -> Option<T> {
         self.load::<T>(offset).ok()
     }
-
 }
 
 /// A pointer to a `T` at `offset` in the packet, if the whole `T` lies inside it.

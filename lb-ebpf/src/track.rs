@@ -66,7 +66,10 @@ pub fn refresh(entry: *mut FlowEntry, packet: &L4Packet, now: u64) {
     let (state, timeout) = next_state(packet.tuple.protocol, entry.tcp_state, packet.tcp_flags);
     let expires = now.saturating_add(timeout);
     if state != entry.tcp_state
-        || expires > entry.expires_ns.saturating_add(timeouts::REFRESH_GRANULARITY)
+        || expires
+            > entry
+                .expires_ns
+                .saturating_add(timeouts::REFRESH_GRANULARITY)
     {
         entry.tcp_state = state;
         entry.expires_ns = expires;
@@ -130,7 +133,13 @@ pub fn track_snat(flow: &NewFlow, settings: &Settings, now: u64) -> Result<FlowE
         .ok_or(DropReason::SnatPortsExhausted)?
         + 1;
     let ports = (u32::from(t.src_port_be) << 16) | u32::from(t.dst_port_be);
-    let start = flow_hash(t.src_addr_be, t.dst_addr_be, ports, protocol, SNAT_HASH_SALT);
+    let start = flow_hash(
+        t.src_addr_be,
+        t.dst_addr_be,
+        ports,
+        protocol,
+        SNAT_HASH_SALT,
+    );
 
     let mut reply = flow.entry(t.dst_addr_be, t.dst_port_be, opening(protocol), now);
     reply.flags = flow_flags::SNAT;
@@ -188,7 +197,13 @@ fn opening(protocol: u8) -> (u8, u64) {
 
 /// A REPLY key from its parts.
 #[inline(always)]
-fn key(src_addr_be: u32, src_port_be: u16, dst_addr_be: u32, dst_port_be: u16, protocol: u8) -> FlowKey {
+fn key(
+    src_addr_be: u32,
+    src_port_be: u16,
+    dst_addr_be: u32,
+    dst_port_be: u16,
+    protocol: u8,
+) -> FlowKey {
     Tuple {
         src_addr_be,
         dst_addr_be,

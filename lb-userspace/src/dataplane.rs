@@ -19,8 +19,7 @@ use aya::{
 };
 use lb_common::{
     Backend, COUNTER_COUNT, Counter, DROP_REASON_SLOTS, DropReason, FlowEntry, FlowKey,
-    FrontendKey, Service, SourceRangeKey, direction, flow_flags, map_names,
-    program_names,
+    FrontendKey, Service, SourceRangeKey, direction, flow_flags, map_names, program_names,
 };
 
 use crate::{
@@ -254,8 +253,11 @@ impl TableMemory {
         }
         // SAFETY: inside the mapping, as in `write`.
         unsafe {
-            std::slice::from_raw_parts(self.base.as_ptr().add(slot as usize * self.stride), self.size)
-                .to_vec()
+            std::slice::from_raw_parts(
+                self.base.as_ptr().add(slot as usize * self.stride),
+                self.size,
+            )
+            .to_vec()
         }
     }
 }
@@ -270,7 +272,7 @@ impl Drop for TableMemory {
 /// Waits until every packet that was in the data path when it was called has left it.
 ///
 /// XDP and TC programs run inside RCU read-side sections, and `membarrier(MEMBARRIER_CMD_GLOBAL)`
-/// waits for an RCU grace period (`synchronize_rcu`). If the call is refused (nohz_full CPUs),
+/// waits for an RCU grace period (`synchronize_rcu`). If the call is refused (`nohz_full` CPUs),
 /// sleeping far longer than any program runs is the fallback.
 fn wait_for_packets_in_flight() {
     const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
@@ -371,17 +373,18 @@ impl DataPlane {
         }
         let mut retired = Vec::new();
         for (table_key, frontends) in &plan.write_tables {
-            let slot = match self.free_slots.pop() {
-                Some(slot) => slot,
-                None => {
-                    // Every slot retired so far is pointed at by no frontend any more.
-                    wait_for_packets_in_flight();
-                    self.free_slots.append(&mut retired);
-                    self.free_slots.pop().ok_or(DataPlaneError::TablesTooLarge {
+            let slot = if let Some(slot) = self.free_slots.pop() {
+                slot
+            } else {
+                // Every slot retired so far is pointed at by no frontend any more.
+                wait_for_packets_in_flight();
+                self.free_slots.append(&mut retired);
+                self.free_slots
+                    .pop()
+                    .ok_or(DataPlaneError::TablesTooLarge {
                         tables: self.tables.slots - 1,
-                        size: self.tables.size as u32,
+                        size: u32::try_from(self.tables.size).unwrap_or(u32::MAX),
                     })?
-                }
             };
             if let Some(table) = new.tables.get(table_key) {
                 self.tables.write(slot, table);
@@ -427,13 +430,20 @@ impl DataPlane {
         Ok(())
     }
 
-    fn set_frontend(&mut self, key: FrontendKey, entry: &FrontendEntry) -> Result<(), DataPlaneError> {
+    fn set_frontend(
+        &mut self,
+        key: FrontendKey,
+        entry: &FrontendEntry,
+    ) -> Result<(), DataPlaneError> {
         let mut service = entry.service;
         service.table = entry
             .table_key
             .and_then(|t| self.table_slots.get(&t).copied())
             .unwrap_or(0);
-        if entry.table_key.is_some_and(|t| !self.table_slots.contains_key(&t)) {
+        if entry
+            .table_key
+            .is_some_and(|t| !self.table_slots.contains_key(&t))
+        {
             // A frontend whose table is not written yet must not select from slot 0.
             service.backend_count = 0;
         }
@@ -443,7 +453,11 @@ impl DataPlane {
             .map_err(map_error(map_names::FRONTENDS))
     }
 
-    fn source_range(&mut self, &(service_id, cidr): &(u32, Ipv4Cidr), add: bool) -> Result<(), DataPlaneError> {
+    fn source_range(
+        &mut self,
+        &(service_id, cidr): &(u32, Ipv4Cidr),
+        add: bool,
+    ) -> Result<(), DataPlaneError> {
         let name = map_names::SOURCE_RANGES;
         let mut trie: LpmTrie<&mut MapData, SourceRangeKey, u8> = self.typed_map(name)?;
         let key = Key::new(
@@ -463,7 +477,9 @@ impl DataPlane {
     /// The backend ids of the table `key` as the data path holds it (for tests).
     #[must_use]
     pub fn table(&self, key: &TableKey) -> Option<Vec<u32>> {
-        self.table_slots.get(key).map(|&slot| self.tables.read(slot))
+        self.table_slots
+            .get(key)
+            .map(|&slot| self.tables.read(slot))
     }
 
     fn set_array<V: aya::Pod>(
@@ -525,7 +541,12 @@ impl DataPlane {
             (Err(error), None) => return Err(error),
         };
 
-        let tc = attach_tc(&mut self.ebpf, iface, program_names::TC_EGRESS, TcAttachType::Egress)?;
+        let tc = attach_tc(
+            &mut self.ebpf,
+            iface,
+            program_names::TC_EGRESS,
+            TcAttachType::Egress,
+        )?;
         self.attachments.push(Attachment {
             iface: iface.to_owned(),
             xdp: Some(xdp_link),
@@ -563,7 +584,8 @@ impl DataPlane {
             return;
         };
         let attachment = self.attachments.remove(i);
-        if let Ok(program) = program::<SchedClassifier>(&mut self.ebpf, program_names::TC_POD_INGRESS)
+        if let Ok(program) =
+            program::<SchedClassifier>(&mut self.ebpf, program_names::TC_POD_INGRESS)
         {
             // Fails when the interface is gone, which is the usual case and fine.
             let _ = program.detach(attachment.tc);

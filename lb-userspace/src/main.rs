@@ -84,7 +84,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 0)]
     maglev_seed: u32,
     /// Source ports for SNAT to other nodes' endpoints, `FIRST-LAST`. Keep them out of the
-    /// node's ephemeral range (net.ipv4.ip_local_port_range) and the NodePort range.
+    /// node's ephemeral range (`net.ipv4.ip_local_port_range`) and the `NodePort` range.
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
     snat_ports: (u16, u16),
     /// Maglev tables the data path has room for (one per service port and traffic policy in
@@ -94,9 +94,12 @@ struct RunArgs {
 }
 
 fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
-    let (first, last) = text
-        .split_once('-')
-        .ok_or_else(|| format!("{text:?} is not FIRST-LAST, for example {}-{}", DEFAULT_SNAT_PORTS.0, DEFAULT_SNAT_PORTS.1))?;
+    let (first, last) = text.split_once('-').ok_or_else(|| {
+        format!(
+            "{text:?} is not FIRST-LAST, for example {}-{}",
+            DEFAULT_SNAT_PORTS.0, DEFAULT_SNAT_PORTS.1
+        )
+    })?;
     let port = |p: &str| {
         p.trim()
             .parse::<u16>()
@@ -139,8 +142,12 @@ fn validate(file: &std::path::Path, node_ips: &[Ipv4Addr]) -> anyhow::Result<()>
     for warning in &loaded.warnings {
         log::warn!("{warning}");
     }
-    MapContents::from_state(&loaded.state, &NodeConfig::default(), &MapContents::default())
-        .with_context(|| format!("{}", file.display()))?;
+    MapContents::from_state(
+        &loaded.state,
+        &NodeConfig::default(),
+        &MapContents::default(),
+    )
+    .with_context(|| format!("{}", file.display()))?;
     println!(
         "{}: valid, {} service ports",
         file.display(),
@@ -337,7 +344,9 @@ impl Agent {
                     log::info!("{line}");
                 }
             }
-            Err(error) => log::error!("config reload refused, still serving the previous config: {error:#}"),
+            Err(error) => {
+                log::error!("config reload refused, still serving the previous config: {error:#}");
+            }
         }
     }
 

@@ -110,7 +110,9 @@ pub struct Ipv4Cidr {
 impl Ipv4Cidr {
     #[must_use]
     pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len)).unwrap_or(0);
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0);
         u32::from(addr) & mask == u32::from(self.addr) & mask
     }
 }

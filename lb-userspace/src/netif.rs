@@ -60,7 +60,7 @@ pub fn ipv4_forwarding_enabled() -> bool {
 /// Lets `iface` accept packets whose source is one of this node's addresses
 /// (`net.ipv4.conf.IFACE.accept_local=1`).
 ///
-/// The reply of a flow SNATed to a remote endpoint leaves XDP with the frontend as its source;
+/// The reply of a flow to a remote endpoint, translated with SNAT, leaves XDP with the frontend as its source;
 /// for a nodePort that is this node's own address, and the stack drops such an arriving packet
 /// as a martian unless the interface accepts local sources.
 pub fn accept_local_sources(iface: &str) -> std::io::Result<()> {

@@ -5,7 +5,8 @@ use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 use anyhow::{Context as _, bail};
 use integration_tests::{
     demo::{
-        CONFIG, Demo, NODE_NAME, PODS, http_load_balancer, http_node_port, udp_external_ip, udp_node_port,
+        CONFIG, Demo, NODE_NAME, PODS, http_load_balancer, http_node_port, udp_external_ip,
+        udp_node_port,
     },
     netns::{NODE_ADDR, NODE_IFACE, Netns},
     probe::Batch,
