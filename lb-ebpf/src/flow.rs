@@ -16,7 +16,7 @@ use crate::{
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
     /// From the network (XDP): replies from a backend on another node would go straight to the
-    /// client, so flows to remote backends are SNATed to this node.
+    /// client, so flows to remote backends are translated with SNAT to this node.
     Network,
     /// From a pod on this node (TC on its interface): pod addresses are routable, so replies
     /// come back through this node without SNAT.
@@ -73,7 +73,7 @@ fn target(addr_be: u32, port_be: u16) -> Addr {
 }
 
 /// A backend's reply to a tracked flow: the source becomes the frontend the client used, and
-/// for a SNATed flow the destination becomes the client again. `None` if it is no reply.
+/// for a translated with SNAT flow the destination becomes the client again. `None` if it is no reply.
 #[inline(always)]
 pub fn reply<R: Rewrite>(frame: &R, packet: &L4Packet) -> Option<Result<Verdict, DropReason>> {
     let entry = lookup::flow_mut(&packet.tuple.flow_key(direction::REPLY))?;
@@ -96,7 +96,7 @@ pub fn reply<R: Rewrite>(frame: &R, packet: &L4Packet) -> Option<Result<Verdict,
     Some(translated.map(|()| Verdict::Translated(Counter::ReplyTranslated)))
 }
 
-/// A packet of a SNATed flow leaving for its remote backend: the source becomes this node's
+/// A packet of a translated with SNAT flow leaving for its remote backend: the source becomes this node's
 /// SNAT address and port. `None` if it is not one.
 #[inline(always)]
 pub fn snat<R: Rewrite>(frame: &R, packet: &L4Packet) -> Option<Result<Verdict, DropReason>> {

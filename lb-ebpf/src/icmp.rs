@@ -35,7 +35,7 @@ fn peer(entry: &FlowEntry) -> Addr {
 /// An error arriving from the network (XDP).
 ///
 /// About a packet we sent to a backend (the quote's reverse is a REPLY key): the quote's
-/// destination becomes the frontend, and for a SNATed flow its source and the error's
+/// destination becomes the frontend, and for a translated with SNAT flow its source and the error's
 /// destination become the client. About a reply we translated (the quote's reverse is a
 /// FORWARD key, the error was sent to the frontend): it goes to the backend instead, quoting
 /// the packet as the backend sent it.
@@ -66,13 +66,13 @@ pub fn from_network<R: Rewrite>(frame: &R, error: &IcmpError) -> Result<Verdict,
 #[inline(always)]
 pub fn leaving<R: Rewrite>(frame: &R, error: &IcmpError) -> Result<Verdict, DropReason> {
     if let Some(flow) = entry(&error.inner.reversed_flow_key(direction::REPLY)) {
-        // SNATed flows' errors come back from the network, where XDP handles them.
+        // translated with SNAT flows' errors come back from the network, where XDP handles them.
         if flow.flags & flow_flags::SNAT == 0 {
             to_client(frame, error, &flow)?;
             return Ok(Verdict::Translated(Counter::IcmpTranslated));
         }
     }
-    // This node's own error about a packet it had not SNATed yet: the quote is still the
+    // This node's own error about a packet it had not translated with SNAT yet: the quote is still the
     // client's packet after DNAT.
     if let Some(flow) = entry(&error.inner.flow_key(direction::SNAT)) {
         set_icmp_quoted_end(frame, error, End::Destination, peer(&flow))?;

@@ -11,7 +11,7 @@
 //!     snat     backend on another node -> claim a SNAT port, track REPLY + SNAT + FORWARD
 //!     nat      DNAT to the backend, incremental IPv4 + L4 checksums
 //!   reply    CONNTRACK[flow, REPLY] hit (a remote backend's reply) -> source = frontend,
-//!            and for a SNATed flow destination = client
+//!            and for a translated with SNAT flow destination = client
 //!   -> XDP_PASS: the kernel routes the translated packet on
 //!
 //! TC egress (lb_tc_egress), on the same interfaces: packets leaving the node
@@ -28,6 +28,15 @@
 //! Every outcome increments a `Counter`; every drop also increments its `DropReason`.
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::needless_pass_by_value,
+    reason = "the program macros hand each entry point its context by value"
+)]
+#![expect(
+    clippy::inline_always,
+    reason = "each program must be one function: the verifier follows no calls into BPF-to-BPF \
+              functions we did not mean to make"
+)]
 
 mod flow;
 mod icmp;
@@ -135,11 +144,11 @@ fn tc_verdict(result: Result<Verdict, DropReason>) -> i32 {
     match result {
         Ok(verdict) => {
             stats::count(verdict.counter());
-            TC_ACT_OK as i32
+            TC_ACT_OK
         }
         Err(reason) => {
             stats::count_drop(Counter::TcDrop, reason);
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }

@@ -5,7 +5,7 @@
 //! too short to hold its ports and checksum is dropped, because neither we nor the stack can do
 //! anything correct with it.
 //!
-//! Up to two VLAN tags (802.1Q, 802.1ad: one tag or QinQ) are skipped, so tagged frames from a
+//! Up to two VLAN tags (802.1Q, 802.1ad: one tag or `QinQ`) are skipped, so tagged frames from a
 //! trunk are served like untagged ones. IPv4 options are skipped by the header length and
 //! counted. Fragments are passed untouched and counted (see the README's fragment rule).
 //!
@@ -25,7 +25,7 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const ETH_HDR_LEN: usize = 14;
 const ETH_TYPE_OFFSET: usize = 12;
 const VLAN_TAG_LEN: usize = 4;
-/// One tag, or QinQ; a third tag is not something a node's trunk carries.
+/// One tag, or `QinQ`; a third tag is not something a node's trunk carries.
 const MAX_VLAN_TAGS: usize = 2;
 
 const IPV4_MIN_HDR_LEN: usize = 20;

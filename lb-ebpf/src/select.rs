@@ -44,12 +44,12 @@ pub fn backend(
         client_addr_be: tuple.src_addr_be,
     };
     let affinity_ns = u64::from(service.affinity_timeout_s) * NANOS_PER_SECOND;
-    if affinity_ns != 0 {
-        if let Some((id, backend)) = affinity_backend(service, &affinity_key, local_only, now) {
-            remember(&affinity_key, id, &backend, now + affinity_ns);
-            stats::count(Counter::AffinityHit);
-            return Ok((id, backend));
-        }
+    if affinity_ns != 0
+        && let Some((id, backend)) = affinity_backend(service, &affinity_key, local_only, now)
+    {
+        remember(&affinity_key, id, &backend, now + affinity_ns);
+        stats::count(Counter::AffinityHit);
+        return Ok((id, backend));
     }
 
     let hash = if service.flags & service_flags::RANDOM != 0 {

@@ -116,7 +116,7 @@ pub fn track(flow: &NewFlow, now: u64) -> Result<FlowEntry, DropReason> {
     Ok(forward)
 }
 
-/// Tracks a flow to a backend on another node, SNATed to this node's address so its replies
+/// Tracks a flow to a backend on another node, translated with SNAT to this node's address so its replies
 /// come back here: claims a free SNAT port (its REPLY key), then the SNAT entry TC egress
 /// applies, then the FORWARD entry. Returns the FORWARD entry.
 ///
