@@ -137,3 +137,30 @@ pub fn final_counters(log: &str) -> Option<BTreeMap<String, u64>> {
             .collect(),
     )
 }
+
+/// The workspace root (the parent of `tests/`).
+#[must_use]
+pub fn workspace() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| Path::new(".").to_owned(), Path::to_owned)
+}
+
+/// `lb-agent` from `LB_AGENT_BIN`, or the debug build of this workspace (`cargo xtask test`
+/// builds it first).
+///
+/// # Panics
+/// If it does not exist, with what to run.
+#[must_use]
+pub fn agent_bin() -> std::path::PathBuf {
+    let path = std::env::var_os("LB_AGENT_BIN").map_or_else(
+        || workspace().join("target/debug/lb-agent"),
+        std::path::PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask test`, or `cargo build -p lb-userspace` first",
+        path.display()
+    );
+    path
+}

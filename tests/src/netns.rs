@@ -293,3 +293,14 @@ impl Topology {
         Ok(())
     }
 }
+
+/// A namespace prefix unique to this process and call: `lbt<pid>-<n>`.
+#[must_use]
+pub fn unique_prefix() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "lbt{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}

@@ -11,17 +11,16 @@ use std::{
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
 use integration_tests::{
-    agent::{Agent, final_counters},
+    agent::{Agent, agent_bin, final_counters},
     cluster::{
         CLIENT_ADDR, CLIENT_ALT_ADDR, Cluster, POD_IFACE_PATTERN, Tagging, VLAN_CLIENT_ADDR,
         node_addr, vlan_node_addr,
     },
-    netns::{Netns, Process},
+    netns::{Netns, Process, unique_prefix},
     probe::{self, Answer, Batch, Hold, Options},
 };
 
@@ -57,41 +56,13 @@ const ECHO_LB: SocketAddr = v4(198, 51, 100, 53, 53);
 const WEB_NODE_PORT: u16 = 30080;
 const ECHO_NODE_PORT: u16 = 30053;
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_owned()
-}
-
 fn probe_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_lb-probe"))
 }
 
-/// `lb-agent` from `LB_AGENT_BIN`, or the debug build of this workspace.
-fn agent_bin() -> PathBuf {
-    let path = std::env::var_os("LB_AGENT_BIN")
-        .map_or_else(|| workspace().join("target/debug/lb-agent"), PathBuf::from);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo xtask test`, or `cargo build -p lb-userspace` first",
-        path.display()
-    );
-    path
-}
-
-/// A namespace prefix unique to this process and test.
-fn prefix() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "lbt{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
 fn cluster(pods: &[&[&str]]) -> Cluster {
-    Cluster::create(&prefix(), pods).unwrap_or_else(|e| panic!("building the cluster: {e:#}"))
+    Cluster::create(&unique_prefix(), pods)
+        .unwrap_or_else(|e| panic!("building the cluster: {e:#}"))
 }
 
 fn node_port(node: u8, port: u16) -> SocketAddr {

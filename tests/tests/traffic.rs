@@ -2,53 +2,19 @@
 //! with `manifests/examples/demo.yaml`, and three backend pods, all torn down by their guards.
 //! Needs root (CI is root).
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use integration_tests::{
+    agent::{agent_bin, workspace},
     demo::{Demo, PODS, http_load_balancer, http_node_port, udp_external_ip, udp_node_port},
-    netns::{CLIENT_ADDR, NODE_ADDR, Process, Topology},
+    netns::{CLIENT_ADDR, NODE_ADDR, Process, Topology, unique_prefix},
     probe::{self, Batch},
 };
 
 const REQUESTS: u32 = 60;
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_owned()
-}
-
 fn probe_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_lb-probe"))
-}
-
-/// `lb-agent` from `LB_AGENT_BIN`, or the debug build next to this test (`cargo xtask test`
-/// builds it first).
-fn agent_bin() -> PathBuf {
-    let path = std::env::var_os("LB_AGENT_BIN")
-        .map_or_else(|| workspace().join("target/debug/lb-agent"), PathBuf::from);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo xtask test`, or `cargo build -p lb-userspace` first",
-        path.display()
-    );
-    path
-}
-
-/// A namespace prefix unique to this process and test.
-fn prefix() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "lbt{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 fn setup() -> Demo {
@@ -57,8 +23,14 @@ fn setup() -> Demo {
 
 /// Like `setup`, with `adjust` run on the topology before anything starts in it.
 fn setup_with(adjust: impl FnOnce(&Topology) -> anyhow::Result<()>) -> Demo {
-    Demo::start(&prefix(), &workspace(), &agent_bin(), &probe_bin(), adjust)
-        .unwrap_or_else(|e| panic!("starting the demo: {e:#}"))
+    Demo::start(
+        &unique_prefix(),
+        &workspace(),
+        &agent_bin(),
+        &probe_bin(),
+        adjust,
+    )
+    .unwrap_or_else(|e| panic!("starting the demo: {e:#}"))
 }
 
 /// `count` requests through `target`; any harness failure fails the test.
