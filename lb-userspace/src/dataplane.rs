@@ -712,9 +712,18 @@ impl DataPlane {
             let _ = map.remove(key);
             removed += 1;
         }
-        // Directions whose FORWARD entry is gone (evicted) and that are idle themselves.
+        // Directions whose FORWARD entry is gone (evicted) and that are idle themselves. A
+        // live flow's idle direction stays: one-way UDP still needs its reply entry.
+        let owned: std::collections::BTreeSet<FlowKey> = flows
+            .iter()
+            .filter(|(key, _)| key.direction == direction::FORWARD)
+            .flat_map(|(key, entry)| partner_keys(key, entry))
+            .collect();
         for (key, entry) in &flows {
-            if key.direction != direction::FORWARD && entry.expires_ns < now_ns {
+            if key.direction != direction::FORWARD
+                && entry.expires_ns < now_ns
+                && !owned.contains(key)
+            {
                 let _ = map.remove(key);
             }
         }
