@@ -38,10 +38,7 @@ pub fn forward<R: Rewrite>(
         track::refresh(entry, packet, now);
         // SAFETY: a valid map value pointer; copied out.
         let entry: FlowEntry = unsafe { *entry };
-        (
-            target(entry.nat_addr_be, entry.nat_port_be),
-            Counter::ForwardTracked,
-        )
+        (Addr::nat(&entry), Counter::ForwardTracked)
     } else {
         let settings = lookup::settings().ok_or(DropReason::BackendMissing)?;
         let (backend_id, backend) = select::backend(service, &packet.tuple, &settings, now)?;
@@ -59,17 +56,15 @@ pub fn forward<R: Rewrite>(
             track::track(&flow, now)?;
         }
         (
-            target(backend.addr_be, backend.port_be),
+            Addr {
+                addr_be: backend.addr_be,
+                port_be: backend.port_be,
+            },
             Counter::ForwardNew,
         )
     };
     frame.set_l4_end(packet, End::Destination, backend)?;
     Ok(Verdict::Translated(counter))
-}
-
-#[inline(always)]
-fn target(addr_be: u32, port_be: u16) -> Addr {
-    Addr { addr_be, port_be }
 }
 
 /// A backend's reply to a tracked flow: the source becomes the frontend the client used, and
@@ -81,16 +76,12 @@ pub fn reply<R: Rewrite>(frame: &R, packet: &L4Packet) -> Option<Result<Verdict,
     // SAFETY: a valid map value pointer; copied out.
     let entry: FlowEntry = unsafe { *entry };
     let translated = frame
-        .set_l4_end(
-            packet,
-            End::Source,
-            target(entry.nat_addr_be, entry.nat_port_be),
-        )
+        .set_l4_end(packet, End::Source, Addr::nat(&entry))
         .and_then(|()| {
             if entry.flags & flow_flags::SNAT == 0 {
                 return Ok(());
             }
-            let client = target(entry.peer_addr_be, entry.peer_port_be);
+            let client = Addr::peer(&entry);
             frame.set_l4_end(packet, End::Destination, client)
         });
     Some(translated.map(|()| Verdict::Translated(Counter::ReplyTranslated)))
@@ -105,7 +96,7 @@ pub fn snat<R: Rewrite>(frame: &R, packet: &L4Packet) -> Option<Result<Verdict, 
     track::refresh(entry, packet, track::now());
     // SAFETY: a valid map value pointer; copied out.
     let entry = unsafe { *entry };
-    let source = target(entry.nat_addr_be, entry.nat_port_be);
+    let source = Addr::nat(&entry);
     Some(
         frame
             .set_l4_end(packet, End::Source, source)

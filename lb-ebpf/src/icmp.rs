@@ -10,28 +10,6 @@ use crate::{
     parse::IcmpError,
 };
 
-#[inline(always)]
-fn entry(key: &lb_common::FlowKey) -> Option<FlowEntry> {
-    // SAFETY: a valid map value pointer; copied out.
-    lookup::flow_mut(key).map(|e| unsafe { *e })
-}
-
-#[inline(always)]
-fn nat(entry: &FlowEntry) -> Addr {
-    Addr {
-        addr_be: entry.nat_addr_be,
-        port_be: entry.nat_port_be,
-    }
-}
-
-#[inline(always)]
-fn peer(entry: &FlowEntry) -> Addr {
-    Addr {
-        addr_be: entry.peer_addr_be,
-        port_be: entry.peer_port_be,
-    }
-}
-
 /// An error arriving from the network (XDP).
 ///
 /// About a packet we sent to a backend (the quote's reverse is a REPLY key): the quote's
@@ -41,18 +19,18 @@ fn peer(entry: &FlowEntry) -> Addr {
 /// the packet as the backend sent it.
 #[inline(always)]
 pub fn from_network<R: Rewrite>(frame: &R, error: &IcmpError) -> Result<Verdict, DropReason> {
-    if let Some(flow) = entry(&error.inner.reversed_flow_key(direction::REPLY)) {
+    if let Some(flow) = lookup::flow(&error.inner.reversed_flow_key(direction::REPLY)) {
         to_client(frame, error, &flow)?;
         if flow.flags & flow_flags::SNAT != 0 {
-            set_icmp_quoted_end(frame, error, End::Source, peer(&flow))?;
+            set_icmp_quoted_end(frame, error, End::Source, Addr::peer(&flow))?;
             set_icmp_outer_addr(frame, error, End::Destination, flow.peer_addr_be)?;
         }
         return Ok(Verdict::Translated(Counter::IcmpTranslated));
     }
-    if let Some(flow) = entry(&error.inner.reversed_flow_key(direction::FORWARD)) {
-        set_icmp_quoted_end(frame, error, End::Source, nat(&flow))?;
+    if let Some(flow) = lookup::flow(&error.inner.reversed_flow_key(direction::FORWARD)) {
+        set_icmp_quoted_end(frame, error, End::Source, Addr::nat(&flow))?;
         if flow.flags & flow_flags::SNAT != 0 {
-            set_icmp_quoted_end(frame, error, End::Destination, peer(&flow))?;
+            set_icmp_quoted_end(frame, error, End::Destination, Addr::peer(&flow))?;
         }
         set_icmp_outer_addr(frame, error, End::Destination, flow.nat_addr_be)?;
         return Ok(Verdict::Translated(Counter::IcmpTranslated));
@@ -65,7 +43,7 @@ pub fn from_network<R: Rewrite>(frame: &R, error: &IcmpError) -> Result<Verdict,
 /// The quote's destination becomes the frontend the client used.
 #[inline(always)]
 pub fn leaving<R: Rewrite>(frame: &R, error: &IcmpError) -> Result<Verdict, DropReason> {
-    if let Some(flow) = entry(&error.inner.reversed_flow_key(direction::REPLY)) {
+    if let Some(flow) = lookup::flow(&error.inner.reversed_flow_key(direction::REPLY)) {
         // translated with SNAT flows' errors come back from the network, where XDP handles them.
         if flow.flags & flow_flags::SNAT == 0 {
             to_client(frame, error, &flow)?;
@@ -74,8 +52,8 @@ pub fn leaving<R: Rewrite>(frame: &R, error: &IcmpError) -> Result<Verdict, Drop
     }
     // This node's own error about a packet it had not translated with SNAT yet: the quote is still the
     // client's packet after DNAT.
-    if let Some(flow) = entry(&error.inner.flow_key(direction::SNAT)) {
-        set_icmp_quoted_end(frame, error, End::Destination, peer(&flow))?;
+    if let Some(flow) = lookup::flow(&error.inner.flow_key(direction::SNAT)) {
+        set_icmp_quoted_end(frame, error, End::Destination, Addr::peer(&flow))?;
         return Ok(Verdict::Translated(Counter::IcmpTranslated));
     }
     Ok(Verdict::Pass(Counter::TcPass))
@@ -85,7 +63,7 @@ pub fn leaving<R: Rewrite>(frame: &R, error: &IcmpError) -> Result<Verdict, Drop
 /// error, its source does too.
 #[inline(always)]
 fn to_client<R: Rewrite>(frame: &R, error: &IcmpError, flow: &FlowEntry) -> Result<(), DropReason> {
-    set_icmp_quoted_end(frame, error, End::Destination, nat(flow))?;
+    set_icmp_quoted_end(frame, error, End::Destination, Addr::nat(flow))?;
     if error.outer.src_addr_be == error.inner.dst_addr_be {
         set_icmp_outer_addr(frame, error, End::Source, flow.nat_addr_be)?;
     }

@@ -98,6 +98,13 @@ pub fn set_affinity(key: &AffinityKey, value: &AffinityValue) {
     let _ = AFFINITY.insert(key, value, 0);
 }
 
+/// A tracked flow's entry, copied out.
+#[inline(always)]
+pub fn flow(key: &FlowKey) -> Option<FlowEntry> {
+    // SAFETY: copied out at once; entries are only ever inserted whole.
+    unsafe { CONNTRACK.get(key).copied() }
+}
+
 /// A tracked flow's entry, to read and refresh in place.
 #[inline(always)]
 pub fn flow_mut(key: &FlowKey) -> Option<*mut FlowEntry> {

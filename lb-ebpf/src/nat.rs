@@ -11,11 +11,11 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{DropReason, IPPROTO_UDP, checksum::Delta};
+use lb_common::{DropReason, FlowEntry, IPPROTO_UDP, checksum::Delta};
 
 use crate::parse::{
     Frame, ICMP_CHECK_OFFSET, IPV4_CHECK_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, IcmpError,
-    L4_DST_PORT_OFFSET, L4_SRC_PORT_OFFSET, L4Packet, ptr_at,
+    L4_DST_PORT_OFFSET, L4_SRC_PORT_OFFSET, L4Packet, Tuple, ptr_at,
 };
 
 /// Which end of a packet to rewrite.
@@ -58,18 +58,38 @@ pub trait Rewrite: Frame {
     fn set_l4_end(&self, packet: &L4Packet, end: End, new: Addr) -> Result<(), DropReason>;
 }
 
-#[inline(always)]
-fn current(packet: &L4Packet, end: End) -> Addr {
-    let t = &packet.tuple;
-    match end {
-        End::Source => Addr {
-            addr_be: t.src_addr_be,
-            port_be: t.src_port_be,
-        },
-        End::Destination => Addr {
-            addr_be: t.dst_addr_be,
-            port_be: t.dst_port_be,
-        },
+impl Addr {
+    /// One end of a packet's tuple.
+    #[inline(always)]
+    pub fn of(tuple: &Tuple, end: End) -> Addr {
+        match end {
+            End::Source => Addr {
+                addr_be: tuple.src_addr_be,
+                port_be: tuple.src_port_be,
+            },
+            End::Destination => Addr {
+                addr_be: tuple.dst_addr_be,
+                port_be: tuple.dst_port_be,
+            },
+        }
+    }
+
+    /// What a flow entry writes (see `FlowEntry`).
+    #[inline(always)]
+    pub fn nat(entry: &FlowEntry) -> Addr {
+        Addr {
+            addr_be: entry.nat_addr_be,
+            port_be: entry.nat_port_be,
+        }
+    }
+
+    /// The other address a flow entry keeps (see `FlowEntry`).
+    #[inline(always)]
+    pub fn peer(entry: &FlowEntry) -> Addr {
+        Addr {
+            addr_be: entry.peer_addr_be,
+            port_be: entry.peer_port_be,
+        }
     }
 }
 
@@ -85,7 +105,7 @@ impl Rewrite for XdpContext {
 
     #[inline(always)]
     fn set_l4_end(&self, packet: &L4Packet, end: End, new: Addr) -> Result<(), DropReason> {
-        let old = current(packet, end);
+        let old = Addr::of(&packet.tuple, end);
         // One delta covers the address (IPv4 header, and the L4 pseudo-header); the L4 one
         // adds the port.
         let address = Delta::new().replace_u32(old.addr_be, new.addr_be);
@@ -117,7 +137,7 @@ impl Rewrite for TcContext {
     /// checksum stays zero (`BPF_F_MARK_MANGLED_0`).
     #[inline(always)]
     fn set_l4_end(&self, packet: &L4Packet, end: End, new: Addr) -> Result<(), DropReason> {
-        let old = current(packet, end);
+        let old = Addr::of(&packet.tuple, end);
         let udp = if packet.tuple.protocol == IPPROTO_UDP {
             u64::from(BPF_F_MARK_MANGLED_0)
         } else {
@@ -172,10 +192,7 @@ pub fn set_icmp_outer_addr<R: Rewrite>(
     end: End,
     new_addr_be: u32,
 ) -> Result<(), DropReason> {
-    let old = match end {
-        End::Source => error.outer.src_addr_be,
-        End::Destination => error.outer.dst_addr_be,
-    };
+    let old = Addr::of(&error.outer, end).addr_be;
     let l3 = error.outer_at.l3;
     let check = read_u16(frame, l3 + IPV4_CHECK_OFFSET)?;
     let delta = Delta::new().replace_u32(old, new_addr_be);
@@ -193,16 +210,7 @@ pub fn set_icmp_quoted_end<R: Rewrite>(
     end: End,
     new: Addr,
 ) -> Result<(), DropReason> {
-    let old = match end {
-        End::Source => Addr {
-            addr_be: error.inner.src_addr_be,
-            port_be: error.inner.src_port_be,
-        },
-        End::Destination => Addr {
-            addr_be: error.inner.dst_addr_be,
-            port_be: error.inner.dst_port_be,
-        },
-    };
+    let old = Addr::of(&error.inner, end);
     let (inner_l3, inner_l4) = (error.inner_at.l3, error.inner_at.l4);
     let icmp_check_offset = error.outer_at.l4 + ICMP_CHECK_OFFSET;
     let inner_check = read_u16(frame, inner_l3 + IPV4_CHECK_OFFSET)?;

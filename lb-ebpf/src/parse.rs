@@ -15,6 +15,7 @@
 use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::{
     Counter, DropReason, FlowKey, FrontendKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    hash::flow_hash,
 };
 
 use crate::stats;
@@ -91,6 +92,19 @@ impl Tuple {
             direction,
             _pad: [0; 2],
         }
+    }
+
+    /// The flow hash of this 5-tuple (fields as the packet holds them).
+    #[inline(always)]
+    pub fn hash(&self, seed: u32) -> u32 {
+        let ports = (u32::from(self.src_port_be) << 16) | u32::from(self.dst_port_be);
+        flow_hash(
+            self.src_addr_be,
+            self.dst_addr_be,
+            ports,
+            self.protocol,
+            seed,
+        )
     }
 
     /// The key of a packet going the other way.

@@ -3,7 +3,7 @@
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
     AffinityKey, AffinityValue, Backend, Counter, DropReason, Service, Settings, backend_flags,
-    hash::flow_hash, maglev_table_stride, service_flags,
+    maglev_table_stride, service_flags,
 };
 
 use crate::{lookup, parse::Tuple, stats};
@@ -56,14 +56,7 @@ pub fn backend(
         // SAFETY: a helper without arguments.
         unsafe { bpf_get_prandom_u32() }
     } else {
-        let ports = (u32::from(tuple.src_port_be) << 16) | u32::from(tuple.dst_port_be);
-        flow_hash(
-            tuple.src_addr_be,
-            tuple.dst_addr_be,
-            ports,
-            tuple.protocol,
-            settings.hash_seed,
-        )
+        tuple.hash(settings.hash_seed)
     };
     let m = settings.maglev_table_size;
     // `checked_*`: a `%` that could divide by zero is a reachable panic the verifier rejects.

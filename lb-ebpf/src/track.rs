@@ -4,7 +4,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     Backend, DropReason, FlowEntry, FlowKey, IPPROTO_TCP, Settings, direction, flow_flags,
-    hash::flow_hash, tcp_state, timeouts,
+    tcp_state, timeouts,
 };
 
 use crate::{
@@ -132,14 +132,7 @@ pub fn track_snat(flow: &NewFlow, settings: &Settings, now: u64) -> Result<FlowE
         .checked_sub(first)
         .ok_or(DropReason::SnatPortsExhausted)?
         + 1;
-    let ports = (u32::from(t.src_port_be) << 16) | u32::from(t.dst_port_be);
-    let start = flow_hash(
-        t.src_addr_be,
-        t.dst_addr_be,
-        ports,
-        protocol,
-        SNAT_HASH_SALT,
-    );
+    let start = t.hash(SNAT_HASH_SALT);
 
     let mut reply = flow.entry(t.dst_addr_be, t.dst_port_be, opening(protocol), now);
     reply.flags = flow_flags::SNAT;

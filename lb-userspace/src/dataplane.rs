@@ -246,20 +246,6 @@ impl TableMemory {
             std::ptr::copy_nonoverlapping(table.as_ptr(), start, self.size);
         }
     }
-
-    fn read(&self, slot: u32) -> Vec<u32> {
-        if slot >= self.slots {
-            return Vec::new();
-        }
-        // SAFETY: inside the mapping, as in `write`.
-        unsafe {
-            std::slice::from_raw_parts(
-                self.base.as_ptr().add(slot as usize * self.stride),
-                self.size,
-            )
-            .to_vec()
-        }
-    }
 }
 
 impl Drop for TableMemory {
@@ -418,7 +404,6 @@ impl DataPlane {
         if !plan.stale_udp_backends.is_empty() {
             let removed = self.remove_flows(|key, entry| {
                 key.protocol == lb_common::IPPROTO_UDP
-                    && key.direction == direction::FORWARD
                     && plan.stale_udp_backends.iter().any(|(service_id, b)| {
                         entry.service_id == *service_id
                             && entry.nat_addr_be == b.addr_be
@@ -472,14 +457,6 @@ impl DataPlane {
         } else {
             trie.remove(&key).map_err(map_error(name))
         }
-    }
-
-    /// The backend ids of the table `key` as the data path holds it (for tests).
-    #[must_use]
-    pub fn table(&self, key: &TableKey) -> Option<Vec<u32>> {
-        self.table_slots
-            .get(key)
-            .map(|&slot| self.tables.read(slot))
     }
 
     fn set_array<V: aya::Pod>(
@@ -669,65 +646,63 @@ impl DataPlane {
         doomed: impl Fn(&FlowKey, &FlowEntry) -> bool,
     ) -> Result<usize, DataPlaneError> {
         let flows = self.flows()?;
-        let name = map_names::CONNTRACK;
-        let mut map: HashMap<&mut MapData, FlowKey, FlowEntry> = self.typed_map(name)?;
-        let mut removed = 0;
-        for (key, entry) in &flows {
-            if key.direction != direction::FORWARD || !doomed(key, entry) {
-                continue;
-            }
-            for other in partner_keys(key, entry) {
-                // Already gone is fine: the data path's LRU may have evicted it.
-                let _ = map.remove(&other);
-            }
-            let _ = map.remove(key);
-            removed += 1;
-        }
-        Ok(removed)
+        let forwards: Vec<_> = flows
+            .iter()
+            .filter(|(key, entry)| key.direction == direction::FORWARD && doomed(key, entry))
+            .collect();
+        self.remove_entries(&forwards, &[])?;
+        Ok(forwards.len())
     }
 
     /// Removes flows whose every direction has been idle past its timeout (the data path
-    /// refreshes each direction's expiry; it never deletes). Returns the flows removed.
+    /// refreshes each direction's expiry; it never deletes), and idle directions whose FORWARD
+    /// entry is gone (evicted). Returns the flows removed.
     pub fn expire_flows(&mut self, now_ns: u64) -> Result<usize, DataPlaneError> {
         let flows = self.flows()?;
         let expires: BTreeMap<FlowKey, u64> =
             flows.iter().map(|(k, e)| (*k, e.expires_ns)).collect();
-        let name = map_names::CONNTRACK;
-        let mut map: HashMap<&mut MapData, FlowKey, FlowEntry> = self.typed_map(name)?;
-        let mut removed = 0;
-        for (key, entry) in &flows {
-            if key.direction != direction::FORWARD || entry.expires_ns >= now_ns {
-                continue;
-            }
-            let partners = partner_keys(key, entry);
-            if partners
-                .iter()
-                .any(|p| expires.get(p).is_some_and(|&e| e >= now_ns))
-            {
-                continue;
-            }
-            for other in partners {
-                let _ = map.remove(&other);
-            }
-            let _ = map.remove(key);
-            removed += 1;
-        }
-        // Directions whose FORWARD entry is gone (evicted) and that are idle themselves. A
-        // live flow's idle direction stays: one-way UDP still needs its reply entry.
+        let idle = |key: &FlowKey| expires.get(key).is_none_or(|&e| e < now_ns);
+        let forwards: Vec<_> = flows
+            .iter()
+            .filter(|(key, entry)| {
+                key.direction == direction::FORWARD
+                    && idle(key)
+                    && partner_keys(key, entry).iter().all(idle)
+            })
+            .collect();
+        // A live flow's idle direction stays: one-way UDP still needs its reply entry.
         let owned: std::collections::BTreeSet<FlowKey> = flows
             .iter()
             .filter(|(key, _)| key.direction == direction::FORWARD)
             .flat_map(|(key, entry)| partner_keys(key, entry))
             .collect();
-        for (key, entry) in &flows {
-            if key.direction != direction::FORWARD
-                && entry.expires_ns < now_ns
-                && !owned.contains(key)
-            {
-                let _ = map.remove(key);
+        let orphans: Vec<FlowKey> = flows
+            .iter()
+            .map(|(key, _)| *key)
+            .filter(|key| key.direction != direction::FORWARD && idle(key) && !owned.contains(key))
+            .collect();
+        self.remove_entries(&forwards, &orphans)?;
+        Ok(forwards.len())
+    }
+
+    /// Removes each FORWARD entry with its other directions, and the `others` keys. An entry
+    /// already gone is fine: the data path's LRU may have evicted it.
+    fn remove_entries(
+        &mut self,
+        forwards: &[&(FlowKey, FlowEntry)],
+        others: &[FlowKey],
+    ) -> Result<(), DataPlaneError> {
+        let mut map: HashMap<&mut MapData, FlowKey, FlowEntry> =
+            self.typed_map(map_names::CONNTRACK)?;
+        for (key, entry) in forwards {
+            for doomed in partner_keys(key, entry).iter().chain([key]) {
+                let _ = map.remove(doomed);
             }
         }
-        Ok(removed)
+        for key in others {
+            let _ = map.remove(key);
+        }
+        Ok(())
     }
 
     /// The XDP program, for `BPF_PROG_TEST_RUN`.

@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
     time::{Duration, Instant},
 };
@@ -137,23 +137,36 @@ fn main() -> ExitCode {
     }
 }
 
-fn validate(file: &std::path::Path, node_ips: &[Ipv4Addr]) -> anyhow::Result<()> {
+/// Reads the config file and turns it into map contents, keeping the ids `previous` gave;
+/// logs the file's warnings. The one path from file to maps, at start, reload and validate.
+fn read_config(
+    file: &Path,
+    node_ips: &[Ipv4Addr],
+    node: &NodeConfig,
+    previous: &MapContents,
+) -> anyhow::Result<(DesiredState, MapContents)> {
     let loaded = config::load_file(file, node_ips)?;
     for warning in &loaded.warnings {
         log::warn!("{warning}");
     }
-    MapContents::from_state(
-        &loaded.state,
+    let contents = MapContents::from_state(&loaded.state, node, previous)
+        .with_context(|| format!("{}", file.display()))?;
+    Ok((loaded.state, contents))
+}
+
+fn validate(file: &Path, node_ips: &[Ipv4Addr]) -> anyhow::Result<()> {
+    let (state, _) = read_config(
+        file,
+        node_ips,
         &NodeConfig::default(),
         &MapContents::default(),
-    )
-    .with_context(|| format!("{}", file.display()))?;
+    )?;
     println!(
         "{}: valid, {} service ports",
         file.display(),
-        loaded.state.service_ports.len()
+        state.service_ports.len()
     );
-    for line in summary(&loaded.state) {
+    for line in summary(&state) {
         println!("  {line}");
     }
     Ok(())
@@ -189,12 +202,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_tables: args.max_tables,
         ..NodeConfig::default()
     };
-    let loaded = config::load_file(&args.config, &node_ips)?;
-    for warning in &loaded.warnings {
-        log::warn!("{warning}");
-    }
-    let contents = MapContents::from_state(&loaded.state, &node, &MapContents::default())
-        .with_context(|| format!("{}", args.config.display()))?;
+    let (state, contents) = read_config(&args.config, &node_ips, &node, &MapContents::default())?;
 
     if !netif::ipv4_forwarding_enabled() {
         log::warn!(
@@ -215,7 +223,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             "to {a} ports {}-{}",
             node.snat_ports.0, node.snat_ports.1
         )),
-        loaded.state.service_ports.len()
+        state.service_ports.len()
     );
     for iface in &args.ifaces {
         let mode = dataplane.attach(iface, args.xdp_mode)?;
@@ -229,7 +237,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             })?;
         }
     }
-    for line in summary(&loaded.state) {
+    for line in summary(&state) {
         log::info!("{line}");
     }
 
@@ -321,18 +329,13 @@ impl Agent {
     /// Re-reads the config and applies the difference; an invalid config changes nothing.
     fn reload(&mut self) {
         let started = Instant::now();
-        let result = config::load_file(&self.config, &self.node_ips)
-            .map_err(anyhow::Error::from)
-            .and_then(|loaded| {
-                for warning in &loaded.warnings {
-                    log::warn!("{warning}");
-                }
-                let contents =
-                    MapContents::from_state(&loaded.state, &self.node, self.dataplane.contents())
-                        .with_context(|| format!("{}", self.config.display()))?;
-                let writes = self.dataplane.apply(contents)?;
-                Ok((writes, loaded.state))
-            });
+        let result = read_config(
+            &self.config,
+            &self.node_ips,
+            &self.node,
+            self.dataplane.contents(),
+        )
+        .and_then(|(state, contents)| Ok((self.dataplane.apply(contents)?, state)));
         match result {
             Ok((writes, state)) => {
                 log::info!(

@@ -448,6 +448,14 @@ impl Plan {
     }
 }
 
+/// The keys of `old` that `new` lacks.
+fn removed<K: Ord + Copy, V>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Vec<K> {
+    old.keys()
+        .filter(|k| !new.contains_key(k))
+        .copied()
+        .collect()
+}
+
 /// The plan that turns `old` into `new`.
 #[must_use]
 pub fn diff(old: &MapContents, new: &MapContents) -> Plan {
@@ -465,22 +473,13 @@ pub fn diff(old: &MapContents, new: &MapContents) -> Plan {
         .difference(&old.source_ranges)
         .copied()
         .collect();
-    plan.remove_frontends = old
-        .frontends
-        .keys()
-        .filter(|k| !new.frontends.contains_key(k))
-        .copied()
-        .collect();
+    plan.remove_frontends = removed(&old.frontends, &new.frontends);
 
-    let changed_tables: BTreeSet<TableKey> = new
+    let mut switched: BTreeMap<TableKey, Vec<(FrontendKey, FrontendEntry)>> = new
         .tables
         .iter()
         .filter(|(key, table)| old.tables.get(key) != Some(table))
-        .map(|(key, _)| *key)
-        .collect();
-    let mut switched: BTreeMap<TableKey, Vec<(FrontendKey, FrontendEntry)>> = changed_tables
-        .iter()
-        .map(|&key| (key, Vec::new()))
+        .map(|(key, _)| (*key, Vec::new()))
         .collect();
     for (&key, &entry) in &new.frontends {
         match entry.table_key.and_then(|t| switched.get_mut(&t)) {
@@ -494,18 +493,8 @@ pub fn diff(old: &MapContents, new: &MapContents) -> Plan {
         }
     }
     plan.write_tables = switched.into_iter().collect();
-    plan.drop_tables = old
-        .tables
-        .keys()
-        .filter(|k| !new.tables.contains_key(k))
-        .copied()
-        .collect();
-    plan.clear_backends = old
-        .backends
-        .keys()
-        .filter(|id| !new.backends.contains_key(id))
-        .copied()
-        .collect();
+    plan.drop_tables = removed(&old.tables, &new.tables);
+    plan.clear_backends = removed(&old.backends, &new.backends);
     plan.remove_source_ranges = old
         .source_ranges
         .difference(&new.source_ranges)
