@@ -3,8 +3,10 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod logging;
 pub mod maglev;
 pub mod maps;
 pub mod model;
 pub mod netif;
 pub mod podif;
+pub mod watch;
