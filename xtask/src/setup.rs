@@ -9,11 +9,15 @@ use anyhow::{Context as _, bail};
 /// compiler that builds the eBPF crate; see `../shared/toolchain.md`.
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Commands the tests and the demo run, and the Debian package of each.
-const COMMANDS: [(&str, &str); 4] = [
+const COMMANDS: [(&str, &str); 6] = [
     ("ip", "iproute2"),
     ("sysctl", "procps"),
     ("kill", "procps"),
     ("ethtool", "ethtool"),
+    // Runs a program in a namespace's network but the host's mounts, so pins reach the bpffs.
+    ("nsenter", "util-linux"),
+    // Health-check and metrics requests in the operations tests.
+    ("curl", "curl"),
 ];
 const BPFFS: &str = "/sys/fs/bpf";
 
