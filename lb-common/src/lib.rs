@@ -480,3 +480,38 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BackendStats {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::BackendStats;
+
+    #[test]
+    fn backend_stats_accumulate_field_by_field() {
+        let one_cpu = BackendStats {
+            forward_packets: 1,
+            forward_bytes: 60,
+            reply_packets: 2,
+            reply_bytes: 1_500,
+        };
+        let other_cpu = BackendStats {
+            forward_packets: 10,
+            forward_bytes: 600,
+            reply_packets: 0,
+            reply_bytes: 0,
+        };
+        let mut sum = BackendStats::default();
+        assert!(sum.is_zero());
+        sum.accumulate(&one_cpu);
+        sum.accumulate(&other_cpu);
+        assert!(!sum.is_zero());
+        assert_eq!(
+            sum,
+            BackendStats {
+                forward_packets: 11,
+                forward_bytes: 660,
+                reply_packets: 2,
+                reply_bytes: 1_500,
+            }
+        );
+    }
+}

@@ -18,8 +18,8 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, BackendStats, COUNTER_COUNT, Counter, DROP_REASON_SLOTS, DropReason, FlowEntry, FlowKey,
-    FrontendKey, Service, SourceRangeKey, direction, flow_flags, map_names, program_names,
+    Backend, BackendStats, COUNTER_COUNT, Counter, DROP_REASON_SLOTS, DropReason, FlowEntry,
+    FlowKey, FrontendKey, Service, SourceRangeKey, direction, flow_flags, map_names, program_names,
 };
 
 use crate::{
