@@ -30,6 +30,7 @@ pub mod map_names {
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const COUNTERS: &str = "COUNTERS";
     pub const DROPS: &str = "DROPS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -419,6 +420,38 @@ impl DropReason {
     }
 }
 
+/// Packets and bytes one backend's translated flows carried: the value of the per-CPU
+/// `BACKEND_STATS` array, indexed by backend id like `BACKENDS`.
+///
+/// Bytes are the IPv4 total length (L3, without Ethernet or VLAN headers), so XDP and TC count a
+/// packet the same. Each packet is counted once, where the data path translates it with its
+/// flow's backend known: forward is client -> backend (DNAT, new or tracked flow), reply is
+/// backend -> client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    pub forward_packets: u64,
+    pub forward_bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+const _: () = assert!(size_of::<BackendStats>() == 32);
+
+impl BackendStats {
+    /// Adds another CPU's (or another backend's) counts to these.
+    pub fn accumulate(&mut self, other: &BackendStats) {
+        self.forward_packets = self.forward_packets.wrapping_add(other.forward_packets);
+        self.forward_bytes = self.forward_bytes.wrapping_add(other.forward_bytes);
+        self.reply_packets = self.reply_packets.wrapping_add(other.reply_packets);
+        self.reply_bytes = self.reply_bytes.wrapping_add(other.reply_bytes);
+    }
+
+    #[must_use]
+    pub fn is_zero(&self) -> bool {
+        *self == BackendStats::default()
+    }
+}
+
 /// Size of the `DROPS` array: the highest reason number plus one.
 pub const DROP_REASON_SLOTS: u32 = 16;
 const _: () = assert!((DropReason::SnatPortsExhausted as u32) < DROP_REASON_SLOTS);
@@ -444,4 +477,41 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AffinityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BackendStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BackendStats;
+
+    #[test]
+    fn backend_stats_accumulate_field_by_field() {
+        let one_cpu = BackendStats {
+            forward_packets: 1,
+            forward_bytes: 60,
+            reply_packets: 2,
+            reply_bytes: 1_500,
+        };
+        let other_cpu = BackendStats {
+            forward_packets: 10,
+            forward_bytes: 600,
+            reply_packets: 0,
+            reply_bytes: 0,
+        };
+        let mut sum = BackendStats::default();
+        assert!(sum.is_zero());
+        sum.accumulate(&one_cpu);
+        sum.accumulate(&other_cpu);
+        assert!(!sum.is_zero());
+        assert_eq!(
+            sum,
+            BackendStats {
+                forward_packets: 11,
+                forward_bytes: 660,
+                reply_packets: 2,
+                reply_bytes: 1_500,
+            }
+        );
+    }
 }

@@ -9,7 +9,9 @@ use crate::{
     Verdict, lookup,
     nat::{Addr, End, Rewrite},
     parse::L4Packet,
-    select, track,
+    select,
+    stats::{self, Way},
+    track,
 };
 
 /// Where a packet to a frontend came from.
@@ -34,11 +36,11 @@ pub fn forward<R: Rewrite>(
     select::check_source(service, &packet.tuple)?;
     let now = track::now();
     let forward_key = packet.tuple.flow_key(direction::FORWARD);
-    let (backend, counter) = if let Some(entry) = lookup::flow_mut(&forward_key) {
+    let (backend, backend_id, counter) = if let Some(entry) = lookup::flow_mut(&forward_key) {
         track::refresh(entry, packet, now);
         // SAFETY: a valid map value pointer; copied out.
         let entry: FlowEntry = unsafe { *entry };
-        (Addr::nat(&entry), Counter::ForwardTracked)
+        (Addr::nat(&entry), entry.backend_id, Counter::ForwardTracked)
     } else {
         let settings = lookup::settings().ok_or(DropReason::BackendMissing)?;
         let (backend_id, backend) = select::backend(service, &packet.tuple, &settings, now)?;
@@ -51,7 +53,7 @@ pub fn forward<R: Rewrite>(
         let remote = backend.flags & backend_flags::LOCAL == 0;
         if origin == Origin::Network && remote && settings.snat_addr_be != 0 {
             track::track_snat(&flow, &settings, now)?;
-            crate::stats::count(Counter::SnatNew);
+            stats::count(Counter::SnatNew);
         } else {
             track::track(&flow, now)?;
         }
@@ -60,10 +62,12 @@ pub fn forward<R: Rewrite>(
                 addr_be: backend.addr_be,
                 port_be: backend.port_be,
             },
+            backend_id,
             Counter::ForwardNew,
         )
     };
     frame.set_l4_end(packet, End::Destination, backend)?;
+    stats::count_backend(backend_id, Way::Forward, packet.l3_len);
     Ok(Verdict::Translated(counter))
 }
 
@@ -84,11 +88,17 @@ pub fn reply<R: Rewrite>(frame: &R, packet: &L4Packet) -> Option<Result<Verdict,
             let client = Addr::peer(&entry);
             frame.set_l4_end(packet, End::Destination, client)
         });
-    Some(translated.map(|()| Verdict::Translated(Counter::ReplyTranslated)))
+    Some(translated.map(|()| {
+        stats::count_backend(entry.backend_id, Way::Reply, packet.l3_len);
+        Verdict::Translated(Counter::ReplyTranslated)
+    }))
 }
 
 /// A packet of a translated with SNAT flow leaving for its remote backend: the source becomes this node's
 /// SNAT address and port. `None` if it is not one.
+///
+/// Not counted in the backend's statistics: XDP counted this packet already when it translated
+/// its destination on the way in.
 #[inline(always)]
 pub fn snat<R: Rewrite>(frame: &R, packet: &L4Packet) -> Option<Result<Verdict, DropReason>> {
     let key: FlowKey = packet.tuple.flow_key(direction::SNAT);

@@ -25,7 +25,10 @@
 //!   icmp     as on egress
 //! ```
 //!
-//! Every outcome increments a `Counter`; every drop also increments its `DropReason`.
+//! Every outcome increments a `Counter`; every drop also increments its `DropReason`. Every
+//! packet translated with its flow's backend known (forward, new or tracked, and reply) adds to
+//! that backend's packets and bytes (`stats::count_backend`), once per packet: TC's SNAT of a
+//! packet XDP already translated is not counted again.
 #![no_std]
 #![no_main]
 #![expect(

@@ -139,6 +139,8 @@ pub struct L4Packet {
     pub at: Headers,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
+    /// The IPv4 total length: what the backend statistics count as the packet's bytes.
+    pub l3_len: u16,
 }
 
 impl L4Packet {
@@ -272,6 +274,7 @@ pub fn packet<F: Frame>(frame: &F) -> Result<Parsed, DropReason> {
         },
         at,
         tcp_flags,
+        l3_len: ip.total_len,
     }))
 }
 
@@ -300,6 +303,8 @@ struct Ipv4 {
     dst_addr_be: u32,
     protocol: u8,
     fragment: bool,
+    /// The total length field, host byte order.
+    total_len: u16,
     /// Offset of the L4 header.
     l4: usize,
 }
@@ -307,7 +312,7 @@ struct Ipv4 {
 /// The IPv4 header at `l3`; `None` if it is not one the stack would accept the layout of.
 #[inline(always)]
 fn ipv4<F: Frame>(frame: &F, l3: usize) -> Option<Ipv4> {
-    let [vihl, _tos] = frame.read::<[u8; 2]>(l3)?;
+    let [vihl, _tos, len_high, len_low] = frame.read::<[u8; 4]>(l3)?;
     let header_len = usize::from(vihl & 0x0f) * 4;
     if vihl >> 4 != 4 || header_len < IPV4_MIN_HDR_LEN {
         return None;
@@ -318,6 +323,7 @@ fn ipv4<F: Frame>(frame: &F, l3: usize) -> Option<Ipv4> {
         dst_addr_be: frame.read::<u32>(l3 + IPV4_DST_OFFSET)?,
         protocol: frame.read::<[u8; 2]>(l3 + IPV4_TTL_OFFSET)?[1],
         fragment: frags & IPV4_FRAGMENT_MASK != 0,
+        total_len: u16::from_be_bytes([len_high, len_low]),
         l4: l3 + header_len,
     })
 }

@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
         tc::{self, SchedClassifierLinkId},
@@ -18,8 +18,8 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, COUNTER_COUNT, Counter, DROP_REASON_SLOTS, DropReason, FlowEntry, FlowKey,
-    FrontendKey, Service, SourceRangeKey, direction, flow_flags, map_names, program_names,
+    Backend, BackendStats, COUNTER_COUNT, Counter, DROP_REASON_SLOTS, DropReason, FlowEntry,
+    FlowKey, FrontendKey, Service, SourceRangeKey, direction, flow_flags, map_names, program_names,
 };
 
 use crate::{
@@ -344,6 +344,11 @@ impl DataPlane {
             self.set_array(map_names::SETTINGS, 0, settings)?;
         }
         for &(id, backend) in &plan.set_backends {
+            if !self.contents.backends.contains_key(&id) {
+                // A reused id must not start with the counts of the endpoint it named before
+                // (or of flows to that endpoint that outlived it).
+                self.zero_backend_stats(id)?;
+            }
             self.set_array(map_names::BACKENDS, id, backend)?;
         }
         for range in &plan.add_source_ranges {
@@ -397,6 +402,7 @@ impl DataPlane {
         self.free_slots.append(&mut retired);
         for &id in &plan.clear_backends {
             self.set_array(map_names::BACKENDS, id, Backend::default())?;
+            self.zero_backend_stats(id)?;
         }
         for range in &plan.remove_source_ranges {
             self.source_range(range, false)?;
@@ -413,6 +419,20 @@ impl DataPlane {
             log::debug!("removed {removed} UDP flows to endpoints that went away");
         }
         Ok(())
+    }
+
+    /// Sets backend `id`'s statistics to zero on every CPU.
+    fn zero_backend_stats(&mut self, id: u32) -> Result<(), DataPlaneError> {
+        let name = map_names::BACKEND_STATS;
+        let zeros = aya::util::nr_cpus()
+            .map_err(|(_, error)| error)
+            .and_then(|cpus| PerCpuValues::try_from(vec![BackendStats::default(); cpus]))
+            .map_err(|error| DataPlaneError::Map {
+                name,
+                source: aya::maps::MapError::IoError(error),
+            })?;
+        let mut stats: PerCpuArray<&mut MapData, BackendStats> = self.typed_map(name)?;
+        stats.set(id, zeros, 0).map_err(map_error(name))
     }
 
     fn set_frontend(
@@ -627,6 +647,17 @@ impl DataPlane {
         })
     }
 
+    /// Packets and bytes per backend id, summed over CPUs: the backends the maps hold now that
+    /// have carried any traffic since their id was given to them.
+    pub fn backend_stats(&self) -> Result<BTreeMap<u32, BackendStats>, DataPlaneError> {
+        let name = map_names::BACKEND_STATS;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DataPlaneError::Missing { kind: "map", name })?;
+        read_backend_stats(map, self.contents.backends.keys().copied())
+    }
+
     /// Every tracked flow entry (for tests and reports).
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowEntry)>, DataPlaneError> {
         let name = map_names::CONNTRACK;
@@ -750,6 +781,30 @@ fn attach_tc(
     // An "already exists" error here is fine: the qdisc is shared.
     let _ = tc::qdisc_add_clsact(iface);
     program.attach(iface, direction).map_err(tc_error)
+}
+
+/// Reads the `BACKEND_STATS` map for backend ids `ids`, summed over CPUs; ids that counted
+/// nothing are left out. Reads one slot per id (a syscall each), so pass the ids in use rather
+/// than every slot. Works on the loaded object's map or on a pinned one
+/// (`Map::PerCpuArray(MapData::from_pin(..)?)`).
+pub fn read_backend_stats(
+    map: &Map,
+    ids: impl Iterator<Item = u32>,
+) -> Result<BTreeMap<u32, BackendStats>, DataPlaneError> {
+    let name = map_names::BACKEND_STATS;
+    let array = PerCpuArray::<_, BackendStats>::try_from(map).map_err(map_error(name))?;
+    let mut all = BTreeMap::new();
+    for id in ids {
+        let per_cpu = array.get(&id, 0).map_err(map_error(name))?;
+        let mut sum = BackendStats::default();
+        for cpu in per_cpu.iter() {
+            sum.accumulate(cpu);
+        }
+        if !sum.is_zero() {
+            all.insert(id, sum);
+        }
+    }
+    Ok(all)
 }
 
 /// The other directions of the flow whose FORWARD entry this is.

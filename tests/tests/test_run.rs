@@ -12,6 +12,7 @@
 //! Needs root (`CAP_BPF`, `CAP_NET_ADMIN`) to load the programs.
 
 use std::{
+    collections::BTreeMap,
     ffi::c_long,
     fmt::Write as _,
     io,
@@ -22,6 +23,7 @@ use std::{
 
 use aya::{
     TestRun, TestRunOptions, TestRunResult,
+    maps::{Map, MapData},
     programs::{ProgramError, SchedClassifier},
 };
 use integration_tests::frame::{
@@ -32,11 +34,11 @@ use integration_tests::frame::{
     truncate, verify_ipv4_checksum, verify_l4_checksum, verify_quoted_ipv4_checksum,
 };
 use lb_common::{
-    Counter, DropReason, FlowEntry, FlowKey, checksum::l4_checksum_be, direction, flow_flags,
-    hash::flow_hash, tcp_state,
+    BackendStats, Counter, DropReason, FlowEntry, FlowKey, FrontendKey, MAX_BACKENDS,
+    checksum::l4_checksum_be, direction, flow_flags, hash::flow_hash, map_names, tcp_state,
 };
 use lb_userspace::{
-    dataplane::{Counters, DataPlane, LoadOptions},
+    dataplane::{Counters, DataPlane, LoadOptions, read_backend_stats},
     maglev,
     maps::{MapContents, NodeConfig},
     model::{
@@ -2369,4 +2371,320 @@ fn pod_program_dnats_to_remote_endpoints_without_snat() {
         (frontend, 0),
         "pod flow: REPLY (backend -> pod) names the frontend"
     );
+}
+
+// Packets and bytes per backend (`BACKEND_STATS`): every packet translated with its flow's
+// backend known is counted once, by its IPv4 total length.
+
+/// Packets and bytes per backend id, as the tests expect them.
+#[derive(Default)]
+struct ExpectedStats(BTreeMap<u32, BackendStats>);
+
+impl ExpectedStats {
+    /// One more packet of backend `id`, `forward` (client -> backend) or reply; its bytes are
+    /// the IPv4 packet as the frame builder made it (no Ethernet header, tags or trailer).
+    fn count(&mut self, id: u32, forward: bool, packet: &Ipv4Frame) {
+        let bytes = u64::try_from(packet.ip_packet().len()).expect("test packets are small");
+        let stats = self.0.entry(id).or_default();
+        if forward {
+            stats.forward_packets += 1;
+            stats.forward_bytes += bytes;
+        } else {
+            stats.reply_packets += 1;
+            stats.reply_bytes += bytes;
+        }
+    }
+}
+
+/// The backend id the agent gave endpoint `target` of the service port behind `frontend`.
+fn backend_id(lb: &Lb, l4: L4, frontend: SocketAddrV4, target: SocketAddrV4) -> u32 {
+    let contents = lb.dp.contents();
+    let key = FrontendKey {
+        addr_be: addr_be(frontend),
+        port_be: frontend.port().to_be(),
+        protocol: l4.number(),
+        _pad: 0,
+    };
+    let Some(entry) = contents.frontends.get(&key) else {
+        panic!("no frontend {frontend}/{l4:?} in the maps");
+    };
+    let service_id = entry.service.service_id;
+    let Some(&id) = contents
+        .backend_ids
+        .get(&(service_id, *target.ip(), target.port()))
+    else {
+        panic!("no backend id for {target} of service {service_id}");
+    };
+    id
+}
+
+/// Every slot of `BACKEND_STATS` that counted anything, not only the ids the agent uses: the
+/// map is opened by its kernel id through the XDP program, as a reader of pinned maps opens
+/// it, and read with the agent's own reader.
+fn every_backend_stats(lb: &mut Lb) -> BTreeMap<u32, BackendStats> {
+    let program = lb
+        .dp
+        .xdp_program()
+        .unwrap_or_else(|e| panic!("no XDP program: {e}"));
+    let map_ids = program
+        .info()
+        .unwrap_or_else(|e| panic!("reading the XDP program's info: {e}"))
+        .map_ids()
+        .unwrap_or_else(|e| panic!("reading the XDP program's map ids: {e}"))
+        .unwrap_or_else(|| panic!("the kernel gave no map ids for the XDP program"));
+    for id in map_ids {
+        let map =
+            MapData::from_id(id).unwrap_or_else(|e| panic!("opening map {id} by its id: {e}"));
+        let info = map
+            .info()
+            .unwrap_or_else(|e| panic!("reading map {id}'s info: {e}"));
+        if info.name_as_str() == Some(map_names::BACKEND_STATS) {
+            return read_backend_stats(&Map::PerCpuArray(map), 0..MAX_BACKENDS)
+                .unwrap_or_else(|e| panic!("reading every backend's stats: {e}"));
+        }
+    }
+    panic!(
+        "the XDP program uses no map named {}",
+        map_names::BACKEND_STATS
+    )
+}
+
+/// Panics unless the data path's per-backend counts are exactly `expected`, both through the
+/// agent's reader (the ids in use) and slot by slot over the whole map.
+fn assert_backend_stats(lb: &mut Lb, case: &str, expected: &ExpectedStats) {
+    let in_use = lb
+        .dp
+        .backend_stats()
+        .unwrap_or_else(|e| panic!("{case}: reading the backend stats: {e}"));
+    assert_eq!(in_use, expected.0, "{case}: stats of the backends in use");
+    assert_eq!(
+        every_backend_stats(lb),
+        expected.0,
+        "{case}: every slot of {}",
+        map_names::BACKEND_STATS
+    );
+}
+
+/// Which program a frame goes through.
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    /// XDP on the node's interface.
+    Xdp,
+    /// TC egress on the node's interface.
+    Egress,
+    /// TC ingress on a pod's interface.
+    Pod,
+}
+
+/// Runs `packet` through `hook` and checks the program let it through.
+fn pass_through(lb: &mut Lb, hook: Hook, case: &str, packet: &Ipv4Frame) {
+    let frame = packet.build();
+    let (verdict, pass) = match hook {
+        Hook::Xdp => (lb.xdp(case, &frame).verdict, XDP_PASS),
+        Hook::Egress => (lb.tc(case, &frame).verdict, TC_ACT_OK),
+        Hook::Pod => {
+            let program = lb
+                .dp
+                .pod_program()
+                .unwrap_or_else(|e| panic!("no pod program: {e}"));
+            let run = test_run(program, &frame)
+                .unwrap_or_else(|e| panic!("{case}: pod program test run failed: {e}"));
+            (run.verdict, TC_ACT_OK)
+        }
+    };
+    assert_eq!(verdict, pass, "{case}: verdict through {hook:?}");
+}
+
+/// The `web` service ports of [`desired_state`] (local endpoints) and the remote ones of
+/// [`remote_state`] side by side, on a node that translates with SNAT to remote endpoints.
+fn local_and_remote() -> Lb {
+    let mut state = desired_state();
+    state.service_ports.extend(remote_state().service_ports);
+    Lb::with(&state, &snat_node())
+}
+
+#[test]
+fn backend_stats_count_every_translated_packet_once() {
+    let mut lb = local_and_remote();
+    let mut expected = ExpectedStats::default();
+    assert_backend_stats(&mut lb, "before any traffic", &expected);
+
+    // A client's TCP connection to a local endpoint through the nodePort.
+    let first = Ipv4Frame::tcp(client(47_001), node_port());
+    let backend = expected_backend(L4::Tcp, first.src, first.dst);
+    let tcp_id = backend_id(&lb, L4::Tcp, node_port(), backend);
+    let tagged_later = later_packet(&first).with_vlan_tags(&[vlan(ETH_P_8021Q, 100)]);
+    let reply = tcp_data(backend, first.src);
+    let padded_reply = syn_ack(backend, first.src).with_trailer(16);
+    let steps = [
+        ("new flow through XDP", Hook::Xdp, &first, true),
+        (
+            "tracked packet with a VLAN tag",
+            Hook::Xdp,
+            &tagged_later,
+            true,
+        ),
+        ("reply through TC egress", Hook::Egress, &reply, false),
+        (
+            "reply with Ethernet padding on the pod interface",
+            Hook::Pod,
+            &padded_reply,
+            false,
+        ),
+    ];
+    for (name, hook, packet, forward) in steps {
+        let case = format!("TCP {} -> nodePort (backend {backend}): {name}", first.src);
+        pass_through(&mut lb, hook, &case, packet);
+        expected.count(tcp_id, forward, packet);
+        assert_backend_stats(&mut lb, &case, &expected);
+    }
+
+    // A pod's UDP flow to the clusterIP, through its own interface.
+    let pod = sock(POD_CLIENT, 47_002);
+    let query = Ipv4Frame::udp(pod, cluster_ip()).with_payload(*b"query");
+    let udp_backend = expected_backend(L4::Udp, pod, cluster_ip());
+    let udp_id = backend_id(&lb, L4::Udp, cluster_ip(), udp_backend);
+    assert_ne!(udp_id, tcp_id, "the UDP service port has its own backends");
+    let answer = udp_answer(udp_backend, pod);
+    for (name, hook, packet, forward) in [
+        ("new flow on the pod interface", Hook::Pod, &query, true),
+        ("reply through TC egress", Hook::Egress, &answer, false),
+    ] {
+        let case = format!("UDP {pod} -> clusterIP (backend {udp_backend}): {name}");
+        pass_through(&mut lb, hook, &case, packet);
+        expected.count(udp_id, forward, packet);
+        assert_backend_stats(&mut lb, &case, &expected);
+    }
+
+    // A client's UDP flow to a remote endpoint: DNAT in XDP, SNAT in TC egress (the same
+    // packet, counted once), the reply back through XDP.
+    let request = Ipv4Frame::udp(client(47_003), sock(NODE_IP, REMOTE_NODE_PORT))
+        .with_payload(*b"query to a remote endpoint");
+    let (remote, snat) = snat_flow(&mut lb, "UDP nodePort to a remote endpoint", &request);
+    let remote_id = backend_id(&lb, L4::Udp, request.dst, remote);
+    expected.count(remote_id, true, &request);
+    assert_backend_stats(&mut lb, "remote flow: new flow through XDP", &expected);
+    let leaving = request.clone().with_dst(remote);
+    pass_through(
+        &mut lb,
+        Hook::Egress,
+        "remote flow: SNAT in TC egress",
+        &leaving,
+    );
+    assert_backend_stats(&mut lb, "remote flow: SNAT in TC egress", &expected);
+    let remote_answer = udp_answer(remote, snat);
+    pass_through(
+        &mut lb,
+        Hook::Xdp,
+        "remote flow: reply through XDP",
+        &remote_answer,
+    );
+    expected.count(remote_id, false, &remote_answer);
+    assert_backend_stats(&mut lb, "remote flow: reply through XDP", &expected);
+
+    // Traffic that is no translated flow counts for no backend.
+    let untouched = [
+        (
+            "TCP to the node's SSH port",
+            Hook::Xdp,
+            Ipv4Frame::tcp(client(47_004), sock(NODE_IP, 22)),
+        ),
+        (
+            "the node's own DNS query leaving",
+            Hook::Egress,
+            Ipv4Frame::udp(sock(NODE_IP, 53_000), sock(REMOTE_SERVER, 53)).with_payload(*b"q"),
+        ),
+        (
+            "an endpoint's packet to a client it has no flow with",
+            Hook::Pod,
+            Ipv4Frame::tcp(sock(ENDPOINTS[0], TARGET_PORT), client(47_005)),
+        ),
+    ];
+    for (name, hook, packet) in &untouched {
+        pass_through(&mut lb, *hook, name, packet);
+        assert_backend_stats(&mut lb, name, &expected);
+    }
+    let to_empty = Ipv4Frame::tcp(client(47_006), sock(EMPTY_CLUSTER_IP, SERVICE_PORT));
+    let dropped = lb.xdp("service without endpoints", &to_empty.build());
+    assert_eq!(dropped.verdict, XDP_DROP, "service without endpoints");
+    assert_backend_stats(&mut lb, "service without endpoints (dropped)", &expected);
+}
+
+#[test]
+fn a_reused_backend_id_starts_from_zero() {
+    let mut lb = Lb::new();
+    let node = node_config();
+    let apply = |lb: &mut Lb, state: &DesiredState, case: &str| {
+        let contents = MapContents::from_state(state, &node, lb.dp.contents())
+            .unwrap_or_else(|e| panic!("{case}: the state does not fit the maps: {e}"));
+        lb.dp
+            .apply(contents)
+            .unwrap_or_else(|e| panic!("{case}: applying the state failed: {e}"));
+    };
+    let mut expected = ExpectedStats::default();
+
+    // A flow to endpoint X counts under X's id.
+    let first = Ipv4Frame::tcp(client(47_100), node_port());
+    let gone = expected_backend(L4::Tcp, first.src, first.dst);
+    let id = backend_id(&lb, L4::Tcp, node_port(), gone);
+    pass_through(&mut lb, Hook::Xdp, "flow to the endpoint to remove", &first);
+    expected.count(id, true, &first);
+    assert_backend_stats(&mut lb, "flow to the endpoint to remove", &expected);
+
+    // X goes away: its slot is zeroed with it.
+    let mut state = desired_state();
+    let web_tcp = state
+        .service_ports
+        .iter_mut()
+        .find(|p| p.service == "default/web" && p.protocol == Protocol::Tcp)
+        .unwrap_or_else(|| panic!("the test state has a web TCP port"));
+    web_tcp.endpoints.retain(|e| e.addr != *gone.ip());
+    apply(&mut lb, &state, "endpoint removed");
+    expected.0.clear();
+    assert_backend_stats(&mut lb, "endpoint removed", &expected);
+
+    // Its established TCP flow goes on to its address, still counted under the old id.
+    let later = later_packet(&first);
+    pass_through(
+        &mut lb,
+        Hook::Xdp,
+        "established flow to the removed endpoint",
+        &later,
+    );
+    let mut lingering = ExpectedStats::default();
+    lingering.count(id, true, &later);
+    assert_eq!(
+        every_backend_stats(&mut lb),
+        lingering.0,
+        "established flow to the removed endpoint"
+    );
+
+    // A new endpoint gets the freed id: it starts from zero.
+    let new_addr = Ipv4Addr::new(10, 244, 1, 14);
+    let web_tcp = state
+        .service_ports
+        .iter_mut()
+        .find(|p| p.service == "default/web" && p.protocol == Protocol::Tcp)
+        .unwrap_or_else(|| panic!("the test state has a web TCP port"));
+    web_tcp.endpoints.push(local_endpoint(new_addr));
+    let endpoints = targets(&web_tcp.endpoints);
+    apply(&mut lb, &state, "endpoint added");
+    let newcomer = sock(new_addr, TARGET_PORT);
+    assert_eq!(
+        backend_id(&lb, L4::Tcp, node_port(), newcomer),
+        id,
+        "the test needs the new endpoint to reuse the removed one's id"
+    );
+    assert_backend_stats(&mut lb, "endpoint added with a reused id", &expected);
+
+    // The new endpoint's first flow counts alone.
+    let Some(port) = (47_101..48_000)
+        .find(|&port| maglev_pick(&endpoints, L4::Tcp, client(port), node_port()) == newcomer)
+    else {
+        panic!("no client port in 47101..48000 is mapped to {newcomer}");
+    };
+    let to_newcomer = Ipv4Frame::tcp(client(port), node_port());
+    pass_through(&mut lb, Hook::Xdp, "flow to the new endpoint", &to_newcomer);
+    expected.count(id, true, &to_newcomer);
+    assert_backend_stats(&mut lb, "flow to the new endpoint", &expected);
 }
