@@ -7,4 +7,5 @@ pub mod maglev;
 pub mod maps;
 pub mod model;
 pub mod netif;
+pub mod pins;
 pub mod podif;
