@@ -381,7 +381,11 @@ impl DataPlane {
     pub fn load(options: LoadOptions) -> Result<Self, DataPlaneError> {
         let entries = options.maglev_entries()?;
         let slots = options.max_tables.saturating_add(1);
-        let pins = options.pin_dir.as_deref().map(PinDir::prepare).transpose()?;
+        let pins = options
+            .pin_dir
+            .as_deref()
+            .map(PinDir::prepare)
+            .transpose()?;
         let adopting = pins.as_ref().is_some_and(PinDir::has_pinned_maps);
         if let Some(pins) = &pins {
             pins.check_maps(&pins::pinned_map_specs(&options, entries))?;
@@ -448,7 +452,8 @@ impl DataPlane {
     fn read_back_contents(&mut self) -> Result<(), DataPlaneError> {
         let mut contents = MapContents::default();
         let settings_map: Array<&MapData, Settings> =
-            Array::try_from(self.map(map_names::SETTINGS)?).map_err(map_error(map_names::SETTINGS))?;
+            Array::try_from(self.map(map_names::SETTINGS)?)
+                .map_err(map_error(map_names::SETTINGS))?;
         contents.settings = settings_map
             .get(&0, 0)
             .map_err(map_error(map_names::SETTINGS))?;
@@ -479,8 +484,13 @@ impl DataPlane {
             if key.protocol == lb_common::IPPROTO_UDP {
                 contents.udp_services.insert(service.service_id);
             }
-            let service = Service { table: 0, ..service };
-            contents.frontends.insert(key, FrontendEntry { service, table_key });
+            let service = Service {
+                table: 0,
+                ..service
+            };
+            contents
+                .frontends
+                .insert(key, FrontendEntry { service, table_key });
         }
         let mut used = BTreeSet::new();
         for (table_key, slots) in slots_of {
@@ -503,8 +513,8 @@ impl DataPlane {
         }
         self.free_slots.retain(|slot| !used.contains(slot));
 
-        let backends: Array<&MapData, Backend> =
-            Array::try_from(self.map(map_names::BACKENDS)?).map_err(map_error(map_names::BACKENDS))?;
+        let backends: Array<&MapData, Backend> = Array::try_from(self.map(map_names::BACKENDS)?)
+            .map_err(map_error(map_names::BACKENDS))?;
         for (id, backend) in backends.iter().enumerate() {
             let backend = backend.map_err(map_error(map_names::BACKENDS))?;
             let Ok(id) = u32::try_from(id) else { break };
@@ -513,9 +523,10 @@ impl DataPlane {
             }
             contents.backends.insert(id, backend);
             let addr = Ipv4Addr::from(backend.addr_be.to_ne_bytes());
-            contents
-                .backend_ids
-                .insert((backend.service_id, addr, u16::from_be(backend.port_be)), id);
+            contents.backend_ids.insert(
+                (backend.service_id, addr, u16::from_be(backend.port_be)),
+                id,
+            );
         }
 
         let ranges: LpmTrie<&MapData, SourceRangeKey, u8> =
@@ -1008,9 +1019,8 @@ impl DataPlane {
                 .detach(id)
                 .map_err(|e| e.to_string()),
             // No process holds the link: removing its pin releases and detaches it.
-            LinkHandle::Pinned(path) => {
-                std::fs::remove_file(&path).map_err(|e| format!("unpinning {}: {e}", path.display()))
-            }
+            LinkHandle::Pinned(path) => std::fs::remove_file(&path)
+                .map_err(|e| format!("unpinning {}: {e}", path.display())),
         }
     }
 

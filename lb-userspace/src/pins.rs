@@ -247,9 +247,8 @@ impl PinDir {
         }
         let pins = PinDir { root };
         for dir in [pins.maps_dir(), pins.links_dir()] {
-            std::fs::create_dir_all(&dir).map_err(|e| {
-                pin_error(&dir, format!("cannot create the directory: {e}"))
-            })?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| pin_error(&dir, format!("cannot create the directory: {e}")))?;
         }
         if !is_bpffs(&pins.root) {
             return Err(pin_error(

@@ -581,11 +581,17 @@ fn without_names(contents: &MapContents) -> MapContents {
 fn ids_read_back_from_the_maps_are_kept_by_matching_frontends() {
     // Ids 1 and 2 as built, then "web" swapped to id 2 by building in the other order first.
     let first = build(
-        &state(vec![service("api", 2, vec![local(1)]), service("web", 1, vec![local(2)])]),
+        &state(vec![
+            service("api", 2, vec![local(1)]),
+            service("web", 1, vec![local(2)]),
+        ]),
         &MapContents::default(),
     );
     let applied = build(
-        &state(vec![service("web", 1, vec![local(2)]), service("api", 2, vec![local(1)])]),
+        &state(vec![
+            service("web", 1, vec![local(2)]),
+            service("api", 2, vec![local(1)]),
+        ]),
         &first,
     );
     let adopted = without_names(&applied);
