@@ -381,21 +381,21 @@ impl DataPlane {
     pub fn load(options: LoadOptions) -> Result<Self, DataPlaneError> {
         let entries = options.maglev_entries()?;
         let slots = options.max_tables.saturating_add(1);
+        let specs = pins::pinned_map_specs(&options, entries);
         let pins = options
             .pin_dir
-            .as_deref()
-            .map(PinDir::prepare)
+            .map(|dir| PinDir::prepare(&dir))
             .transpose()?;
         let adopting = pins.as_ref().is_some_and(PinDir::has_pinned_maps);
         if let Some(pins) = &pins {
-            pins.check_maps(&pins::pinned_map_specs(&options, entries))?;
+            pins.check_maps(&specs)?;
         }
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map_names::MAGLEV, entries)
             .map_max_entries(map_names::CONNTRACK, options.conntrack_entries);
         if let Some(pins) = &pins {
-            for spec in pins::pinned_map_specs(&options, entries) {
+            for spec in &specs {
                 if spec.name != pins::AGENT_RECORD {
                     // The loader opens the map pinned there, or creates and pins it.
                     loader.map_pin_path(spec.name, pins.map_path(spec.name));
@@ -794,17 +794,16 @@ impl DataPlane {
             let (id, mode) = self.attach_xdp(iface, choice)?;
             (self.keep_xdp(iface, mode, id)?, mode)
         };
-        let tc = match self.adopt_tc(iface, LinkKind::TcEgress)? {
-            Some(handle) => handle,
-            None => {
-                let id = attach_tc(
-                    &mut self.ebpf,
-                    iface,
-                    program_names::TC_EGRESS,
-                    TcAttachType::Egress,
-                )?;
-                self.keep_tc(iface, LinkKind::TcEgress, id)?
-            }
+        let tc = if let Some(handle) = self.adopt_tc(iface, LinkKind::TcEgress)? {
+            handle
+        } else {
+            let id = attach_tc(
+                &mut self.ebpf,
+                iface,
+                program_names::TC_EGRESS,
+                TcAttachType::Egress,
+            )?;
+            self.keep_tc(iface, LinkKind::TcEgress, id)?
         };
         self.attachments.push(Attachment {
             iface: iface.to_owned(),
@@ -971,17 +970,16 @@ impl DataPlane {
     /// Attaches the pod program to the ingress of a pod's host-side interface (taking over a
     /// pinned link, as [`DataPlane::attach`] does).
     pub fn attach_pod(&mut self, iface: &str) -> Result<(), DataPlaneError> {
-        let tc = match self.adopt_tc(iface, LinkKind::TcPod)? {
-            Some(handle) => handle,
-            None => {
-                let id = attach_tc(
-                    &mut self.ebpf,
-                    iface,
-                    program_names::TC_POD_INGRESS,
-                    TcAttachType::Ingress,
-                )?;
-                self.keep_tc(iface, LinkKind::TcPod, id)?
-            }
+        let tc = if let Some(handle) = self.adopt_tc(iface, LinkKind::TcPod)? {
+            handle
+        } else {
+            let id = attach_tc(
+                &mut self.ebpf,
+                iface,
+                program_names::TC_POD_INGRESS,
+                TcAttachType::Ingress,
+            )?;
+            self.keep_tc(iface, LinkKind::TcPod, id)?
         };
         self.attachments.push(Attachment {
             iface: iface.to_owned(),

@@ -314,18 +314,23 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     runtime.block_on(agent.serve(&args.ifaces, args.stats_interval))?;
 
-    log::info!("counters: {}", agent.dataplane.counters()?);
-    match (on_exit, agent.dataplane.pin_dir().map(Path::to_owned)) {
+    stop(&mut agent.dataplane, on_exit)
+}
+
+/// Leaves the data plane pinned and forwarding, or detaches and unpins it.
+fn stop(dataplane: &mut DataPlane, on_exit: OnExit) -> anyhow::Result<()> {
+    log::info!("counters: {}", dataplane.counters()?);
+    match (on_exit, dataplane.pin_dir().map(Path::to_owned)) {
         (OnExit::Keep, Some(pin_dir)) => log::info!(
             "the data plane keeps forwarding, pinned in {0}; the next `lb-agent run --pin-dir \
              {0}` takes it over, `lb-agent cleanup --pin-dir {0}` removes it",
             pin_dir.display()
         ),
         (_, pinned) => {
-            let detached = agent.dataplane.detach_all();
+            let detached = dataplane.detach_all();
             log::info!("detached from {}", detached.join(", "));
             if pinned.is_some() {
-                let removed = agent.dataplane.remove_pins()?;
+                let removed = dataplane.remove_pins()?;
                 log::info!("removed {} pins", removed.len());
             }
         }

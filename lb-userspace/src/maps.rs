@@ -173,7 +173,7 @@ fn be(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
 
-fn frontend_key(port: &ServicePort, frontend: &crate::model::Frontend) -> FrontendKey {
+fn frontend_key(port: &ServicePort, frontend: crate::model::Frontend) -> FrontendKey {
     FrontendKey {
         addr_be: be(frontend.addr),
         port_be: frontend.port.to_be(),
@@ -351,7 +351,7 @@ impl MapContents {
                 if guarded && has_ranges {
                     flags |= service_flags::SOURCE_RANGES;
                 }
-                let key = frontend_key(port, frontend);
+                let key = frontend_key(port, *frontend);
                 let table_key = TableKey { service_id, local };
                 contents.frontends.insert(
                     key,
@@ -382,7 +382,7 @@ impl MapContents {
     fn unnamed_service_id(&self, port: &ServicePort, building: &MapContents) -> Option<u32> {
         port.frontends
             .iter()
-            .filter_map(|f| self.frontends.get(&frontend_key(port, f)))
+            .filter_map(|f| self.frontends.get(&frontend_key(port, *f)))
             .map(|entry| entry.service.service_id)
             .find(|id| {
                 !self.service_ids.values().any(|named| named == id)

@@ -383,7 +383,12 @@ fn is_bpffs(path: &Path) -> bool {
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: a NUL-terminated path and a statfs to write into.
     let result = unsafe { libc::statfs(c_path.as_ptr(), &raw mut stat) };
-    result == 0 && i64::from(stat.f_type) == BPF_FS_MAGIC
+    #[allow(
+        clippy::useless_conversion,
+        reason = "f_type is an i64 on x86_64 but narrower on other targets"
+    )]
+    let f_type = i64::from(stat.f_type);
+    result == 0 && f_type == BPF_FS_MAGIC
 }
 
 /// `mount -t bpf bpf DIR`; a bpffs mounted there meanwhile is fine.
@@ -420,6 +425,7 @@ const RECORD_CHUNK: usize = 4096;
 /// The largest record: 8 MiB. A record is written into the half readers are not reading, then
 /// the header switches to it, so the map holds two halves of this size.
 pub const RECORD_CAPACITY: usize = 8 << 20;
+#[expect(clippy::cast_possible_truncation, reason = "2048")]
 const HALF_CHUNKS: u32 = (RECORD_CAPACITY / RECORD_CHUNK) as u32;
 const RECORD_ENTRIES: u32 = 1 + 2 * HALF_CHUNKS;
 const RECORD_MAGIC: [u8; 4] = *b"LBRC";

@@ -211,9 +211,8 @@ fn a_pinned_map_of_another_size_is_refused_with_the_cleanup_hint() {
         conntrack_entries: 2048,
         ..pins.options()
     };
-    let error = match DataPlane::load(bigger) {
-        Ok(_) => panic!("a CONNTRACK of another size was adopted"),
-        Err(error) => error,
+    let Err(error) = DataPlane::load(bigger) else {
+        panic!("a CONNTRACK of another size was adopted")
     };
     assert!(
         matches!(error, DataPlaneError::PinnedMapMismatch { name, .. } if name == map_names::CONNTRACK),
