@@ -2,9 +2,11 @@
 //! interfaces, read counters, detach.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
+    net::Ipv4Addr,
     os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
     ptr::NonNull,
 };
 
@@ -13,18 +15,21 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
-        tc::{self, SchedClassifierLinkId},
-        xdp::XdpLinkId,
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink, SchedClassifierLinkId},
+        xdp::{XdpLink, XdpLinkId},
     },
 };
 use lb_common::{
     Backend, BackendStats, COUNTER_COUNT, Counter, DROP_REASON_SLOTS, DropReason, FlowEntry,
-    FlowKey, FrontendKey, Service, SourceRangeKey, direction, flow_flags, map_names, program_names,
+    FlowKey, FrontendKey, Service, Settings, SourceRangeKey, direction, flow_flags, map_names,
+    program_names, service_flags,
 };
 
 use crate::{
     maps::{FrontendEntry, MapContents, Plan, TableKey, diff},
     model::Ipv4Cidr,
+    pins::{self, LinkKind, MapSource, PinDir, RecordChunk},
 };
 
 /// The eBPF object built by `build.rs` from `lb-ebpf`.
@@ -40,7 +45,7 @@ pub enum XdpModeChoice {
 }
 
 /// The XDP mode an interface actually got.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AttachedMode {
     Native,
     Generic,
@@ -97,6 +102,39 @@ pub enum DataPlaneError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("pin directory {path}: {reason}")]
+    PinDir { path: PathBuf, reason: String },
+    #[error(
+        "pinned map {name} (in {pin_dir}) was created with {pinned}; this agent needs {needed}; \
+         run `lb-agent cleanup --pin-dir {pin_dir}` (drops tracked connections) and start again"
+    )]
+    PinnedMapMismatch {
+        name: &'static str,
+        pinned: String,
+        needed: String,
+        pin_dir: PathBuf,
+    },
+    #[error(
+        "{iface}: the {kind} link cannot be pinned ({source}); pinning needs BPF links (XDP \
+         links: kernel 5.9, TCX: 6.6); run without --pin-dir on this kernel"
+    )]
+    PinLink {
+        iface: String,
+        kind: LinkKind,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("{iface}: replacing the program behind the pinned {kind} link failed: {source}")]
+    AdoptLink {
+        iface: String,
+        kind: LinkKind,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("the agent record is {len} bytes, more than the {max} bytes it has room for")]
+    RecordTooLarge { len: usize, max: usize },
+    #[error("the pinned agent record cannot be read: {0}")]
+    RecordCorrupt(String),
     #[error("mapping the Maglev tables into memory failed: {0}")]
     Mmap(#[source] std::io::Error),
     #[error(
@@ -157,21 +195,35 @@ fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataPlaneErr
     move |source| DataPlaneError::Map { name, source }
 }
 
+/// Who keeps a program attached.
+enum LinkHandle {
+    /// The program object (no pin directory): detached when it is dropped.
+    Xdp(XdpLinkId),
+    Tc(SchedClassifierLinkId),
+    /// A pin: stays attached without any process until the file is removed.
+    Pinned(PathBuf),
+}
+
 struct Attachment {
     iface: String,
-    xdp: Option<XdpLinkId>,
-    tc: SchedClassifierLinkId,
+    xdp: Option<LinkHandle>,
+    tc: LinkHandle,
     /// `lb_tc_pod_ingress` (a pod interface) rather than `lb_tc_egress`.
     pod: bool,
 }
 
-/// How big to make the maps whose size is chosen at load time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How big to make the maps whose size is chosen at load time, and where they live.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
     /// Maglev tables the data path has room for.
     pub max_tables: u32,
     /// M, entries per Maglev table.
     pub maglev_table_size: u32,
+    /// Entries of the connection table (`CONNTRACK`).
+    pub conntrack_entries: u32,
+    /// A directory on a bpffs: maps and links are pinned there, so the data plane outlives this
+    /// process, and a later load adopts them. `None`: nothing outlives the process.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -179,7 +231,26 @@ impl Default for LoadOptions {
         LoadOptions {
             max_tables: lb_common::DEFAULT_MAX_TABLES,
             maglev_table_size: crate::maglev::DEFAULT_TABLE_SIZE,
+            conntrack_entries: lb_common::CONNTRACK_ENTRIES,
+            pin_dir: None,
         }
+    }
+}
+
+impl LoadOptions {
+    /// Entries of `MAGLEV` (pairs of u32): one slot more than tables, so a changed table is
+    /// written into a free slot before the old one is let go.
+    pub fn maglev_entries(&self) -> Result<u32, DataPlaneError> {
+        let slots = self.max_tables.saturating_add(1);
+        let stride = lb_common::maglev_table_stride(self.maglev_table_size);
+        slots
+            .checked_mul(stride)
+            .filter(|&n| n < u32::MAX / 4)
+            .map(|n| n / 2)
+            .ok_or(DataPlaneError::TablesTooLarge {
+                tables: self.max_tables,
+                size: self.maglev_table_size,
+            })
     }
 }
 
@@ -233,6 +304,21 @@ impl TableMemory {
         })
     }
 
+    /// The table in `slot`, as written.
+    fn read(&self, slot: u32) -> Option<Vec<u32>> {
+        if slot >= self.slots {
+            return None;
+        }
+        // SAFETY: `slot < slots`, so `size` entries from its start stay inside the mapping.
+        let table = unsafe {
+            std::slice::from_raw_parts(
+                self.base.as_ptr().add(slot as usize * self.stride),
+                self.size,
+            )
+        };
+        Some(table.to_vec())
+    }
+
     /// Writes `table` into `slot`, which no frontend points at.
     fn write(&mut self, slot: u32, table: &[u32]) {
         if slot >= self.slots || table.len() != self.size {
@@ -269,7 +355,8 @@ fn wait_for_packets_in_flight() {
     }
 }
 
-/// The loaded programs and maps. Dropping it detaches everything (the links are owned here).
+/// The loaded programs and maps. Without a pin directory, dropping it detaches everything (the
+/// links are owned here); with one, maps and links stay pinned and keep forwarding.
 pub struct DataPlane {
     ebpf: Ebpf,
     contents: MapContents,
@@ -278,27 +365,44 @@ pub struct DataPlane {
     /// Where each table lives in `MAGLEV`.
     table_slots: BTreeMap<TableKey, u32>,
     free_slots: Vec<u32>,
+    /// Slots that pinned frontends pointed at but no table of `contents` owns (an agent stopped
+    /// halfway through switching a table): free once the next apply has switched them away.
+    stray_slots: Vec<u32>,
+    pins: Option<PinDir>,
+    /// Links a previous agent pinned that this one has not taken over (yet).
+    unclaimed_links: BTreeSet<(LinkKind, String)>,
+    record: Array<MapData, RecordChunk>,
 }
 
 impl DataPlane {
     /// Loads the embedded object and every program into the kernel (this runs the verifier).
+    /// With a pin directory that already holds maps, they are adopted: kept with their contents
+    /// (tracked flows included), and [`DataPlane::contents`] says what they hold.
     pub fn load(options: LoadOptions) -> Result<Self, DataPlaneError> {
-        // One slot more than tables: a changed table is written into a free slot before the
-        // old one is let go.
+        let entries = options.maglev_entries()?;
         let slots = options.max_tables.saturating_add(1);
-        let stride = lb_common::maglev_table_stride(options.maglev_table_size);
-        let entries = slots
-            .checked_mul(stride)
-            .filter(|&n| n < u32::MAX / 4)
-            .map(|n| n / 2)
-            .ok_or(DataPlaneError::TablesTooLarge {
-                tables: options.max_tables,
-                size: options.maglev_table_size,
-            })?;
-        let mut ebpf = EbpfLoader::new()
+        let specs = pins::pinned_map_specs(&options, entries);
+        let pins = options
+            .pin_dir
+            .map(|dir| PinDir::prepare(&dir))
+            .transpose()?;
+        let adopting = pins.as_ref().is_some_and(PinDir::has_pinned_maps);
+        if let Some(pins) = &pins {
+            pins.check_maps(&specs)?;
+        }
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(map_names::MAGLEV, entries)
-            .load(EBPF_OBJECT)
-            .map_err(DataPlaneError::Load)?;
+            .map_max_entries(map_names::CONNTRACK, options.conntrack_entries);
+        if let Some(pins) = &pins {
+            for spec in &specs {
+                if spec.name != pins::AGENT_RECORD {
+                    // The loader opens the map pinned there, or creates and pins it.
+                    loader.map_pin_path(spec.name, pins.map_path(spec.name));
+                }
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(DataPlaneError::Load)?;
         let program_error = |name| move |source| DataPlaneError::Program { name, source };
         xdp_program(&mut ebpf)?
             .load()
@@ -313,14 +417,191 @@ impl DataPlane {
             name: map_names::MAGLEV,
         })?;
         let tables = TableMemory::map(maglev, slots, options.maglev_table_size)?;
-        Ok(DataPlane {
+        let record = pins::open_or_create_record(pins.as_ref())?;
+        let unclaimed_links = pins
+            .as_ref()
+            .map(|p| p.links().into_iter().collect())
+            .unwrap_or_default();
+        let mut dataplane = DataPlane {
             ebpf,
             contents: MapContents::default(),
             attachments: Vec::new(),
             tables,
             table_slots: BTreeMap::new(),
             free_slots: (0..slots).rev().collect(),
-        })
+            stray_slots: Vec::new(),
+            pins,
+            unclaimed_links,
+            record,
+        };
+        if adopting {
+            dataplane.read_back_contents()?;
+            dataplane.unpin_links_of_missing_interfaces();
+        }
+        Ok(dataplane)
+    }
+
+    /// The pin directory, if the data plane is pinned.
+    #[must_use]
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(PinDir::root)
+    }
+
+    /// Rebuilds `contents`, `table_slots` and `free_slots` from adopted maps, so the first
+    /// apply writes only what differs from what a previous agent left.
+    fn read_back_contents(&mut self) -> Result<(), DataPlaneError> {
+        let mut contents = MapContents::default();
+        let settings_map: Array<&MapData, Settings> =
+            Array::try_from(self.map(map_names::SETTINGS)?)
+                .map_err(map_error(map_names::SETTINGS))?;
+        contents.settings = settings_map
+            .get(&0, 0)
+            .map_err(map_error(map_names::SETTINGS))?;
+        let table_size = u32::try_from(self.tables.size).unwrap_or(u32::MAX);
+        if contents.settings.maglev_table_size != 0
+            && contents.settings.maglev_table_size != table_size
+        {
+            return Err(DataPlaneError::PinnedMapMismatch {
+                name: map_names::MAGLEV,
+                pinned: format!("tables of {} entries", contents.settings.maglev_table_size),
+                needed: format!("tables of {table_size} entries (--maglev-table-size)"),
+                pin_dir: self.pin_dir().unwrap_or(Path::new("")).to_owned(),
+            });
+        }
+
+        let frontends: HashMap<&MapData, FrontendKey, Service> =
+            HashMap::try_from(self.map(map_names::FRONTENDS)?)
+                .map_err(map_error(map_names::FRONTENDS))?;
+        let mut slots_of: BTreeMap<TableKey, BTreeSet<u32>> = BTreeMap::new();
+        for (key, service) in frontends.iter().filter_map(Result::ok) {
+            let table_key = (service.backend_count > 0).then_some(TableKey {
+                service_id: service.service_id,
+                local: service.flags & service_flags::LOCAL_ONLY != 0,
+            });
+            if let Some(table_key) = table_key {
+                slots_of.entry(table_key).or_default().insert(service.table);
+            }
+            if key.protocol == lb_common::IPPROTO_UDP {
+                contents.udp_services.insert(service.service_id);
+            }
+            let service = Service {
+                table: 0,
+                ..service
+            };
+            contents
+                .frontends
+                .insert(key, FrontendEntry { service, table_key });
+        }
+        let mut used = BTreeSet::new();
+        for (table_key, slots) in slots_of {
+            used.extend(slots.iter().copied());
+            let mut slots = slots.into_iter();
+            match (slots.next(), slots.next()) {
+                (Some(slot), None) => {
+                    if let Some(table) = self.tables.read(slot) {
+                        contents.tables.insert(table_key, table);
+                        self.table_slots.insert(table_key, slot);
+                    }
+                }
+                // Frontends of one table in two slots: leave it out, so the next apply
+                // writes it anew and switches every frontend to it.
+                (first, second) => {
+                    self.stray_slots
+                        .extend(first.into_iter().chain(second).chain(slots));
+                }
+            }
+        }
+        self.free_slots.retain(|slot| !used.contains(slot));
+
+        let backends: Array<&MapData, Backend> = Array::try_from(self.map(map_names::BACKENDS)?)
+            .map_err(map_error(map_names::BACKENDS))?;
+        for (id, backend) in backends.iter().enumerate() {
+            let backend = backend.map_err(map_error(map_names::BACKENDS))?;
+            let Ok(id) = u32::try_from(id) else { break };
+            if backend == Backend::default() {
+                continue;
+            }
+            contents.backends.insert(id, backend);
+            let addr = Ipv4Addr::from(backend.addr_be.to_ne_bytes());
+            contents.backend_ids.insert(
+                (backend.service_id, addr, u16::from_be(backend.port_be)),
+                id,
+            );
+        }
+
+        let ranges: LpmTrie<&MapData, SourceRangeKey, u8> =
+            LpmTrie::try_from(self.map(map_names::SOURCE_RANGES)?)
+                .map_err(map_error(map_names::SOURCE_RANGES))?;
+        for key in ranges.keys().filter_map(Result::ok) {
+            let data = key.data();
+            let prefix_len = key.prefix_len().saturating_sub(32);
+            contents.source_ranges.insert((
+                u32::from_be(data.service_id_be),
+                Ipv4Cidr {
+                    addr: Ipv4Addr::from(data.addr_be.to_ne_bytes()),
+                    prefix_len: u8::try_from(prefix_len).unwrap_or(32),
+                },
+            ));
+        }
+        self.contents = contents;
+        Ok(())
+    }
+
+    /// Unpins the links of pod interfaces that went away while no agent ran (the kernel already
+    /// detached them with the interface).
+    fn unpin_links_of_missing_interfaces(&mut self) {
+        let Some(pins) = &self.pins else { return };
+        self.unclaimed_links.retain(|(kind, iface)| {
+            if crate::netif::index(iface).is_some() {
+                return true;
+            }
+            let path = pins.link_path(*kind, iface);
+            match std::fs::remove_file(&path) {
+                Ok(()) => log::info!("{iface} is gone: unpinned its {kind} link"),
+                Err(e) => log::warn!("unpinning {}: {e}", path.display()),
+            }
+            false
+        });
+    }
+
+    /// Detaches and unpins the links a previous agent pinned that this one did not take over
+    /// (interfaces no longer served). Returns them.
+    pub fn drop_unclaimed_links(&mut self) -> Vec<(LinkKind, String)> {
+        let Some(pins) = &self.pins else {
+            return Vec::new();
+        };
+        let unclaimed = std::mem::take(&mut self.unclaimed_links);
+        for (kind, iface) in &unclaimed {
+            let path = pins.link_path(*kind, iface);
+            if let Err(e) = std::fs::remove_file(&path) {
+                log::warn!("unpinning {}: {e}", path.display());
+            }
+        }
+        unclaimed.into_iter().collect()
+    }
+
+    /// Stores the agent's record of what it applied (opaque bytes, at most
+    /// [`pins::RECORD_CAPACITY`]). Readers — also other processes through
+    /// [`pins::PinnedDataPlane`] — see the previous record until this one is whole. A record too
+    /// large is refused with [`DataPlaneError::RecordTooLarge`] and the previous one stays.
+    pub fn write_record(&mut self, bytes: &[u8]) -> Result<(), DataPlaneError> {
+        pins::write_record(&mut self.record, bytes)
+    }
+
+    /// The last record written (also by a previous agent on the same pins).
+    pub fn record(&self) -> Result<Option<Vec<u8>>, DataPlaneError> {
+        pins::read_record(&self.record)
+    }
+
+    /// Detaches from every interface and removes every pin (maps, links, the directories).
+    /// Returns the pins removed. Without a pin directory it only detaches.
+    pub fn remove_pins(&mut self) -> Result<Vec<PathBuf>, DataPlaneError> {
+        self.detach_all();
+        self.drop_unclaimed_links();
+        match &self.pins {
+            Some(pins) => pins.remove_all(),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// What the maps hold now.
@@ -393,6 +674,8 @@ impl DataPlane {
                 retired.push(old);
             }
         }
+        // Stray slots are freed only now: this plan switched their frontends away.
+        retired.append(&mut self.stray_slots);
         let cleanup = !retired.is_empty()
             || !plan.clear_backends.is_empty()
             || !plan.remove_source_ranges.is_empty();
@@ -500,7 +783,10 @@ impl DataPlane {
         T::try_from(map).map_err(map_error(name))
     }
 
-    /// Attaches XDP (ingress) and TC (egress) to `iface`, and says which XDP mode it got.
+    /// Attaches XDP (ingress) and TC (egress) to `iface`, and says which XDP mode it got. With a
+    /// pin directory the links are pinned; links a previous agent pinned there are taken over:
+    /// the new programs replace the old ones behind them in one step, so no packet meets an
+    /// interface without a program (an adopted XDP link keeps its mode).
     pub fn attach(
         &mut self,
         iface: &str,
@@ -511,6 +797,48 @@ impl DataPlane {
                 iface: iface.to_owned(),
             });
         }
+        let (xdp_link, mode) = if let Some((handle, mode)) = self.adopt_xdp(iface)? {
+            let wanted = match choice {
+                XdpModeChoice::Auto => None,
+                XdpModeChoice::Native => Some(AttachedMode::Native),
+                XdpModeChoice::Generic => Some(AttachedMode::Generic),
+            };
+            if wanted.is_some_and(|w| w != mode) {
+                log::warn!(
+                    "{iface}: took over the pinned XDP link in {mode} mode; --xdp-mode takes \
+                     effect after `lb-agent cleanup`"
+                );
+            }
+            (handle, mode)
+        } else {
+            let (id, mode) = self.attach_xdp(iface, choice)?;
+            (self.keep_xdp(iface, mode, id)?, mode)
+        };
+        let tc = if let Some(handle) = self.adopt_tc(iface, LinkKind::TcEgress)? {
+            handle
+        } else {
+            let id = attach_tc(
+                &mut self.ebpf,
+                iface,
+                program_names::TC_EGRESS,
+                TcAttachType::Egress,
+            )?;
+            self.keep_tc(iface, LinkKind::TcEgress, id)?
+        };
+        self.attachments.push(Attachment {
+            iface: iface.to_owned(),
+            xdp: Some(xdp_link),
+            tc,
+            pod: false,
+        });
+        Ok(mode)
+    }
+
+    fn attach_xdp(
+        &mut self,
+        iface: &str,
+        choice: XdpModeChoice,
+    ) -> Result<(XdpLinkId, AttachedMode), DataPlaneError> {
         let (first, fallback) = match choice {
             XdpModeChoice::Auto => (AttachedMode::Native, Some(AttachedMode::Generic)),
             XdpModeChoice::Native => (AttachedMode::Native, None),
@@ -529,38 +857,150 @@ impl DataPlane {
                     source,
                 })
         };
-        let (xdp_link, mode) = match (attach_xdp(first), fallback) {
-            (Ok(link), _) => (link, first),
+        match (attach_xdp(first), fallback) {
+            (Ok(link), _) => Ok((link, first)),
             (Err(error), Some(second)) => {
                 log::info!("{error}; falling back to {second} mode");
-                (attach_xdp(second)?, second)
+                Ok((attach_xdp(second)?, second))
             }
-            (Err(error), None) => return Err(error),
-        };
-
-        let tc = attach_tc(
-            &mut self.ebpf,
-            iface,
-            program_names::TC_EGRESS,
-            TcAttachType::Egress,
-        )?;
-        self.attachments.push(Attachment {
-            iface: iface.to_owned(),
-            xdp: Some(xdp_link),
-            tc,
-            pod: false,
-        });
-        Ok(mode)
+            (Err(error), None) => Err(error),
+        }
     }
 
-    /// Attaches the pod program to the ingress of a pod's host-side interface.
+    /// Takes over an XDP link pinned for `iface`, if there is one.
+    fn adopt_xdp(
+        &mut self,
+        iface: &str,
+    ) -> Result<Option<(LinkHandle, AttachedMode)>, DataPlaneError> {
+        let Some(pins) = &self.pins else {
+            return Ok(None);
+        };
+        for mode in [AttachedMode::Native, AttachedMode::Generic] {
+            let kind = LinkKind::Xdp(mode);
+            let path = pins.link_path(kind, iface);
+            if !path.exists() {
+                continue;
+            }
+            let pin_error = |source| DataPlaneError::PinLink {
+                iface: iface.to_owned(),
+                kind,
+                source,
+            };
+            let link = PinnedLink::from_pin(&path).map_err(pin_error)?;
+            let link = XdpLink::try_from(FdLink::from(link)).map_err(pin_error)?;
+            let program = xdp_program(&mut self.ebpf)?;
+            let adopt_error = |source| DataPlaneError::AdoptLink {
+                iface: iface.to_owned(),
+                kind,
+                source,
+            };
+            let id = program.attach_to_link(link).map_err(adopt_error)?;
+            // The pin keeps it attached; this process's descriptor is not needed.
+            drop(program.take_link(id).map_err(adopt_error)?);
+            self.unclaimed_links.remove(&(kind, iface.to_owned()));
+            log::info!("{iface}: took over the pinned {kind} link");
+            return Ok(Some((LinkHandle::Pinned(path), mode)));
+        }
+        Ok(None)
+    }
+
+    /// Takes over a TC link of `kind` pinned for `iface`, if there is one.
+    fn adopt_tc(
+        &mut self,
+        iface: &str,
+        kind: LinkKind,
+    ) -> Result<Option<LinkHandle>, DataPlaneError> {
+        let Some(pins) = &self.pins else {
+            return Ok(None);
+        };
+        let path = pins.link_path(kind, iface);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let pin_error = |source| DataPlaneError::PinLink {
+            iface: iface.to_owned(),
+            kind,
+            source,
+        };
+        let link = PinnedLink::from_pin(&path).map_err(pin_error)?;
+        let link = SchedClassifierLink::try_from(FdLink::from(link)).map_err(pin_error)?;
+        let program = program::<SchedClassifier>(&mut self.ebpf, tc_program_name(kind))?;
+        let adopt_error = |source| DataPlaneError::AdoptLink {
+            iface: iface.to_owned(),
+            kind,
+            source,
+        };
+        let id = program.attach_to_link(link).map_err(adopt_error)?;
+        drop(program.take_link(id).map_err(adopt_error)?);
+        self.unclaimed_links.remove(&(kind, iface.to_owned()));
+        log::info!("{iface}: took over the pinned {kind} link");
+        Ok(Some(LinkHandle::Pinned(path)))
+    }
+
+    /// Pins a new XDP link when there is a pin directory; otherwise the program keeps it.
+    fn keep_xdp(
+        &mut self,
+        iface: &str,
+        mode: AttachedMode,
+        id: XdpLinkId,
+    ) -> Result<LinkHandle, DataPlaneError> {
+        let Some(pins) = &self.pins else {
+            return Ok(LinkHandle::Xdp(id));
+        };
+        let kind = LinkKind::Xdp(mode);
+        let link = xdp_program(&mut self.ebpf)?
+            .take_link(id)
+            .map_err(|source| DataPlaneError::AttachXdp {
+                iface: iface.to_owned(),
+                mode,
+                source,
+            })?;
+        let link = FdLink::try_from(link).map_err(|source| DataPlaneError::PinLink {
+            iface: iface.to_owned(),
+            kind,
+            source,
+        })?;
+        pin_link(link, pins.link_path(kind, iface))
+    }
+
+    /// Pins a new TC link when there is a pin directory; otherwise the program keeps it.
+    fn keep_tc(
+        &mut self,
+        iface: &str,
+        kind: LinkKind,
+        id: SchedClassifierLinkId,
+    ) -> Result<LinkHandle, DataPlaneError> {
+        let Some(pins) = &self.pins else {
+            return Ok(LinkHandle::Tc(id));
+        };
+        let link = program::<SchedClassifier>(&mut self.ebpf, tc_program_name(kind))?
+            .take_link(id)
+            .map_err(|source| DataPlaneError::AttachTc {
+                iface: iface.to_owned(),
+                source,
+            })?;
+        let link = FdLink::try_from(link).map_err(|source| DataPlaneError::PinLink {
+            iface: iface.to_owned(),
+            kind,
+            source,
+        })?;
+        pin_link(link, pins.link_path(kind, iface))
+    }
+
+    /// Attaches the pod program to the ingress of a pod's host-side interface (taking over a
+    /// pinned link, as [`DataPlane::attach`] does).
     pub fn attach_pod(&mut self, iface: &str) -> Result<(), DataPlaneError> {
-        let tc = attach_tc(
-            &mut self.ebpf,
-            iface,
-            program_names::TC_POD_INGRESS,
-            TcAttachType::Ingress,
-        )?;
+        let tc = if let Some(handle) = self.adopt_tc(iface, LinkKind::TcPod)? {
+            handle
+        } else {
+            let id = attach_tc(
+                &mut self.ebpf,
+                iface,
+                program_names::TC_POD_INGRESS,
+                TcAttachType::Ingress,
+            )?;
+            self.keep_tc(iface, LinkKind::TcPod, id)?
+        };
         self.attachments.push(Attachment {
             iface: iface.to_owned(),
             xdp: None,
@@ -581,32 +1021,45 @@ impl DataPlane {
             return;
         };
         let attachment = self.attachments.remove(i);
-        if let Ok(program) =
-            program::<SchedClassifier>(&mut self.ebpf, program_names::TC_POD_INGRESS)
-        {
-            // Fails when the interface is gone, which is the usual case and fine.
-            let _ = program.detach(attachment.tc);
+        // Fails when the interface is gone, which is the usual case and fine.
+        let _ = self.release(attachment.tc, LinkKind::TcPod);
+    }
+
+    /// Detaches one link: the program lets go of it, or its pin is removed.
+    fn release(&mut self, handle: LinkHandle, kind: LinkKind) -> Result<(), String> {
+        match handle {
+            LinkHandle::Xdp(id) => xdp_program(&mut self.ebpf)
+                .map_err(|e| e.to_string())?
+                .detach(id)
+                .map_err(|e| e.to_string()),
+            LinkHandle::Tc(id) => program::<SchedClassifier>(&mut self.ebpf, tc_program_name(kind))
+                .map_err(|e| e.to_string())?
+                .detach(id)
+                .map_err(|e| e.to_string()),
+            // No process holds the link: removing its pin releases and detaches it.
+            LinkHandle::Pinned(path) => std::fs::remove_file(&path)
+                .map_err(|e| format!("unpinning {}: {e}", path.display())),
         }
     }
 
-    /// Detaches from every interface, last attached first. Returns the interfaces detached.
+    /// Detaches from every interface, last attached first (pinned links are unpinned). Returns
+    /// the interfaces detached.
     pub fn detach_all(&mut self) -> Vec<String> {
         let mut detached = Vec::new();
         while let Some(attachment) = self.attachments.pop() {
-            let name = if attachment.pod {
-                program_names::TC_POD_INGRESS
+            let kind = if attachment.pod {
+                LinkKind::TcPod
             } else {
-                program_names::TC_EGRESS
+                LinkKind::TcEgress
             };
-            if let Ok(tc) = program::<SchedClassifier>(&mut self.ebpf, name)
-                && let Err(e) = tc.detach(attachment.tc)
+            // A pod interface may be gone already, which detached it.
+            if let Err(e) = self.release(attachment.tc, kind)
                 && !attachment.pod
             {
                 log::warn!("{}: detaching TC: {e}", attachment.iface);
             }
             if let Some(link) = attachment.xdp
-                && let Ok(xdp) = xdp_program(&mut self.ebpf)
-                && let Err(e) = xdp.detach(link)
+                && let Err(e) = self.release(link, LinkKind::Xdp(AttachedMode::Native))
             {
                 log::warn!("{}: detaching XDP: {e}", attachment.iface);
             }
@@ -617,57 +1070,18 @@ impl DataPlane {
 
     /// The counters summed over CPUs.
     pub fn counters(&self) -> Result<Counters, DataPlaneError> {
-        let read = |name: &'static str, count: u32| -> Result<Vec<u64>, DataPlaneError> {
-            let map = self
-                .ebpf
-                .map(name)
-                .ok_or(DataPlaneError::Missing { kind: "map", name })?;
-            let array = PerCpuArray::<_, u64>::try_from(map)
-                .map_err(|source| DataPlaneError::Map { name, source })?;
-            (0..count)
-                .map(|i| {
-                    array
-                        .get(&i, 0)
-                        .map(|values| values.iter().sum())
-                        .map_err(|source| DataPlaneError::Map { name, source })
-                })
-                .collect()
-        };
-        let outcomes = read(map_names::COUNTERS, COUNTER_COUNT)?;
-        let drops = read(map_names::DROPS, DROP_REASON_SLOTS)?;
-        Ok(Counters {
-            outcomes: Counter::ALL
-                .iter()
-                .map(|&c| (c, outcomes.get(c as usize).copied().unwrap_or(0)))
-                .collect(),
-            drops: DropReason::ALL
-                .iter()
-                .map(|&r| (r, drops.get(r as usize).copied().unwrap_or(0)))
-                .collect(),
-        })
+        read_counters(self)
     }
 
     /// Packets and bytes per backend id, summed over CPUs: the backends the maps hold now that
     /// have carried any traffic since their id was given to them.
     pub fn backend_stats(&self) -> Result<BTreeMap<u32, BackendStats>, DataPlaneError> {
-        let name = map_names::BACKEND_STATS;
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or(DataPlaneError::Missing { kind: "map", name })?;
-        read_backend_stats(map, self.contents.backends.keys().copied())
+        read_backend_stats(self, self.contents.backends.keys().copied())
     }
 
     /// Every tracked flow entry (for tests and reports).
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowEntry)>, DataPlaneError> {
-        let name = map_names::CONNTRACK;
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or(DataPlaneError::Missing { kind: "map", name })?;
-        let table = HashMap::<_, FlowKey, FlowEntry>::try_from(map).map_err(map_error(name))?;
-        // Entries can vanish while we walk (the data path's LRU evicts): skip those.
-        Ok(table.iter().filter_map(Result::ok).collect())
+        read_flows(self)
     }
 
     /// Removes every flow, all its directions, for which `doomed` holds of its FORWARD entry.
@@ -753,9 +1167,76 @@ impl DataPlane {
 }
 
 impl Drop for DataPlane {
+    /// Without pins everything is detached; pinned links and maps stay (they are meant to
+    /// outlive this process: [`DataPlane::remove_pins`] removes them).
     fn drop(&mut self) {
-        self.detach_all();
+        if self.pins.is_none() {
+            self.detach_all();
+        }
     }
+}
+
+impl MapSource for DataPlane {
+    fn map(&self, name: &'static str) -> Result<&Map, DataPlaneError> {
+        self.ebpf
+            .map(name)
+            .ok_or(DataPlaneError::Missing { kind: "map", name })
+    }
+}
+
+/// The TC program a link of `kind` runs.
+fn tc_program_name(kind: LinkKind) -> &'static str {
+    if kind == LinkKind::TcPod {
+        program_names::TC_POD_INGRESS
+    } else {
+        program_names::TC_EGRESS
+    }
+}
+
+fn pin_link(link: FdLink, path: PathBuf) -> Result<LinkHandle, DataPlaneError> {
+    // Dropping the returned handle only closes this process's descriptor: the pin keeps the
+    // link, and so the program, attached.
+    link.pin(&path).map_err(|e| DataPlaneError::PinDir {
+        path: path.clone(),
+        reason: format!("cannot pin the link: {e}"),
+    })?;
+    Ok(LinkHandle::Pinned(path))
+}
+
+/// The counters summed over CPUs, from the agent's maps or pinned ones.
+pub fn read_counters(maps: &impl MapSource) -> Result<Counters, DataPlaneError> {
+    let read = |name: &'static str, count: u32| -> Result<Vec<u64>, DataPlaneError> {
+        let array = maps.per_cpu_array::<u64>(name)?;
+        (0..count)
+            .map(|i| {
+                array
+                    .get(&i, 0)
+                    .map(|values| values.iter().sum())
+                    .map_err(|source| DataPlaneError::Map { name, source })
+            })
+            .collect()
+    };
+    let outcomes = read(map_names::COUNTERS, COUNTER_COUNT)?;
+    let drops = read(map_names::DROPS, DROP_REASON_SLOTS)?;
+    Ok(Counters {
+        outcomes: Counter::ALL
+            .iter()
+            .map(|&c| (c, outcomes.get(c as usize).copied().unwrap_or(0)))
+            .collect(),
+        drops: DropReason::ALL
+            .iter()
+            .map(|&r| (r, drops.get(r as usize).copied().unwrap_or(0)))
+            .collect(),
+    })
+}
+
+/// Every tracked flow entry, from the agent's maps or pinned ones.
+pub fn read_flows(maps: &impl MapSource) -> Result<Vec<(FlowKey, FlowEntry)>, DataPlaneError> {
+    let name = map_names::CONNTRACK;
+    let table =
+        HashMap::<_, FlowKey, FlowEntry>::try_from(maps.map(name)?).map_err(map_error(name))?;
+    // Entries can vanish while we walk (the data path's LRU evicts): skip those.
+    Ok(table.iter().filter_map(Result::ok).collect())
 }
 
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataPlaneError> {
@@ -788,11 +1269,11 @@ fn attach_tc(
 /// than every slot. Works on the loaded object's map or on a pinned one
 /// (`Map::PerCpuArray(MapData::from_pin(..)?)`).
 pub fn read_backend_stats(
-    map: &Map,
+    source: &impl MapSource,
     ids: impl Iterator<Item = u32>,
 ) -> Result<BTreeMap<u32, BackendStats>, DataPlaneError> {
     let name = map_names::BACKEND_STATS;
-    let array = PerCpuArray::<_, BackendStats>::try_from(map).map_err(map_error(name))?;
+    let array = source.per_cpu_array::<BackendStats>(name)?;
     let mut all = BTreeMap::new();
     for id in ids {
         let per_cpu = array.get(&id, 0).map_err(map_error(name))?;

@@ -8,5 +8,6 @@ pub mod maglev;
 pub mod maps;
 pub mod model;
 pub mod netif;
+pub mod pins;
 pub mod podif;
 pub mod watch;

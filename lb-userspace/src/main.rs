@@ -18,6 +18,7 @@ use lb_userspace::{
     maps::{DEFAULT_SNAT_PORTS, MapContents, NodeConfig},
     model::DesiredState,
     netif,
+    pins::PinDir,
     podif::{self, IfacePattern, LinkEvents},
 };
 
@@ -40,6 +41,13 @@ enum Command {
     /// Load the data path, fill it from the config, attach to the interfaces, serve until
     /// SIGINT or SIGTERM, then detach.
     Run(RunArgs),
+    /// Detach and unpin everything an agent pinned under --pin-dir (tracked connections are
+    /// dropped with the maps). Nothing there is not an error.
+    Cleanup {
+        /// The --pin-dir the agent ran with.
+        #[arg(long)]
+        pin_dir: PathBuf,
+    },
     /// Check a config file without touching the kernel; exits 2 if it has problems.
     Validate {
         /// Multi-document YAML of v1 Service and discovery.k8s.io/v1 `EndpointSlice` objects.
@@ -91,6 +99,23 @@ struct RunArgs {
     /// use); each takes 4 x M bytes of kernel memory.
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_TABLES)]
     max_tables: u32,
+    /// A directory on the host's bpffs (e.g. /sys/fs/bpf/lb): maps and links are pinned there,
+    /// so the data plane keeps forwarding while no agent runs, and the next agent takes it over
+    /// with its tracked connections. Without it nothing outlives the agent.
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+    /// What SIGTERM/SIGINT do with a pinned data plane: keep it forwarding (default with
+    /// --pin-dir, for restarts and upgrades) or remove it.
+    #[arg(long, value_enum)]
+    on_exit: Option<OnExit>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OnExit {
+    /// Leave maps, links and programs pinned and attached.
+    Keep,
+    /// Detach and unpin everything.
+    Remove,
 }
 
 fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
@@ -122,6 +147,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate { file, node_ips } => validate(&file, &node_ips),
         Command::Run(args) => run(args),
+        Command::Cleanup { pin_dir } => cleanup(&pin_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -172,7 +198,26 @@ fn validate(file: &Path, node_ips: &[Ipv4Addr]) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
+    let removed = PinDir::existing(pin_dir).remove_all()?;
+    if removed.is_empty() {
+        println!("nothing pinned under {}", pin_dir.display());
+    }
+    for path in removed {
+        println!("removed {}", path.display());
+    }
+    Ok(())
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    let on_exit = match (args.on_exit, &args.pin_dir) {
+        (Some(OnExit::Keep), None) => {
+            bail!("--on-exit keep needs --pin-dir: without pins nothing outlives the agent")
+        }
+        (Some(choice), _) => choice,
+        (None, Some(_)) => OnExit::Keep,
+        (None, None) => OnExit::Remove,
+    };
     let node_name = args.node_name.unwrap_or_else(netif::hostname);
     let node_ips = if args.node_ips.is_empty() {
         let mut ips = Vec::new();
@@ -214,7 +259,21 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut dataplane = DataPlane::load(LoadOptions {
         max_tables: args.max_tables,
         maglev_table_size: args.maglev_table_size,
+        pin_dir: args.pin_dir.clone(),
+        ..LoadOptions::default()
     })?;
+    // Pinned maps a previous agent left: the ids they use are kept, and only the difference
+    // is written.
+    let contents = if dataplane.contents() == &MapContents::default() {
+        contents
+    } else {
+        let (_, adopted) = read_config(&args.config, &node_ips, &node, dataplane.contents())?;
+        log::info!(
+            "took over the pinned maps in {}",
+            args.pin_dir.as_deref().unwrap_or(Path::new("")).display()
+        );
+        adopted
+    };
     let writes = dataplane.apply(contents)?;
     log::info!(
         "node {node_name}, node addresses {}, SNAT {}: {} service ports, {writes} map writes",
@@ -255,9 +314,27 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     runtime.block_on(agent.serve(&args.ifaces, args.stats_interval))?;
 
-    let detached = agent.dataplane.detach_all();
-    log::info!("detached from {}", detached.join(", "));
-    log::info!("counters: {}", agent.dataplane.counters()?);
+    stop(&mut agent.dataplane, on_exit)
+}
+
+/// Leaves the data plane pinned and forwarding, or detaches and unpins it.
+fn stop(dataplane: &mut DataPlane, on_exit: OnExit) -> anyhow::Result<()> {
+    log::info!("counters: {}", dataplane.counters()?);
+    match (on_exit, dataplane.pin_dir().map(Path::to_owned)) {
+        (OnExit::Keep, Some(pin_dir)) => log::info!(
+            "the data plane keeps forwarding, pinned in {0}; the next `lb-agent run --pin-dir \
+             {0}` takes it over, `lb-agent cleanup --pin-dir {0}` removes it",
+            pin_dir.display()
+        ),
+        (_, pinned) => {
+            let detached = dataplane.detach_all();
+            log::info!("detached from {}", detached.join(", "));
+            if pinned.is_some() {
+                let removed = dataplane.remove_pins()?;
+                log::info!("removed {} pins", removed.len());
+            }
+        }
+    }
     Ok(())
 }
 
@@ -292,6 +369,9 @@ impl Agent {
             Some(LinkEvents::open().context("watching network interfaces")?)
         };
         self.sync_pods();
+        for (kind, iface) in self.dataplane.drop_unclaimed_links() {
+            log::info!("{iface}: no longer served, removed the pinned {kind} link");
+        }
         log::info!("{READY_LINE} on {}", ifaces.join(", "));
 
         let mut stats = tokio::time::interval(Duration::from_secs(stats_interval.max(1)));

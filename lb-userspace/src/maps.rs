@@ -173,6 +173,15 @@ fn be(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
 
+fn frontend_key(port: &ServicePort, frontend: crate::model::Frontend) -> FrontendKey {
+    FrontendKey {
+        addr_be: be(frontend.addr),
+        port_be: frontend.port.to_be(),
+        protocol: port.protocol.number(),
+        _pad: 0,
+    }
+}
+
 fn service_identity(port: &ServicePort) -> String {
     format!("{}/{}", port.display_name(), port.protocol)
 }
@@ -204,13 +213,24 @@ impl MapContents {
             },
             ..MapContents::default()
         };
-        let mut service_ids = IdAllocator::new(previous.service_ids.values().copied());
+        // Ids only the frontends know (contents read back from pinned maps) are taken too.
+        let mut service_ids = IdAllocator::new(
+            previous
+                .service_ids
+                .values()
+                .copied()
+                .chain(previous.frontends.values().map(|f| f.service.service_id)),
+        );
         let mut backend_ids = IdAllocator::new(previous.backend_ids.values().copied());
 
         for port in &state.service_ports {
             let identity = service_identity(port);
-            let service_id =
-                service_ids.reuse_or_allocate(previous.service_ids.get(&identity).copied());
+            let known = previous
+                .service_ids
+                .get(&identity)
+                .copied()
+                .or_else(|| previous.unnamed_service_id(port, &contents));
+            let service_id = service_ids.reuse_or_allocate(known);
             contents.service_ids.insert(identity, service_id);
             contents
                 .service_names
@@ -331,12 +351,7 @@ impl MapContents {
                 if guarded && has_ranges {
                     flags |= service_flags::SOURCE_RANGES;
                 }
-                let key = FrontendKey {
-                    addr_be: be(frontend.addr),
-                    port_be: frontend.port.to_be(),
-                    protocol: port.protocol.number(),
-                    _pad: 0,
-                };
+                let key = frontend_key(port, *frontend);
                 let table_key = TableKey { service_id, local };
                 contents.frontends.insert(
                     key,
@@ -358,6 +373,21 @@ impl MapContents {
         }
         contents.check_capacity(node)?;
         Ok(contents)
+    }
+
+    /// The id `self` gave `port` when `self` was read back from the kernel (after a restart),
+    /// where service port names are not kept: the id of the first of its frontends found,
+    /// unless that id has a name in `self` (it belongs to another service port) or `building`
+    /// already gave it away.
+    fn unnamed_service_id(&self, port: &ServicePort, building: &MapContents) -> Option<u32> {
+        port.frontends
+            .iter()
+            .filter_map(|f| self.frontends.get(&frontend_key(port, *f)))
+            .map(|entry| entry.service.service_id)
+            .find(|id| {
+                !self.service_ids.values().any(|named| named == id)
+                    && !building.service_ids.values().any(|given| given == id)
+            })
     }
 
     fn check_capacity(&self, node: &NodeConfig) -> Result<(), CapacityError> {

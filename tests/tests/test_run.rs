@@ -23,7 +23,6 @@ use std::{
 
 use aya::{
     TestRun, TestRunOptions, TestRunResult,
-    maps::{Map, MapData},
     programs::{ProgramError, SchedClassifier},
 };
 use integration_tests::frame::{
@@ -331,6 +330,7 @@ impl Lb {
         let mut dp = DataPlane::load(LoadOptions {
             max_tables: MAX_TABLES,
             maglev_table_size: MAGLEV_SIZE,
+            ..LoadOptions::default()
         })
         .unwrap_or_else(|e| panic!("loading the data plane failed (run as root): {e}"));
         let contents = MapContents::from_state(state, node, &MapContents::default())
@@ -2418,35 +2418,10 @@ fn backend_id(lb: &Lb, l4: L4, frontend: SocketAddrV4, target: SocketAddrV4) -> 
     id
 }
 
-/// Every slot of `BACKEND_STATS` that counted anything, not only the ids the agent uses: the
-/// map is opened by its kernel id through the XDP program, as a reader of pinned maps opens
-/// it, and read with the agent's own reader.
+/// Every slot of `BACKEND_STATS` that counted anything, not only the ids the agent uses.
 fn every_backend_stats(lb: &mut Lb) -> BTreeMap<u32, BackendStats> {
-    let program = lb
-        .dp
-        .xdp_program()
-        .unwrap_or_else(|e| panic!("no XDP program: {e}"));
-    let map_ids = program
-        .info()
-        .unwrap_or_else(|e| panic!("reading the XDP program's info: {e}"))
-        .map_ids()
-        .unwrap_or_else(|e| panic!("reading the XDP program's map ids: {e}"))
-        .unwrap_or_else(|| panic!("the kernel gave no map ids for the XDP program"));
-    for id in map_ids {
-        let map =
-            MapData::from_id(id).unwrap_or_else(|e| panic!("opening map {id} by its id: {e}"));
-        let info = map
-            .info()
-            .unwrap_or_else(|e| panic!("reading map {id}'s info: {e}"));
-        if info.name_as_str() == Some(map_names::BACKEND_STATS) {
-            return read_backend_stats(&Map::PerCpuArray(map), 0..MAX_BACKENDS)
-                .unwrap_or_else(|e| panic!("reading every backend's stats: {e}"));
-        }
-    }
-    panic!(
-        "the XDP program uses no map named {}",
-        map_names::BACKEND_STATS
-    )
+    read_backend_stats(&lb.dp, 0..MAX_BACKENDS)
+        .unwrap_or_else(|e| panic!("reading every backend's stats: {e}"))
 }
 
 /// Panics unless the data path's per-backend counts are exactly `expected`, both through the

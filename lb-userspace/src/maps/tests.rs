@@ -566,3 +566,73 @@ fn a_table_smaller_than_its_endpoints_is_reported_with_the_service() {
         &MapContents::default(),
     );
 }
+
+/// Contents as a restarted agent reads them back from pinned maps: everything the maps hold,
+/// but no service port names.
+fn without_names(contents: &MapContents) -> MapContents {
+    MapContents {
+        service_ids: std::collections::BTreeMap::new(),
+        service_names: std::collections::BTreeMap::new(),
+        ..contents.clone()
+    }
+}
+
+#[test]
+fn ids_read_back_from_the_maps_are_kept_by_matching_frontends() {
+    // Ids 1 and 2 as built, then "web" swapped to id 2 by building in the other order first.
+    let first = build(
+        &state(vec![
+            service("api", 2, vec![local(1)]),
+            service("web", 1, vec![local(2)]),
+        ]),
+        &MapContents::default(),
+    );
+    let applied = build(
+        &state(vec![
+            service("web", 1, vec![local(2)]),
+            service("api", 2, vec![local(1)]),
+        ]),
+        &first,
+    );
+    let adopted = without_names(&applied);
+    // A new service port listed first would take id 1 if the frontends were not matched.
+    let again = build(
+        &state(vec![
+            service("new", 3, vec![local(3)]),
+            service("web", 1, vec![local(2)]),
+            service("api", 2, vec![local(1)]),
+        ]),
+        &adopted,
+    );
+    assert_eq!(service_id(&again, "web"), service_id(&applied, "web"));
+    assert_eq!(service_id(&again, "api"), service_id(&applied, "api"));
+    assert_eq!(backend_id(&again, "web", 2), backend_id(&applied, "web", 2));
+    let new_id = service_id(&again, "new");
+    assert!(
+        new_id != service_id(&applied, "web") && new_id != service_id(&applied, "api"),
+        "a new service port must not take an id the maps still use: {new_id}"
+    );
+    // Only the new service port is written.
+    let plan = diff(&adopted, &again);
+    assert!(plan.remove_frontends.is_empty(), "{plan:?}");
+    assert_eq!(
+        written_frontends(&plan),
+        BTreeSet::from([cluster_ip_key(3), node_port_key(3)])
+    );
+}
+
+#[test]
+fn an_id_read_back_is_not_given_to_two_service_ports() {
+    let applied = build(
+        &state(vec![service("web", 1, vec![local(2)])]),
+        &MapContents::default(),
+    );
+    // "web" is split: its clusterIP now belongs to "a", its nodePort to "b".
+    let mut a = service("a", 1, vec![local(2)]);
+    a.frontends.truncate(1);
+    let mut b = service("b", 1, vec![local(3)]);
+    b.frontends.remove(0);
+    let again = build(&state(vec![a, b]), &without_names(&applied));
+    assert_eq!(service_id(&again, "a"), service_id(&applied, "web"));
+    assert_ne!(service_id(&again, "b"), service_id(&applied, "web"));
+}
