@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::netns::{Netns, Process};
+use crate::netns::{Netns, Process, run};
 
 /// What `lb-agent run` logs once it is attached (see `READY_LINE` in lb-userspace).
 const READY_LINE: &str = "lb-agent is serving";
@@ -27,6 +27,10 @@ pub struct Agent {
 impl Agent {
     /// Starts `lb-agent run --config CONFIG --iface IFACE ARGS...` in `node` and waits (at most
     /// `timeout`) for it to report that it serves.
+    ///
+    /// With `--pin-dir` among `extra_args` the agent runs with the host's mounts (see
+    /// `Netns::command_with_host_mounts`), so its pins stay on the host's bpffs after it exits
+    /// and the next agent finds them; otherwise it runs under `ip netns exec`, as before.
     pub fn start(
         node: &Netns,
         agent_bin: &Path,
@@ -35,7 +39,15 @@ impl Agent {
         extra_args: &[&str],
         timeout: Duration,
     ) -> anyhow::Result<Self> {
-        let mut command = node.command(&agent_bin.to_string_lossy());
+        let pinned = extra_args
+            .iter()
+            .any(|a| *a == "--pin-dir" || a.starts_with("--pin-dir="));
+        let program = agent_bin.to_string_lossy();
+        let mut command = if pinned {
+            node.command_with_host_mounts(&program)
+        } else {
+            node.command(&program)
+        };
         command
             .args(["run", "--config"])
             .arg(config)
@@ -60,7 +72,7 @@ impl Agent {
         let deadline = Instant::now() + timeout;
         loop {
             if agent.log().contains(READY_LINE) {
-                return Ok(agent);
+                break;
             }
             if let Some(status) = agent.process.child_mut().try_wait()? {
                 bail!(
@@ -76,6 +88,51 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        if pinned {
+            agent.check_pid_is_the_agent(agent_bin)?;
+        }
+        Ok(agent)
+    }
+
+    /// Makes sure the pid we hold is `lb-agent` itself and not a launcher in front of it, so
+    /// that `kill9` kills the agent (a launcher would die and leave the agent running).
+    fn check_pid_is_the_agent(&self, agent_bin: &Path) -> anyhow::Result<()> {
+        let pid = self.process.id();
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .with_context(|| format!("reading /proc/{pid}/exe"))?;
+        let expected = agent_bin
+            .canonicalize()
+            .with_context(|| format!("resolving {}", agent_bin.display()))?;
+        if exe != expected {
+            bail!(
+                "process {pid} runs {}, not {}: the launcher forked instead of exec'ing the \
+                 agent, so signals would miss it",
+                exe.display(),
+                expected.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// The agent's process id.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
+    /// Kills the agent with SIGKILL, as a crash or an OOM kill would: it gets no chance to
+    /// detach or unpin anything. Reaps it and returns its log.
+    pub fn kill9(mut self) -> anyhow::Result<String> {
+        let status = self.process.kill9()?;
+        // Let the reader thread drain the last lines.
+        std::thread::sleep(Duration::from_millis(100));
+        if status.code().is_some() {
+            bail!(
+                "lb-agent had exited ({status}) before SIGKILL:\n{}",
+                self.log()
+            );
+        }
+        Ok(self.log())
     }
 
     /// Everything the agent logged so far.
@@ -120,6 +177,15 @@ impl Agent {
         }
         Ok(self.log())
     }
+}
+
+/// Runs `lb-agent cleanup --pin-dir PIN_DIR` with the host's mounts (where the pins are) and
+/// returns what it printed; a failure carries its stderr.
+pub fn cleanup(agent_bin: &Path, pin_dir: &Path) -> anyhow::Result<String> {
+    let output = run(std::process::Command::new(agent_bin)
+        .args(["cleanup", "--pin-dir"])
+        .arg(pin_dir))?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// The last `counters: name=value ... drops: reason=value ...` line of an agent log, as one map

@@ -86,6 +86,22 @@ impl Netns {
         command
     }
 
+    /// A command that runs `program` in this network namespace with the caller's mounts.
+    ///
+    /// `ip netns exec` gives the program a mount namespace of its own with a fresh `/sys`, so
+    /// whatever it pins on `/sys/fs/bpf` is gone when it exits. `nsenter --net` changes only
+    /// the network namespace, so pins land on the host's bpffs and outlive the program. It
+    /// execs the program without forking (no `--fork`, no PID namespace), so the child's pid
+    /// is the program's own and a signal to it reaches the program.
+    #[must_use]
+    pub fn command_with_host_mounts(&self, program: &str) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.name))
+            .args(["--", program]);
+        command
+    }
+
     pub fn sysctl(&self, setting: &str) -> anyhow::Result<()> {
         run(self.command("sysctl").args(["-qw", setting])).map(drop)
     }
@@ -143,6 +159,22 @@ impl Process {
 
     pub fn child_mut(&mut self) -> &mut Child {
         &mut self.child
+    }
+
+    /// The process id of the child (the program itself when it was exec'd without a fork).
+    #[must_use]
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGKILL and reaps the process: no handler runs, nothing is cleaned up.
+    pub fn kill9(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.child
+            .kill()
+            .with_context(|| format!("sending SIGKILL to process {}", self.child.id()))?;
+        self.child
+            .wait()
+            .with_context(|| format!("reaping process {}", self.child.id()))
     }
 
     /// Sends `signal` (a name `kill` knows, like `HUP`).

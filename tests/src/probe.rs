@@ -5,7 +5,7 @@ use std::{
     io::{BufRead as _, BufReader},
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::Stdio,
+    process::{Command, Stdio},
     sync::mpsc::{self, Receiver, RecvTimeoutError},
     time::{Duration, Instant},
 };
@@ -151,12 +151,104 @@ pub fn path_mtu(
     Ok((mtu, text))
 }
 
-/// A running `lb-probe hold`: connections held open until `release` is called.
-pub struct Hold {
+/// A running probe that reports line by line: its stdout is read on a thread, and what it
+/// printed so far is kept for results and messages.
+struct Reporter {
     process: Process,
     lines: Receiver<String>,
-    release_file: PathBuf,
     output: Vec<String>,
+    /// The probe mode, for messages (`lb-probe hold`).
+    what: &'static str,
+}
+
+impl Reporter {
+    fn spawn(command: &mut Command, what: &'static str) -> anyhow::Result<Self> {
+        command.stdout(Stdio::piped());
+        let mut process = Process::spawn(command)?;
+        let stdout = process
+            .child_mut()
+            .stdout
+            .take()
+            .with_context(|| format!("{what} stdout"))?;
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Reporter {
+            process,
+            lines,
+            output: Vec::new(),
+            what,
+        })
+    }
+
+    fn output(&self) -> String {
+        self.output.join("\n")
+    }
+
+    /// Reads lines until one satisfies `done`, for at most `timeout`.
+    fn read_until(&mut self, timeout: Duration, done: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let finished = done(&line);
+                    self.output.push(line);
+                    if finished {
+                        return Ok(());
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    bail!("{} ended:\n{}", self.what, self.output())
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    bail!(
+                        "{} did not get on within {timeout:?}:\n{}",
+                        self.what,
+                        self.output()
+                    )
+                }
+            }
+        }
+    }
+
+    /// Takes the lines printed so far without waiting.
+    fn read_available(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.output.push(line);
+        }
+    }
+
+    /// Waits (at most `timeout`) for the probe to exit and takes the rest of its output; an
+    /// unsuccessful exit is an error with that output.
+    fn finish(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let status = self.process.wait(timeout)?;
+        // The reader thread ends with the probe's stdout; take what it still has.
+        self.read_until(Duration::from_secs(2), |_| false).ok();
+        if !status.success() {
+            bail!("{} exited with {status}:\n{}", self.what, self.output());
+        }
+        Ok(())
+    }
+
+    /// The lines starting with `phase` and a space, without that prefix.
+    fn phase<'a>(&'a self, phase: &'a str) -> impl Iterator<Item = &'a str> {
+        self.output
+            .iter()
+            .filter_map(move |l| l.strip_prefix(phase))
+            .filter_map(|l| l.strip_prefix(' '))
+    }
+}
+
+/// A running `lb-probe hold`: connections held open until `release` is called.
+pub struct Hold {
+    reporter: Reporter,
+    release_file: PathBuf,
 }
 
 impl Hold {
@@ -177,30 +269,17 @@ impl Hold {
             .args(["hold", "--target", &target.to_string()])
             .args(["--count", &count.to_string(), "--until"])
             .arg(release_file)
-            .args(["--wait-secs", "60"])
-            .stdout(Stdio::piped());
-        let mut process = Process::spawn(&mut command)?;
-        let stdout = process.child_mut().stdout.take().context("hold stdout")?;
-        let (sender, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+            .args(["--wait-secs", "60"]);
         Ok(Hold {
-            process,
-            lines,
+            reporter: Reporter::spawn(&mut command, "lb-probe hold")?,
             release_file: release_file.to_owned(),
-            output: Vec::new(),
         })
     }
 
     /// Waits (at most `timeout`) until every connection made its first request; returns the
     /// result per connection.
     pub fn held(&mut self, timeout: Duration) -> anyhow::Result<Vec<Result<Answer, String>>> {
-        self.read_until(timeout, |line| line == "holding")?;
+        self.reporter.read_until(timeout, |line| line == "holding")?;
         self.results("held")
     }
 
@@ -209,53 +288,127 @@ impl Hold {
     pub fn release(&mut self, timeout: Duration) -> anyhow::Result<Vec<Result<Answer, String>>> {
         std::fs::write(&self.release_file, b"")
             .with_context(|| format!("creating {}", self.release_file.display()))?;
-        let status = self.process.wait(timeout)?;
-        // The reader thread ends with the probe's stdout; take what it still has.
-        self.read_until(Duration::from_secs(2), |_| false).ok();
-        if !status.success() {
-            bail!("lb-probe hold exited with {status}:\n{}", self.output());
-        }
+        self.reporter.finish(timeout)?;
         self.results("again")
     }
 
     /// Everything the probe printed so far.
     #[must_use]
     pub fn output(&self) -> String {
-        self.output.join("\n")
-    }
-
-    fn read_until(&mut self, timeout: Duration, done: impl Fn(&str) -> bool) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let finished = done(&line);
-                    self.output.push(line);
-                    if finished {
-                        return Ok(());
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    bail!("lb-probe hold ended:\n{}", self.output())
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    bail!(
-                        "lb-probe hold did not get on within {timeout:?}:\n{}",
-                        self.output()
-                    )
-                }
-            }
-        }
+        self.reporter.output()
     }
 
     fn results(&self, phase: &str) -> anyhow::Result<Vec<Result<Answer, String>>> {
-        self.output
-            .iter()
-            .filter_map(|l| l.strip_prefix(phase))
-            .filter_map(|l| l.strip_prefix(' '))
-            .map(parse_result)
-            .collect()
+        self.reporter.phase(phase).map(parse_result).collect()
+    }
+}
+
+/// How one connection of `lb-probe stream` ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// Every request answered, all by `backend`; the slowest took `slowest_ms`.
+    Ok {
+        backend: String,
+        requests: u64,
+        slowest_ms: u64,
+    },
+    /// Broken by `reason` after `requests` answered requests.
+    Failed { reason: String, requests: u64 },
+}
+
+/// `ok <backend> <requests> <slowest ms>` or `fail <reason> after <requests>`.
+fn parse_stream_end(line: &str) -> anyhow::Result<StreamEnd> {
+    let bad = || format!("unexpected lb-probe stream line {line:?}");
+    if let Some(rest) = line.strip_prefix("ok ") {
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        let [backend, requests, slowest_ms] = words[..] else {
+            bail!(bad());
+        };
+        return Ok(StreamEnd::Ok {
+            backend: backend.to_owned(),
+            requests: requests.parse().with_context(bad)?,
+            slowest_ms: slowest_ms.parse().with_context(bad)?,
+        });
+    }
+    let rest = line.strip_prefix("fail ").with_context(bad)?;
+    let (reason, requests) = rest.rsplit_once(" after ").with_context(bad)?;
+    Ok(StreamEnd::Failed {
+        reason: reason.to_owned(),
+        requests: requests.trim().parse().with_context(bad)?,
+    })
+}
+
+/// A running `lb-probe stream`: keep-alive connections kept busy with requests until `stop`.
+pub struct Stream {
+    reporter: Reporter,
+    stop_file: PathBuf,
+}
+
+impl Stream {
+    /// Starts `lb-probe stream` in `ns` with `count` connections to `target`, a request on each
+    /// every `interval`; `stop_file` must not exist yet (creating it ends the streams). The
+    /// probe gives up by itself after `max_duration`.
+    pub fn start(
+        ns: &Netns,
+        probe_bin: &Path,
+        target: SocketAddr,
+        count: u32,
+        interval: Duration,
+        stop_file: &Path,
+        max_duration: Duration,
+    ) -> anyhow::Result<Self> {
+        if stop_file.exists() {
+            bail!("{} exists already", stop_file.display());
+        }
+        let mut command = ns.command(&probe_bin.to_string_lossy());
+        command
+            .args(["stream", "--target", &target.to_string()])
+            .args(["--count", &count.to_string()])
+            .args(["--interval-ms", &interval.as_millis().max(1).to_string()])
+            .args(["--max-secs", &max_duration.as_secs().max(1).to_string()])
+            .arg("--until")
+            .arg(stop_file);
+        Ok(Stream {
+            reporter: Reporter::spawn(&mut command, "lb-probe stream")?,
+            stop_file: stop_file.to_owned(),
+        })
+    }
+
+    /// Waits (at most `timeout`) until every connection is open and answered once; returns the
+    /// first answer (or the failure) per connection.
+    pub fn established(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<Result<Answer, String>>> {
+        self.reporter
+            .read_until(timeout, |line| line == "streaming")?;
+        self.reporter.phase("connected").map(parse_result).collect()
+    }
+
+    /// The connections that ended so far, without waiting: while streaming, each of them is a
+    /// connection that broke.
+    pub fn ended_so_far(&mut self) -> anyhow::Result<Vec<StreamEnd>> {
+        self.reporter.read_available();
+        self.ends()
+    }
+
+    /// Ends the streams and waits (at most `timeout`) for the probe to report every
+    /// connection; returns how each ended.
+    pub fn stop(&mut self, timeout: Duration) -> anyhow::Result<Vec<StreamEnd>> {
+        std::fs::write(&self.stop_file, b"")
+            .with_context(|| format!("creating {}", self.stop_file.display()))?;
+        self.reporter.finish(timeout)?;
+        self.ends()
+    }
+
+    /// Everything the probe printed so far.
+    #[must_use]
+    pub fn output(&self) -> String {
+        self.reporter.output()
+    }
+
+    fn ends(&self) -> anyhow::Result<Vec<StreamEnd>> {
+        self.reporter.phase("stream").map(parse_stream_end).collect()
     }
 }
 

@@ -17,6 +17,13 @@
 //! then `holding`), waits until a file exists, then makes a second request on each (`again ok ...`
 //! or `again fail <reason>`), so a test can change something while connections are established.
 //!
+//! `stream`: opens `count` keep-alive connections (`connected ok ...` lines, then `streaming`)
+//! and keeps making a request on each every interval until a file exists; each connection then
+//! prints `stream ok <backend> <requests> <slowest request in ms>`, or as soon as it breaks
+//! `stream fail <reason> after <requests>`. A reset, a close, a request unanswered within the
+//! timeout or an answer from another backend than the first one breaks a connection; so a test
+//! can check that connections survive what happens meanwhile without a single glitch.
+//!
 //! `vlan`: makes an interface a tagged link (for kernels without 802.1Q; see `mod vlan`), prints
 //! `tagging` and keeps the tags on until killed.
 
@@ -59,6 +66,8 @@ enum Command {
     Pmtu(Pmtu),
     /// Hold COUNT connections to TARGET open across an event (a file appearing).
     Hold(Hold),
+    /// Keep COUNT connections to TARGET busy with requests until a file appears.
+    Stream(Stream),
     /// Make IFACE a tagged link: push TAGs on every frame it sends, pop them from every frame it
     /// receives (after XDP), until killed or `LIFETIME_SECS` pass.
     Vlan(Vlan),
@@ -123,6 +132,29 @@ struct Hold {
     /// Give up waiting for the file after this many seconds.
     #[arg(long, default_value_t = 30)]
     wait_secs: u64,
+}
+
+#[derive(Args)]
+struct Stream {
+    #[arg(long)]
+    target: SocketAddrV4,
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Pause between two requests on a connection.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    interval_ms: u64,
+    /// A request unanswered for this long breaks its connection (and bounds the connect).
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
+    #[arg(long)]
+    bind: Option<Ipv4Addr>,
+    /// Stop streaming and report once this file exists.
+    #[arg(long)]
+    until: PathBuf,
+    /// Hard limit: stop after this many seconds even if the file never appears (every
+    /// connection still streaming then reports a failure, and the probe exits with 1).
+    #[arg(long, default_value_t = 60)]
+    max_secs: u64,
 }
 
 #[derive(Args)]
@@ -194,6 +226,7 @@ fn main() -> ExitCode {
         }
         Command::Pmtu(args) => pmtu(&args),
         Command::Hold(args) => hold(&args),
+        Command::Stream(args) => stream(&args),
         Command::Vlan(args) => vlan::run(&args),
     };
     match result {
@@ -339,7 +372,7 @@ fn http_exchange(
         stream,
         "GET / HTTP/1.1\r\nHost: {target}\r\nConnection: {connection}\r\n\r\n"
     )
-    .map_err(|e| format!("send: {e}"))?;
+    .map_err(|e| io_failure("send", &e))?;
     let mut response = Vec::new();
     let mut buf = [0u8; 512];
     // Read the head, then as much body as it announces (the connection may stay open).
@@ -348,11 +381,14 @@ fn http_exchange(
         match stream.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => response.extend_from_slice(&buf[..n]),
-            Err(e) => return Err(format!("receive: {e}")),
+            Err(e) => return Err(io_failure("receive", &e)),
         }
         if wanted.is_none() {
             wanted = expected_length(&response);
         }
+    }
+    if response.is_empty() {
+        return Err("closed by the peer before an answer".to_owned());
     }
     let response = String::from_utf8_lossy(&response);
     let Some((head, body)) = response.split_once("\r\n\r\n") else {
@@ -362,6 +398,20 @@ fn http_exchange(
         return Err(format!("status: {head:?}"));
     }
     Ok(body.trim().to_owned())
+}
+
+/// A failed send or receive, with the kinds a test tells apart named plainly.
+fn io_failure(what: &str, error: &io::Error) -> String {
+    match error.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
+            format!("{what}: reset ({error})")
+        }
+        // A socket read timeout shows as EAGAIN.
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            format!("{what}: timeout ({error})")
+        }
+        _ => format!("{what}: {error}"),
+    }
 }
 
 /// The length of the whole response once its head is complete: head plus `Content-Length`.
@@ -503,6 +553,99 @@ fn hold(args: &Hold) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+fn stream(args: &Stream) -> io::Result<()> {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let deadline = Instant::now() + Duration::from_secs(args.max_secs);
+    let mut connections = Vec::new();
+    for _ in 0..args.count {
+        let connected = tcp_connect(args.target, args.bind, timeout)
+            .map_err(|e| format!("connect: {e}"))
+            .and_then(|mut stream| {
+                // Sends must not block forever either (a full send buffer toward a dead path).
+                stream
+                    .set_write_timeout(Some(timeout))
+                    .map_err(|e| e.to_string())?;
+                let local = stream.local_addr().map_err(|e| e.to_string())?;
+                let answer = http_exchange(&mut stream, args.target, true)?;
+                Ok((stream, answer, local))
+            });
+        match connected {
+            Ok((stream, answer, local)) => {
+                println!("connected ok {answer} {local}");
+                let backend = answer.split_whitespace().next().unwrap_or("").to_owned();
+                connections.push((stream, backend));
+            }
+            Err(reason) => println!("connected fail {reason}"),
+        }
+    }
+    println!("streaming");
+    let interval = Duration::from_millis(args.interval_ms);
+    // Bounds the loop by count as well as by time: more requests than the hard limit allows.
+    let max_requests = args.max_secs.saturating_mul(1000) / args.interval_ms + 1;
+    let threads: Vec<_> = connections
+        .into_iter()
+        .map(|(stream, backend)| {
+            let until = args.until.clone();
+            let target = args.target;
+            std::thread::spawn(move || {
+                keep_streaming(stream, target, &backend, &until, interval, deadline, max_requests)
+            })
+        })
+        .collect();
+    let mut gave_up = false;
+    for thread in threads {
+        gave_up |= thread.join().unwrap_or(true);
+    }
+    if gave_up {
+        return Err(io::Error::other(format!(
+            "{} did not appear within {}s",
+            args.until.display(),
+            args.max_secs
+        )));
+    }
+    Ok(())
+}
+
+/// Makes a request on `stream` every `interval` until `until` exists, and prints how the
+/// connection ended. Returns whether it gave up at the hard limit.
+fn keep_streaming(
+    mut stream: TcpStream,
+    target: SocketAddrV4,
+    backend: &str,
+    until: &std::path::Path,
+    interval: Duration,
+    deadline: Instant,
+    max_requests: u64,
+) -> bool {
+    // The request that opened the connection counts.
+    let mut requests: u64 = 1;
+    let mut slowest = Duration::ZERO;
+    let failure = loop {
+        if until.exists() {
+            println!("stream ok {backend} {requests} {}", slowest.as_millis());
+            return false;
+        }
+        if Instant::now() > deadline || requests >= max_requests {
+            break format!("gave up: {} did not appear in time", until.display());
+        }
+        std::thread::sleep(interval);
+        let started = Instant::now();
+        match http_exchange(&mut stream, target, true) {
+            Ok(answer) => {
+                slowest = slowest.max(started.elapsed());
+                let answered_by = answer.split_whitespace().next().unwrap_or("");
+                if answered_by != backend {
+                    break format!("backend changed from {backend} to {answered_by}");
+                }
+                requests += 1;
+            }
+            Err(reason) => break reason,
+        }
+    };
+    println!("stream fail {failure} after {requests}");
+    failure.starts_with("gave up")
 }
 
 /// A TCP connection to `target`, from `bind` if given, within `timeout`.
