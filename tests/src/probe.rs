@@ -279,7 +279,8 @@ impl Hold {
     /// Waits (at most `timeout`) until every connection made its first request; returns the
     /// result per connection.
     pub fn held(&mut self, timeout: Duration) -> anyhow::Result<Vec<Result<Answer, String>>> {
-        self.reporter.read_until(timeout, |line| line == "holding")?;
+        self.reporter
+            .read_until(timeout, |line| line == "holding")?;
         self.results("held")
     }
 
@@ -408,7 +409,10 @@ impl Stream {
     }
 
     fn ends(&self) -> anyhow::Result<Vec<StreamEnd>> {
-        self.reporter.phase("stream").map(parse_stream_end).collect()
+        self.reporter
+            .phase("stream")
+            .map(parse_stream_end)
+            .collect()
     }
 }
 

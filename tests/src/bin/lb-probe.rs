@@ -322,12 +322,14 @@ fn answer_http(mut stream: TcpStream, name: &str, peer: SocketAddr, deadline: In
             .to_ascii_lowercase()
             .contains("connection: close");
         let connection = if close { "close" } else { "keep-alive" };
-        let written = write!(
-            stream,
+        // One write: `write!` would send the pieces as separate segments, and Nagle's
+        // algorithm with the client's delayed ACK would hold each answer up by tens of ms.
+        let answer = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: \
              {connection}\r\n\r\n{body}",
             body.len()
         );
+        let written = stream.write_all(answer.as_bytes());
         if close || written.is_err() {
             return;
         }
@@ -368,11 +370,11 @@ fn http_exchange(
     keep_alive: bool,
 ) -> Result<String, String> {
     let connection = if keep_alive { "keep-alive" } else { "close" };
-    write!(
-        stream,
-        "GET / HTTP/1.1\r\nHost: {target}\r\nConnection: {connection}\r\n\r\n"
-    )
-    .map_err(|e| io_failure("send", &e))?;
+    // One write, so the request leaves in one segment (see `answer_http`).
+    let request = format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: {connection}\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| io_failure("send", &e))?;
     let mut response = Vec::new();
     let mut buf = [0u8; 512];
     // Read the head, then as much body as it announces (the connection may stay open).
@@ -590,7 +592,15 @@ fn stream(args: &Stream) -> io::Result<()> {
             let until = args.until.clone();
             let target = args.target;
             std::thread::spawn(move || {
-                keep_streaming(stream, target, &backend, &until, interval, deadline, max_requests)
+                keep_streaming(
+                    stream,
+                    target,
+                    &backend,
+                    &until,
+                    interval,
+                    deadline,
+                    max_requests,
+                )
             })
         })
         .collect();
