@@ -101,7 +101,7 @@ pub enum DataPlaneError {
     Mmap(#[source] std::io::Error),
     #[error(
         "{tables} Maglev tables of {size} entries do not fit in one BPF array; lower \
-         --max-tables or --maglev-table-size"
+         maxTables or maglev.tableSize in the AgentSettings"
     )]
     TablesTooLarge { tables: u32, size: u32 },
 }
@@ -172,6 +172,8 @@ pub struct LoadOptions {
     pub max_tables: u32,
     /// M, entries per Maglev table.
     pub maglev_table_size: u32,
+    /// Entries of the flow table (`CONNTRACK`).
+    pub connection_table_size: u32,
 }
 
 impl Default for LoadOptions {
@@ -179,6 +181,7 @@ impl Default for LoadOptions {
         LoadOptions {
             max_tables: lb_common::DEFAULT_MAX_TABLES,
             maglev_table_size: crate::maglev::DEFAULT_TABLE_SIZE,
+            connection_table_size: lb_common::CONNTRACK_ENTRIES,
         }
     }
 }
@@ -297,6 +300,7 @@ impl DataPlane {
             })?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::MAGLEV, entries)
+            .map_max_entries(map_names::CONNTRACK, options.connection_table_size)
             .load(EBPF_OBJECT)
             .map_err(DataPlaneError::Load)?;
         let program_error = |name| move |source| DataPlaneError::Program { name, source };
