@@ -589,9 +589,9 @@ struct PortEntry {
 enum NodePortWanted {
     /// `ClusterIP`, or `allocateLoadBalancerNodePorts: false` without a nodePort.
     No,
-    /// Written in `spec.ports[].nodePort` (a port number, range checked later: the settings
-    /// document may come after the Service).
-    Given(u16),
+    /// Written in `spec.ports[].nodePort`; range checked at the end, since the settings
+    /// document may come after the Service.
+    Given(i64),
     /// Omitted where the API server would assign one.
     Assign,
 }
@@ -1256,22 +1256,7 @@ impl Reader {
             // A ClusterIP Service has no node ports; the API server clears one left over from
             // an earlier type.
             _ if !rules.has_node_ports => NodePortWanted::No,
-            Some(n) => match port_number(n) {
-                Some(n) => NodePortWanted::Given(n),
-                None => {
-                    self.problem(
-                        location,
-                        Some(object),
-                        &format!("{field}.nodePort"),
-                        format!(
-                            "{n} is not a port; use one in the node port range (nodePortRange \
-                             of AgentSettings, default {DEFAULT_NODE_PORT_RANGE}), or omit it \
-                             to have one assigned"
-                        ),
-                    );
-                    return None;
-                }
-            },
+            Some(n) => NodePortWanted::Given(n),
             None if rules.required => NodePortWanted::Assign,
             None => NodePortWanted::No,
         };
@@ -1654,15 +1639,10 @@ impl Reader {
                     continue;
                 };
                 let field = format!("{}.nodePort", port.field);
-                if range.contains(n) {
+                if let Some(n) = port_number(n).filter(|&n| range.contains(n)) {
                     wanted.push((Some(port_index), field, port.protocol, n));
                 } else {
-                    self.problem(
-                        &service.location,
-                        Some(&service.object),
-                        &field,
-                        outside(n.into()),
-                    );
+                    self.problem(&service.location, Some(&service.object), &field, outside(n));
                 }
             }
             if let Some(n) = service.health_check_node_port {

@@ -6,7 +6,7 @@
 
 use std::{fmt::Write as _, net::Ipv4Addr};
 
-use super::{ConfigError, Loaded, Location, Problem, load_file, parse};
+use super::{ConfigError, INPUT_NAME, Loaded, Location, Problem, load, parse};
 use crate::model::{
     Endpoint, EndpointState, Frontend, FrontendKind, Ipv4Cidr, Protocol, Selection, ServicePort,
     TrafficPolicy,
@@ -79,6 +79,7 @@ fn assert_problem(
     assert_eq!(
         problem.location,
         Location {
+            file: INPUT_NAME.into(),
             document,
             item: None
         },
@@ -769,6 +770,7 @@ items:
     assert_eq!(
         problem.location,
         Location {
+            file: INPUT_NAME.into(),
             document: 1,
             item: Some(1)
         }
@@ -777,7 +779,7 @@ items:
     assert_eq!(problem.field, "spec.clusterIP");
     assert_eq!(
         problem.to_string(),
-        "document 1, items[1] (Service shop/web), field spec.clusterIP: \"10.96.0.300\" is not \
+        "<input>, document 1, items[1] (Service shop/web), field spec.clusterIP: \"10.96.0.300\" is not \
          an IPv4 address, \"None\" or empty"
     );
 }
@@ -810,6 +812,7 @@ items:
     assert_eq!(
         problems[0].location,
         Location {
+            file: INPUT_NAME.into(),
             document: 1,
             item: Some(0)
         }
@@ -1289,9 +1292,9 @@ metadata: {name: web}
 spec: {replicas: 3}
 ---
 apiVersion: v1
-kind: Endpoints
+kind: ConfigMap
 metadata: {name: web}
-subsets: []
+data: {}
 ---
 apiVersion: v1beta1
 kind: Service
@@ -1299,7 +1302,7 @@ metadata: {name: old}
 "#);
     assert!(loaded.state.service_ports.is_empty());
     assert_warned(&loaded, &["document 1", "apps/v1 Deployment", "skipped"]);
-    assert_warned(&loaded, &["document 2", "v1 Endpoints", "skipped"]);
+    assert_warned(&loaded, &["document 2", "v1 ConfigMap", "skipped"]);
     assert_warned(&loaded, &["document 3", "v1beta1 Service", "skipped"]);
 }
 
@@ -1522,9 +1525,8 @@ fn node_port_out_of_range() {
 }
 
 #[test]
-fn node_port_missing() {
-    let problem = only_problem(&second(
-        r#"
+fn omitted_node_port_is_assigned() {
+    let loaded = ok(r#"
 apiVersion: v1
 kind: Service
 metadata: {name: web}
@@ -1534,14 +1536,19 @@ spec:
   ports:
   - {name: a, port: 80, nodePort: 30080}
   - {name: b, port: 81}
-"#,
-    ));
-    assert_problem(
-        &problem,
-        2,
-        Some("Service default/web"),
-        "spec.ports[1].nodePort",
-        &["required for type NodePort", "30000-32767"],
+"#);
+    let a = port(&loaded, "default/web", "a");
+    assert_eq!((a.node_port, a.node_port_assigned), (Some(30080), false));
+    let b = port(&loaded, "default/web", "b");
+    let assigned = b.node_port.expect("port b gets a node port");
+    assert!(b.node_port_assigned);
+    assert!((30000..=32767).contains(&assigned), "{assigned}");
+    assert_ne!(assigned, 30080);
+    assert_frontends(
+        b,
+        [fe(FrontendKind::ClusterIp, "10.0.0.2", 81)]
+            .into_iter()
+            .chain(node_ports(assigned)),
     );
 }
 
@@ -1808,8 +1815,7 @@ spec:
 
 #[test]
 fn duplicate_node_port_names_both_services() {
-    let problems = problems(
-        r#"
+    let yaml = r#"
 apiVersion: v1
 kind: Service
 metadata: {name: first}
@@ -1819,19 +1825,20 @@ apiVersion: v1
 kind: Service
 metadata: {name: second}
 spec: {type: NodePort, ports: [{port: 81, nodePort: 30080}]}
-"#,
-    );
-    // One problem per node address that clashes.
-    assert_eq!(problems.len(), NODES.len(), "{}", lines(&problems));
-    for (problem, node) in problems.iter().zip(NODES) {
+"#;
+    // Once, whether or not node addresses are known (not once per node address).
+    for node_ips in [NODES, &[]] {
+        let problems = parse(yaml, node_ips).unwrap_err();
+        assert_eq!(problems.len(), 1, "{}", lines(&problems));
         assert_problem(
-            problem,
+            &problems[0],
             2,
             Some("Service default/second"),
-            "spec.ports[0]",
+            "spec.ports[0].nodePort",
             &[
-                &format!("{node}:30080/TCP"),
-                "already served by Service default/first spec.ports[0]",
+                "30080/TCP is already the node port of Service default/first \
+                 spec.ports[0].nodePort",
+                "omit the field to have a free one assigned",
             ],
         );
     }
@@ -1970,9 +1977,9 @@ spec:
 kind: Service
 "#,
     );
-    let error = load_file(&file.0, NODES).unwrap_err();
+    let error = load(&file.0, NODES).unwrap_err();
     let ConfigError::Invalid {
-        file: named,
+        path: named,
         problems,
     } = &error
     else {
@@ -1982,15 +1989,17 @@ kind: Service
     assert_eq!(problems.len(), 3, "{}", lines(problems));
 
     let text = error.to_string();
+    let f = file.0.display();
     let expected = format!(
-        "config file {} has 3 problems:\n\
-         \x20 - document 1 (Service shop/web), field spec.clusterIP: \"10.0.0.256\" is not an \
-         IPv4 address, \"None\" or empty\n\
-         \x20 - document 1 (Service shop/web), field spec.ports[0].nodePort: 80 is outside the \
-         node port range 30000-32767\n\
-         \x20 - document 2, field apiVersion: missing; every document must be a Kubernetes \
-         object with apiVersion and kind (v1 Service or discovery.k8s.io/v1 EndpointSlice)",
-        file.0.display()
+        "config {f} has 3 problems:\n\
+         \x20 - {f}, document 1 (Service shop/web), field spec.clusterIP: \"10.0.0.256\" is \
+         not an IPv4 address, \"None\" or empty\n\
+         \x20 - {f}, document 2, field apiVersion: missing; every document must be a \
+         Kubernetes object with apiVersion and kind (v1 Service, discovery.k8s.io/v1 \
+         EndpointSlice, v1 Endpoints or lb-agent/v1alpha1 AgentSettings)\n\
+         \x20 - {f}, document 1 (Service shop/web), field spec.ports[0].nodePort: 80 is outside \
+         the node port range 30000-32767 (nodePortRange of AgentSettings); use a port in it, or \
+         omit the field to have one assigned",
     );
     assert_eq!(text, expected);
 }
@@ -1998,10 +2007,10 @@ kind: Service
 #[test]
 fn one_problem_is_singular() {
     let file = TempFile::new("kind: Service\n");
-    let text = load_file(&file.0, NODES).unwrap_err().to_string();
+    let text = load(&file.0, NODES).unwrap_err().to_string();
     assert!(
         text.starts_with(&format!(
-            "config file {} has 1 problem:\n  - document 1",
+            "config {0} has 1 problem:\n  - {0}, document 1",
             file.0.display()
         )),
         "{text}"
@@ -2011,7 +2020,7 @@ fn one_problem_is_singular() {
 #[test]
 fn load_file_reads_a_valid_file() {
     let file = TempFile::new(KUBECTL_LIST);
-    let loaded = load_file(&file.0, NODES).unwrap();
+    let loaded = load(&file.0, NODES).unwrap();
     assert_eq!(loaded.state, ok(KUBECTL_LIST).state);
 }
 
@@ -2019,10 +2028,10 @@ fn load_file_reads_a_valid_file() {
 fn unreadable_file_is_a_read_error() {
     let file = TempFile::new("");
     let missing = file.0.with_extension("missing");
-    let error = load_file(&missing, NODES).unwrap_err();
+    let error = load(&missing, NODES).unwrap_err();
     assert!(matches!(error, ConfigError::Read { .. }), "{error:?}");
     let text = error.to_string();
-    assert!(text.contains("cannot read config file"), "{text}");
+    assert!(text.contains("cannot read config"), "{text}");
     assert!(text.contains(&missing.display().to_string()), "{text}");
 }
 
