@@ -1895,6 +1895,12 @@ impl Reader {
             ));
         }
         if !self.problems.is_empty() {
+            // In file order; the checks across documents (node ports, claims) come last
+            // otherwise. Stable, so one document's problems keep their field order.
+            self.problems.sort_by(|a, b| {
+                let key = |p: &Problem| (p.location.file.clone(), p.location.document, p.location.item);
+                key(a).cmp(&key(b))
+            });
             return Err(self.problems);
         }
         service_ports.sort_by(|a, b| (&a.service, &a.port_name).cmp(&(&b.service, &b.port_name)));

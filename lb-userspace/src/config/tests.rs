@@ -1997,12 +1997,12 @@ kind: Service
         "config {f} has 3 problems:\n\
          \x20 - {f}, document 1 (Service shop/web), field spec.clusterIP: \"10.0.0.256\" is \
          not an IPv4 address, \"None\" or empty\n\
-         \x20 - {f}, document 2, field apiVersion: missing; every document must be a \
-         Kubernetes object with apiVersion and kind (v1 Service, discovery.k8s.io/v1 \
-         EndpointSlice, v1 Endpoints or lb-agent/v1alpha1 AgentSettings)\n\
          \x20 - {f}, document 1 (Service shop/web), field spec.ports[0].nodePort: 80 is outside \
          the node port range 30000-32767 (nodePortRange of AgentSettings); use a port in it, or \
-         omit the field to have one assigned",
+         omit the field to have one assigned\n\
+         \x20 - {f}, document 2, field apiVersion: missing; every document must be a \
+         Kubernetes object with apiVersion and kind (v1 Service, discovery.k8s.io/v1 \
+         EndpointSlice, v1 Endpoints or lb-agent/v1alpha1 AgentSettings)",
     );
     assert_eq!(text, expected);
 }
