@@ -1,10 +1,14 @@
-//! The config file: a multi-document YAML stream of Kubernetes objects, as users write them or as
-//! `kubectl get svc,endpointslices -o yaml` prints them (a `v1` `List`).
+//! The config: a file, or a directory of `*.yaml` / `*.yml` files read in name order, each a
+//! multi-document YAML stream of Kubernetes objects, as users write them or as `kubectl get
+//! svc,endpointslices -o yaml` prints them (a `v1` `List`), plus at most one agent settings
+//! document.
 //!
-//! Read: `v1` `Service` and `discovery.k8s.io/v1` `EndpointSlice`; an `EndpointSlice` belongs to the
-//! Service named by its `kubernetes.io/service-name` label in the same namespace. Other kinds are
-//! skipped with a warning. Every problem found is reported at once, each naming the file, the
-//! document, the object and the field.
+//! Read: `v1` `Service`, `discovery.k8s.io/v1` `EndpointSlice` (it belongs to the Service named by
+//! its `kubernetes.io/service-name` label in the same namespace), `v1` `Endpoints` (named like its
+//! Service; used only for a Service that has no `EndpointSlice`, as kube-proxy) and
+//! `lb-agent/v1alpha1` `AgentSettings` ([`AgentSettings`]). Other kinds are skipped with a
+//! warning. Every problem found is reported at once, each naming the file, the document, the
+//! object and the field.
 //!
 //! The fields read, with the API server's defaults and rules (so a manifest it would refuse is
 //! refused here too, and one it would accept means the same to the data path as to kube-proxy):
@@ -14,16 +18,28 @@
 //!   `service.beta.kubernetes.io/load-balancer-source-ranges` (comma-separated CIDRs, used only
 //!   when `spec.loadBalancerSourceRanges` is empty).
 //! - Service `spec`: `type`, `clusterIP`, `externalIPs`, `ports[]` (`name`, `protocol`, `port`,
-//!   `nodePort`), `allocateLoadBalancerNodePorts`, `externalTrafficPolicy` (`Cluster` or `Local`;
-//!   only on a Service reachable from outside: `NodePort`, `LoadBalancer` or with `externalIPs`),
-//!   `internalTrafficPolicy` (`Cluster` or `Local`), `sessionAffinity` (`None` or `ClientIP`),
-//!   `sessionAffinityConfig.clientIP.timeoutSeconds` (1-86400, default 10800) and
+//!   `targetPort`, `nodePort`), `allocateLoadBalancerNodePorts`, `externalTrafficPolicy`
+//!   (`Cluster` or `Local`; only on a Service reachable from outside: `NodePort`, `LoadBalancer`
+//!   or with `externalIPs`), `internalTrafficPolicy` (`Cluster` or `Local`), `healthCheckNodePort`
+//!   (only on `LoadBalancer` with `externalTrafficPolicy: Local`), `sessionAffinity` (`None` or
+//!   `ClientIP`), `sessionAffinityConfig.clientIP.timeoutSeconds` (1-86400, default 10800) and
 //!   `loadBalancerSourceRanges` (type `LoadBalancer` only). All of these apply to every port of
 //!   the Service.
+//! - `nodePort` and `healthCheckNodePort`: inside `nodePortRange` of the settings, each (port,
+//!   protocol) used once across all Services. When omitted (and the API server would assign
+//!   one), one is assigned from the input alone, so every node and every restart gives the same
+//!   port for the same files: see `Reader::node_ports`.
+//! - `targetPort` (a number or a port name; default `port`): the endpoint port whose name is the
+//!   Service port's name wins; else, for a named `targetPort`, the endpoint port of that name;
+//!   an `EndpointSlice` or `Endpoints` subset that lists no ports serves a numeric `targetPort`.
+//!   A named `targetPort` that nothing resolves leaves the port without endpoints (a warning).
 //! - Service `status.loadBalancer.ingress[].ip`.
 //! - `EndpointSlice`: `metadata.labels[kubernetes.io/service-name]`, `addressType`, `ports[]`
 //!   and `endpoints[]`: the first of `addresses`, `nodeName`, `targetRef.name` and `conditions`
 //!   (`ready`, `serving`, `terminating`), read as kube-proxy reads them.
+//! - `Endpoints`: `subsets[]`: `addresses[]` (ready) and `notReadyAddresses[]` (not used), each
+//!   with `ip`, `nodeName` and `targetRef.name`, and `ports[]` (`name`, `port`, `protocol`).
+//! - `AgentSettings`: every field optional, unknown fields are errors; see [`AgentSettings`].
 
 use std::{
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
@@ -101,7 +117,10 @@ pub enum ConfigError {
     },
     /// `path` is what was given (a file or a directory); each problem names its own file.
     #[error("{}", render_problems(path, problems))]
-    Invalid { path: PathBuf, problems: Vec<Problem> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
 }
 
 fn render_problems(path: &Path, problems: &[Problem]) -> String {
@@ -163,7 +182,7 @@ impl PortRange {
 
     /// How many ports the range holds (at least 1).
     #[must_use]
-    pub fn len(self) -> u32 {
+    pub fn size(self) -> u32 {
         u32::from(self.last) - u32::from(self.first) + 1
     }
 
@@ -218,7 +237,9 @@ pub fn parse_port_range(text: &str) -> Result<PortRange, String> {
     };
     let (first, last) = (port(first)?, port(last)?);
     if first > last {
-        return Err(format!("{text:?}: {first} is above {last}; write FIRST-LAST"));
+        return Err(format!(
+            "{text:?}: {first} is above {last}; write FIRST-LAST"
+        ));
     }
     Ok(PortRange { first, last })
 }
@@ -1381,18 +1402,25 @@ impl Reader {
         let Some(endpoints) = self.typed::<EndpointsObject>(value, location, &object) else {
             return;
         };
-        let Some((namespace, name)) = self.identity(&endpoints.metadata, location, &object)
-        else {
+        let Some((namespace, name)) = self.identity(&endpoints.metadata, location, &object) else {
             return;
         };
         let mut groups = Vec::new();
         for (i, subset) in endpoints.subsets.iter().enumerate() {
-            let ports =
-                self.slice_ports(&subset.ports, &format!("subsets[{i}].ports"), location, &object);
+            let ports = self.slice_ports(
+                &subset.ports,
+                &format!("subsets[{i}].ports"),
+                location,
+                &object,
+            );
             let mut listed = Vec::new();
             let lists = [
                 ("addresses", &subset.addresses, Serves::Ready),
-                ("notReadyAddresses", &subset.not_ready_addresses, Serves::Nothing),
+                (
+                    "notReadyAddresses",
+                    &subset.not_ready_addresses,
+                    Serves::Nothing,
+                ),
             ];
             for (list, addresses, serves) in lists {
                 for (j, address) in addresses.iter().enumerate() {
@@ -1686,7 +1714,18 @@ impl Reader {
                 }
             }
         }
+        self.assign_node_ports(services, range, &mut used, &mut result);
+        result
+    }
 
+    /// The second half of [`Self::node_ports`]: assigns the omitted node ports, avoiding `used`.
+    fn assign_node_ports(
+        &mut self,
+        services: &[ServiceEntry],
+        range: PortRange,
+        used: &mut BTreeSet<u16>,
+        result: &mut [ServiceNodePorts],
+    ) {
         let mut order: Vec<usize> = (0..services.len()).collect();
         order.sort_by(|&a, &b| {
             (&services[a].namespace, &services[a].name)
@@ -1694,6 +1733,7 @@ impl Reader {
         });
         for service_index in order {
             let service = &services[service_index];
+            // (port index or `None` for the health check, field, key name).
             let mut wanted: Vec<(Option<usize>, String, &str, Protocol)> = Vec::new();
             for (port_index, port) in service.ports.iter().enumerate() {
                 if port.node_port == NodePortWanted::Assign {
@@ -1708,7 +1748,7 @@ impl Reader {
             }
             for (port_index, field, name, protocol) in wanted {
                 let key = format!("{}/{}/{name}/{protocol}", service.namespace, service.name);
-                let Some(n) = assign_port(range, &key, &used) else {
+                let Some(n) = assign_port(range, &key, used) else {
                     let message = format!(
                         "no free port is left in the node port range {range} to assign; widen \
                          nodePortRange of {SETTINGS_KIND}, or free some node ports"
@@ -1717,7 +1757,6 @@ impl Reader {
                     continue;
                 };
                 used.insert(n);
-                owners.insert((protocol, n), format!("{} {field}", service.object));
                 let ports = &mut result[service_index];
                 match port_index {
                     Some(i) => ports.ports[i] = Some((n, true)),
@@ -1725,7 +1764,6 @@ impl Reader {
                 }
             }
         }
-        result
     }
 
     /// The endpoints of one service port: per group (slice or subset), the port of the same
@@ -1796,6 +1834,44 @@ impl Reader {
             .collect()
     }
 
+    /// Records that `frontends` belong to `owner` (service and port index), and reports the
+    /// ones another service port has already.
+    fn claim(
+        &mut self,
+        claimed: &mut Claims,
+        frontends: &[Frontend],
+        owner: (usize, usize),
+        service: &ServiceEntry,
+        port: &PortEntry,
+    ) {
+        for frontend in frontends {
+            let here = format!("{} {}", service.object, port.field);
+            let claim = (frontend.addr, frontend.port, port.protocol);
+            if let Some((first_owner, first, first_kind)) = claimed.get(&claim) {
+                // The same port reached in two ways, say an externalIP that is also its
+                // load balancer's address; or two node ports, already reported.
+                let both_node_ports = *first_kind == FrontendKind::NodePort
+                    && frontend.kind == FrontendKind::NodePort;
+                if *first_owner == owner || both_node_ports {
+                    continue;
+                }
+                let message = format!(
+                    "{}:{}/{} is already served by {first}; every address, port and \
+                     protocol can belong to one Service port only",
+                    frontend.addr, frontend.port, port.protocol
+                );
+                self.problem(
+                    &service.location,
+                    Some(&service.object),
+                    &port.field,
+                    message,
+                );
+            } else {
+                claimed.insert(claim, (owner, here, frontend.kind));
+            }
+        }
+    }
+
     /// Joins Services with their endpoints, checks and assigns node ports, expands them over
     /// the node addresses, and checks that no two service ports claim the same address, port
     /// and protocol.
@@ -1831,7 +1907,6 @@ impl Reader {
             };
             let health_check_node_port = node_ports[service_index].health_check;
             for (port_index, port) in service.ports.iter().enumerate() {
-                let owner = (service_index, port_index);
                 let node_port = node_ports[service_index].ports[port_index];
                 let mut frontends = port.frontends_on_service_ips.clone();
                 if let Some((node_port, _)) = node_port {
@@ -1843,32 +1918,13 @@ impl Reader {
                 }
                 frontends.sort();
                 frontends.dedup();
-                for frontend in &frontends {
-                    let here = format!("{} {}", service.object, port.field);
-                    let claim = (frontend.addr, frontend.port, port.protocol);
-                    if let Some((first_owner, first, first_kind)) = claimed.get(&claim) {
-                        // The same port reached in two ways, say an externalIP that is also its
-                        // load balancer's address; or two node ports, already reported.
-                        let both_node_ports = *first_kind == FrontendKind::NodePort
-                            && frontend.kind == FrontendKind::NodePort;
-                        if *first_owner == owner || both_node_ports {
-                            continue;
-                        }
-                        let message = format!(
-                            "{}:{}/{} is already served by {first}; every address, port and \
-                             protocol can belong to one Service port only",
-                            frontend.addr, frontend.port, port.protocol
-                        );
-                        self.problem(
-                            &service.location,
-                            Some(&service.object),
-                            &port.field,
-                            message,
-                        );
-                    } else {
-                        claimed.insert(claim, (owner, here, frontend.kind));
-                    }
-                }
+                self.claim(
+                    &mut claimed,
+                    &frontends,
+                    (service_index, port_index),
+                    service,
+                    port,
+                );
                 let endpoints = self.port_endpoints(service, port, source.as_ref());
                 service_ports.push(ServicePort {
                     service: format!("{}/{}", service.namespace, service.name),
@@ -1898,7 +1954,13 @@ impl Reader {
             // In file order; the checks across documents (node ports, claims) come last
             // otherwise. Stable, so one document's problems keep their field order.
             self.problems.sort_by(|a, b| {
-                let key = |p: &Problem| (p.location.file.clone(), p.location.document, p.location.item);
+                let key = |p: &Problem| {
+                    (
+                        p.location.file.clone(),
+                        p.location.document,
+                        p.location.item,
+                    )
+                };
                 key(a).cmp(&key(b))
             });
             return Err(self.problems);
@@ -2000,9 +2062,7 @@ fn target_port(value: &serde_yaml::Value) -> Result<TargetPort, String> {
             .and_then(port_number)
             .map(TargetPort::Number)
             .ok_or_else(|| format!("{n} is not a port; use 1-65535 or a port name")),
-        serde_yaml::Value::String(name) if is_port_name(name) => {
-            Ok(TargetPort::Name(name.clone()))
-        }
+        serde_yaml::Value::String(name) if is_port_name(name) => Ok(TargetPort::Name(name.clone())),
         serde_yaml::Value::String(name) => Err(format!(
             "{name:?} is not a port name; use a number 1-65535 or a name of at most 15 \
              lowercase letters, digits and '-', with at least one letter, not starting or \
@@ -2039,7 +2099,7 @@ fn stable_hash(text: &str) -> u32 {
 /// The first port of `range` not in `used`, starting at `key`'s hash and wrapping around;
 /// `None` when every port is used.
 fn assign_port(range: PortRange, key: &str, used: &BTreeSet<u16>) -> Option<u16> {
-    let len = range.len();
+    let len = range.size();
     let start = stable_hash(key) % len;
     (0..len)
         .map(|step| (start + step) % len)

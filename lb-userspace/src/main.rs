@@ -126,11 +126,7 @@ struct ReadConfig {
 
 /// Reads the config and turns it into map contents, keeping the ids `previous` gave; logs the
 /// config's warnings. The one path from file to maps, at start, reload and validate.
-fn read_config(
-    path: &Path,
-    args: &NodeArgs,
-    previous: &MapContents,
-) -> anyhow::Result<ReadConfig> {
+fn read_config(path: &Path, args: &NodeArgs, previous: &MapContents) -> anyhow::Result<ReadConfig> {
     let mut loaded = config::load(path, &args.node_ips)?;
     let node_ips = [
         &args.node_ips,
@@ -349,7 +345,11 @@ impl Agent {
         let result = read_config(&self.config, &self.node_args, self.dataplane.contents())
             .and_then(|read| {
                 check_restart_settings(&self.settings, &read.settings)?;
-                Ok((self.dataplane.apply(read.contents)?, read.state, read.settings))
+                Ok((
+                    self.dataplane.apply(read.contents)?,
+                    read.state,
+                    read.settings,
+                ))
             });
         match result {
             Ok((writes, state, settings)) => {

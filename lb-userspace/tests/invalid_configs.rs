@@ -162,7 +162,10 @@ fn validate_prints_assigned_node_ports_for_a_directory() {
         .expect("running lb-agent validate");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     assert!(stdout.contains("valid, 2 service ports"), "{stdout}");
     let http = stdout
         .lines()

@@ -329,6 +329,7 @@ impl Lb {
         let mut dp = DataPlane::load(LoadOptions {
             max_tables: MAX_TABLES,
             maglev_table_size: MAGLEV_SIZE,
+            ..LoadOptions::default()
         })
         .unwrap_or_else(|e| panic!("loading the data plane failed (run as root): {e}"));
         let contents = MapContents::from_state(state, node, &MapContents::default())

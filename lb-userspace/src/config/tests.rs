@@ -3185,24 +3185,60 @@ fn settings_problems(settings: &str) -> Vec<Problem> {
 #[test]
 fn settings_problems_name_the_field() {
     let cases: &[(&str, &str, &[&str])] = &[
-        ("nodePortRnage: 1-2\n", "nodePortRnage", &["unknown field `nodePortRnage`", "nodePortRange"]),
-        ("maglev: {tablesize: 7}\n", "maglev.tablesize", &["unknown field `tablesize`", "tableSize"]),
-        ("nodePortRange: 32767-30000\n", "nodePortRange", &["32767 is above 30000"]),
-        ("nodePortRange: \"30000\"\n", "nodePortRange", &["not FIRST-LAST"]),
+        (
+            "nodePortRnage: 1-2\n",
+            "nodePortRnage",
+            &["unknown field `nodePortRnage`", "nodePortRange"],
+        ),
+        (
+            "maglev: {tablesize: 7}\n",
+            "maglev.tablesize",
+            &["unknown field `tablesize`", "tableSize"],
+        ),
+        (
+            "nodePortRange: 32767-30000\n",
+            "nodePortRange",
+            &["32767 is above 30000"],
+        ),
+        (
+            "nodePortRange: \"30000\"\n",
+            "nodePortRange",
+            &["not FIRST-LAST"],
+        ),
         ("nodePortRange: 0-100\n", "nodePortRange", &["not a port"]),
         ("snat: {ports: 1-99999}\n", "snat.ports", &["not a port"]),
-        ("maglev: {tableSize: 16380}\n", "maglev.tableSize", &["16380 is not prime"]),
-        ("maglev: {tableSize: 1000003}\n", "maglev.tableSize", &["out of range"]),
+        (
+            "maglev: {tableSize: 16380}\n",
+            "maglev.tableSize",
+            &["16380 is not prime"],
+        ),
+        (
+            "maglev: {tableSize: 1000003}\n",
+            "maglev.tableSize",
+            &["out of range"],
+        ),
         ("maglev: {seed: -1}\n", "maglev.seed", &["-1"]),
         ("maxTables: 0\n", "maxTables", &["use 1-65536"]),
-        ("connectionTableSize: 100\n", "connectionTableSize", &["use 1024-"]),
-        ("nodeAddresses: [192.0.2.300]\n", "nodeAddresses[0]", &["invalid IPv4 address"]),
+        (
+            "connectionTableSize: 100\n",
+            "connectionTableSize",
+            &["use 1024-"],
+        ),
+        (
+            "nodeAddresses: [192.0.2.300]\n",
+            "nodeAddresses[0]",
+            &["invalid IPv4 address"],
+        ),
         (
             "snat: {ports: 32000-33000}\n",
             "snat.ports",
             &["overlaps nodePortRange 30000-32767"],
         ),
-        ("sourceRangesOnNodePorts: maybe\n", "sourceRangesOnNodePorts", &["boolean"]),
+        (
+            "sourceRangesOnNodePorts: maybe\n",
+            "sourceRangesOnNodePorts",
+            &["boolean"],
+        ),
     ];
     for (settings, field, parts) in cases {
         let problems = settings_problems(settings);
@@ -3295,7 +3331,7 @@ spec: {type: NodePort, ports: [{name: a, port: 80, nodePort: 20080}, {name: b, p
 // Node port assignment
 // ---------------------------------------------------------------------------------------------
 
-/// `count` NodePort Services `svc-N`, each with a TCP and a UDP port and no nodePort.
+/// `count` `NodePort` Services `svc-N`, each with a TCP and a UDP port and no nodePort.
 fn many_node_port_services(count: usize) -> Vec<String> {
     (0..count)
         .map(|n| {
@@ -3353,10 +3389,8 @@ fn assigned_node_ports_are_pinned_to_their_hash() {
     // A known value, so that a change of the hash (which would move every assigned node port
     // on an upgrade) cannot go unnoticed. FNV-1a of "default/web//TCP" is 0x88153d94 (computed independently with Python).
     assert_eq!(super::stable_hash("default/web//TCP"), 0x8815_3d94);
-    let loaded = ok(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
-         spec: {type: NodePort, ports: [{port: 80}]}\n",
-    );
+    let loaded = ok("apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+         spec: {type: NodePort, ports: [{port: 80}]}\n");
     let expected = 30_000 + u16::try_from(0x8815_3d94_u32 % 2768).unwrap();
     assert_eq!(loaded.state.service_ports[0].node_port, Some(expected));
 }
@@ -3407,7 +3441,10 @@ metadata: {name: dns-udp}
 spec: {type: NodePort, ports: [{name: udp, port: 53, protocol: UDP, nodePort: 30053}]}
 "#);
     assert_eq!(port(&loaded, "default/dns", "tcp").node_port, Some(30053));
-    assert_eq!(port(&loaded, "default/dns-udp", "udp").node_port, Some(30053));
+    assert_eq!(
+        port(&loaded, "default/dns-udp", "udp").node_port,
+        Some(30053)
+    );
 }
 
 #[test]
@@ -3455,10 +3492,8 @@ fn health_check_node_port_is_assigned_or_read() {
     );
 
     // Cluster policy: none.
-    let loaded = ok(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
-         spec: {type: LoadBalancer, ports: [{port: 80}]}\n",
-    );
+    let loaded = ok("apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+         spec: {type: LoadBalancer, ports: [{port: 80}]}\n");
     assert_eq!(loaded.state.service_ports[0].health_check_node_port, None);
 }
 
@@ -3641,7 +3676,11 @@ fn slices_win_over_endpoints_with_a_warning() {
     assert_endpoints(&loaded.state.service_ports[0], [ep("10.1.0.5", 9000, None)]);
     assert_warned(
         &loaded,
-        &["Endpoints default/web", "also has EndpointSlices", "only the slices are used"],
+        &[
+            "Endpoints default/web",
+            "also has EndpointSlices",
+            "only the slices are used",
+        ],
     );
 }
 
@@ -3728,8 +3767,11 @@ fn a_config_map_volume_is_read_through_its_links() {
 fn problems_in_a_directory_name_their_file() {
     let dir = TempDir::new();
     let good = dir.write("a.yaml", SERVICE_80);
-    let bad = dir.write("b.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x}\n\
-                                   spec: {clusterIP: nope}\n---\nnot: [yaml");
+    let bad = dir.write(
+        "b.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: x}\n\
+                                   spec: {clusterIP: nope}\n---\nnot: [yaml",
+    );
     let error = load(&dir.0, NODES).unwrap_err();
     let ConfigError::Invalid { path, problems } = &error else {
         panic!("{error:?}");
@@ -3739,7 +3781,10 @@ fn problems_in_a_directory_name_their_file() {
     assert!(problems.iter().all(|p| p.location.file == bad));
     let text = error.to_string();
     assert!(
-        text.contains(&format!("{}, document 1 (Service default/x)", bad.display())),
+        text.contains(&format!(
+            "{}, document 1 (Service default/x)",
+            bad.display()
+        )),
         "{text}"
     );
     assert!(
@@ -3766,8 +3811,10 @@ fn port_range_parsing() {
             last: 65_535
         })
     );
-    assert_eq!(parse_port_range(" 5 - 5 ").map(PortRange::len), Ok(1));
-    for bad in ["", "-", "1", "1-", "-1", "+1-2", "0-10", "1-65536", "9-8", "a-b", "1--2"] {
+    assert_eq!(parse_port_range(" 5 - 5 ").map(PortRange::size), Ok(1));
+    for bad in [
+        "", "-", "1", "1-", "-1", "+1-2", "0-10", "1-65536", "9-8", "a-b", "1--2",
+    ] {
         assert!(parse_port_range(bad).is_err(), "{bad:?} parsed");
     }
 }
