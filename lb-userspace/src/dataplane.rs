@@ -139,7 +139,7 @@ pub enum DataPlaneError {
     Mmap(#[source] std::io::Error),
     #[error(
         "{tables} Maglev tables of {size} entries do not fit in one BPF array; lower \
-         --max-tables or --maglev-table-size"
+         maxTables or maglev.tableSize in the AgentSettings"
     )]
     TablesTooLarge { tables: u32, size: u32 },
 }

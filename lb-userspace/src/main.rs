@@ -12,11 +12,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use lb_userspace::{
-    config::{self, ConfigError},
+    config::{self, AgentSettings, ConfigError},
     dataplane::{DataPlane, LoadOptions, XdpModeChoice},
-    maglev,
-    maps::{DEFAULT_SNAT_PORTS, MapContents, NodeConfig},
-    model::DesiredState,
+    maps::{MapContents, NodeConfig},
+    model::{DesiredState, FrontendKind},
     netif,
     pins::PinDir,
     podif::{self, IfacePattern, LinkEvents},
@@ -48,11 +47,14 @@ enum Command {
         #[arg(long)]
         pin_dir: PathBuf,
     },
-    /// Check a config file without touching the kernel; exits 2 if it has problems.
+    /// Check a config file or directory without touching the kernel; exits 2 if it has
+    /// problems. Prints every service port, with the node ports lb-agent assigned.
     Validate {
-        /// Multi-document YAML of v1 Service and discovery.k8s.io/v1 `EndpointSlice` objects.
+        /// A YAML file, or a directory of them, of v1 Service, discovery.k8s.io/v1
+        /// `EndpointSlice`, v1 Endpoints and at most one lb-agent/v1alpha1 `AgentSettings`.
         file: PathBuf,
-        /// Node addresses `NodePorts` would be served on (only affects the summary).
+        /// Node addresses `NodePorts` would be served on (only affects the summary); overrides
+        /// `nodeAddresses` of the settings.
         #[arg(long = "node-ip")]
         node_ips: Vec<Ipv4Addr>,
     },
@@ -60,7 +62,9 @@ enum Command {
 
 #[derive(Parser)]
 struct RunArgs {
-    /// Multi-document YAML of v1 Service and discovery.k8s.io/v1 `EndpointSlice` objects.
+    /// A YAML file, or a directory of them, of v1 Service, discovery.k8s.io/v1
+    /// `EndpointSlice`, v1 Endpoints and at most one lb-agent/v1alpha1 `AgentSettings` (Maglev
+    /// table size and seed, SNAT ports, table sizes, node port range).
     #[arg(long)]
     config: PathBuf,
     /// Interface to serve on (repeatable): XDP on ingress, TC on egress.
@@ -69,8 +73,8 @@ struct RunArgs {
     /// This node's name (used by node-local policies); defaults to the host name.
     #[arg(long)]
     node_name: Option<String>,
-    /// Addresses `NodePorts` answer on (repeatable); defaults to the IPv4 addresses of the
-    /// interfaces.
+    /// Addresses `NodePorts` answer on (repeatable); overrides `nodeAddresses` of the settings,
+    /// which default to the IPv4 addresses of the interfaces.
     #[arg(long = "node-ip")]
     node_ips: Vec<Ipv4Addr>,
     /// XDP attach mode: native where the driver supports it, generic otherwise (auto).
@@ -83,22 +87,6 @@ struct RunArgs {
     /// serves what pods send to Services. Interfaces that appear later are picked up.
     #[arg(long = "pod-iface")]
     pod_ifaces: Vec<IfacePattern>,
-    /// M, the size of every Maglev table: a prime, at least 100x the largest endpoint count
-    /// for an even spread. The same on every node.
-    #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE)]
-    maglev_table_size: u32,
-    /// Seed of the Maglev tables and the flow hash. The same on every node, so every node
-    /// picks the same backend for the same flow.
-    #[arg(long, default_value_t = 0)]
-    maglev_seed: u32,
-    /// Source ports for SNAT to other nodes' endpoints, `FIRST-LAST`. Keep them out of the
-    /// node's ephemeral range (`net.ipv4.ip_local_port_range`) and the `NodePort` range.
-    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
-    snat_ports: (u16, u16),
-    /// Maglev tables the data path has room for (one per service port and traffic policy in
-    /// use); each takes 4 x M bytes of kernel memory.
-    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_TABLES)]
-    max_tables: u32,
     /// A directory on the host's bpffs (e.g. /sys/fs/bpf/lb): maps and links are pinned there,
     /// so the data plane keeps forwarding while no agent runs, and the next agent takes it over
     /// with its tracked connections. Without it nothing outlives the agent.
@@ -116,27 +104,6 @@ enum OnExit {
     Keep,
     /// Detach and unpin everything.
     Remove,
-}
-
-fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
-    let (first, last) = text.split_once('-').ok_or_else(|| {
-        format!(
-            "{text:?} is not FIRST-LAST, for example {}-{}",
-            DEFAULT_SNAT_PORTS.0, DEFAULT_SNAT_PORTS.1
-        )
-    })?;
-    let port = |p: &str| {
-        p.trim()
-            .parse::<u16>()
-            .ok()
-            .filter(|&p| p > 0)
-            .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
-    };
-    let (first, last) = (port(first)?, port(last)?);
-    if first > last {
-        return Err(format!("{first} is above {last}"));
-    }
-    Ok((first, last))
 }
 
 fn main() -> ExitCode {
@@ -163,36 +130,81 @@ fn main() -> ExitCode {
     }
 }
 
-/// Reads the config file and turns it into map contents, keeping the ids `previous` gave;
-/// logs the file's warnings. The one path from file to maps, at start, reload and validate.
-fn read_config(
-    file: &Path,
-    node_ips: &[Ipv4Addr],
-    node: &NodeConfig,
-    previous: &MapContents,
-) -> anyhow::Result<(DesiredState, MapContents)> {
-    let loaded = config::load_file(file, node_ips)?;
+/// What the command line and the host say about this node; the rest is in the config's
+/// settings.
+struct NodeArgs {
+    node_name: String,
+    /// `--node-ip`: wins over the settings' `nodeAddresses`.
+    node_ips: Vec<Ipv4Addr>,
+    /// The interfaces' addresses, used when neither of the above gives one.
+    interface_ips: Vec<Ipv4Addr>,
+}
+
+/// A config read and turned into map contents.
+struct ReadConfig {
+    state: DesiredState,
+    settings: AgentSettings,
+    node: NodeConfig,
+    /// The addresses `NodePorts` are served on.
+    node_ips: Vec<Ipv4Addr>,
+    contents: MapContents,
+}
+
+/// Reads the config and turns it into map contents, keeping the ids `previous` gave; logs the
+/// config's warnings. The one path from file to maps, at start, reload and validate.
+fn read_config(path: &Path, args: &NodeArgs, previous: &MapContents) -> anyhow::Result<ReadConfig> {
+    let mut loaded = config::load(path, &args.node_ips)?;
+    let node_ips = [
+        &args.node_ips,
+        &loaded.settings.node_addresses,
+        &args.interface_ips,
+    ]
+    .into_iter()
+    .find(|ips| !ips.is_empty())
+    .cloned()
+    .unwrap_or_default();
+    if args.node_ips.is_empty() && loaded.settings.node_addresses.is_empty() && !node_ips.is_empty()
+    {
+        // Only now known to be needed: the settings name no node address.
+        loaded = config::load(path, &node_ips)?;
+    }
     for warning in &loaded.warnings {
         log::warn!("{warning}");
     }
-    let contents = MapContents::from_state(&loaded.state, node, previous)
-        .with_context(|| format!("{}", file.display()))?;
-    Ok((loaded.state, contents))
+    let settings = loaded.settings;
+    let node = NodeConfig {
+        node_name: args.node_name.clone(),
+        snat_addr: node_ips.first().copied(),
+        snat_ports: (settings.snat.ports.first, settings.snat.ports.last),
+        source_ranges_on_node_ports: settings.source_ranges_on_node_ports,
+        maglev_table_size: settings.maglev.table_size,
+        maglev_seed: settings.maglev.seed,
+        max_tables: settings.max_tables,
+    };
+    let contents = MapContents::from_state(&loaded.state, &node, previous)
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(ReadConfig {
+        state: loaded.state,
+        settings,
+        node,
+        node_ips,
+        contents,
+    })
 }
 
 fn validate(file: &Path, node_ips: &[Ipv4Addr]) -> anyhow::Result<()> {
-    let (state, _) = read_config(
-        file,
-        node_ips,
-        &NodeConfig::default(),
-        &MapContents::default(),
-    )?;
+    let args = NodeArgs {
+        node_name: String::new(),
+        node_ips: node_ips.to_vec(),
+        interface_ips: Vec::new(),
+    };
+    let read = read_config(file, &args, &MapContents::default())?;
     println!(
         "{}: valid, {} service ports",
         file.display(),
-        state.service_ports.len()
+        read.state.service_ports.len()
     );
-    for line in summary(&state) {
+    for line in summary(&read.state) {
         println!("  {line}");
     }
     Ok(())
@@ -219,35 +231,34 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         (None, None) => OnExit::Remove,
     };
     let node_name = args.node_name.unwrap_or_else(netif::hostname);
-    let node_ips = if args.node_ips.is_empty() {
-        let mut ips = Vec::new();
+    let mut interface_ips = Vec::new();
+    if args.node_ips.is_empty() {
         for iface in &args.ifaces {
-            ips.extend(
+            interface_ips.extend(
                 netif::ipv4_addresses(iface)
                     .with_context(|| format!("reading the addresses of {iface}"))?,
             );
         }
-        if ips.is_empty() {
-            bail!(
-                "no IPv4 address on {}; NodePorts need one: pass --node-ip",
-                args.ifaces.join(", ")
-            );
-        }
-        ips
-    } else {
-        args.node_ips
-    };
-
-    let node = NodeConfig {
+    }
+    let node_args = NodeArgs {
         node_name: node_name.clone(),
-        snat_addr: node_ips.first().copied(),
-        snat_ports: args.snat_ports,
-        maglev_table_size: args.maglev_table_size,
-        maglev_seed: args.maglev_seed,
-        max_tables: args.max_tables,
-        ..NodeConfig::default()
+        node_ips: args.node_ips,
+        interface_ips,
     };
-    let (state, contents) = read_config(&args.config, &node_ips, &node, &MapContents::default())?;
+    let ReadConfig {
+        state,
+        settings,
+        node,
+        node_ips,
+        contents,
+    } = read_config(&args.config, &node_args, &MapContents::default())?;
+    if node_ips.is_empty() {
+        bail!(
+            "no IPv4 address on {}; NodePorts need one: pass --node-ip or set nodeAddresses in \
+             the AgentSettings document",
+            args.ifaces.join(", ")
+        );
+    }
 
     if !netif::ipv4_forwarding_enabled() {
         log::warn!(
@@ -257,17 +268,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let mut dataplane = DataPlane::load(LoadOptions {
-        max_tables: args.max_tables,
-        maglev_table_size: args.maglev_table_size,
+        max_tables: settings.max_tables,
+        maglev_table_size: settings.maglev.table_size,
+        conntrack_entries: settings.connection_table_size,
         pin_dir: args.pin_dir.clone(),
-        ..LoadOptions::default()
     })?;
     // Pinned maps a previous agent left: the ids they use are kept, and only the difference
     // is written.
     let contents = if dataplane.contents() == &MapContents::default() {
         contents
     } else {
-        let (_, adopted) = read_config(&args.config, &node_ips, &node, dataplane.contents())?;
+        let adopted = read_config(&args.config, &node_args, dataplane.contents())?.contents;
         log::info!(
             "took over the pinned maps in {}",
             args.pin_dir.as_deref().unwrap_or(Path::new("")).display()
@@ -306,8 +317,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let mut agent = Agent {
         dataplane,
-        node,
-        node_ips,
+        settings,
+        node_args,
         config: args.config,
         pod_patterns: args.pod_ifaces,
         pods: BTreeMap::new(),
@@ -344,8 +355,9 @@ const FLOW_EXPIRY_INTERVAL: Duration = Duration::from_secs(5);
 /// The running agent: the data plane and what it needs to change it.
 struct Agent {
     dataplane: DataPlane,
-    node: NodeConfig,
-    node_ips: Vec<Ipv4Addr>,
+    /// The settings running: the ones that size the maps cannot change without a restart.
+    settings: AgentSettings,
+    node_args: NodeArgs,
     config: PathBuf,
     pod_patterns: Vec<IfacePattern>,
     /// Pod interfaces attached: name -> ifindex.
@@ -409,15 +421,18 @@ impl Agent {
     /// Re-reads the config and applies the difference; an invalid config changes nothing.
     fn reload(&mut self) {
         let started = Instant::now();
-        let result = read_config(
-            &self.config,
-            &self.node_ips,
-            &self.node,
-            self.dataplane.contents(),
-        )
-        .and_then(|(state, contents)| Ok((self.dataplane.apply(contents)?, state)));
+        let result = read_config(&self.config, &self.node_args, self.dataplane.contents())
+            .and_then(|read| {
+                check_restart_settings(&self.settings, &read.settings)?;
+                Ok((
+                    self.dataplane.apply(read.contents)?,
+                    read.state,
+                    read.settings,
+                ))
+            });
         match result {
-            Ok((writes, state)) => {
+            Ok((writes, state, settings)) => {
+                self.settings = settings;
                 log::info!(
                     "config reloaded: {} service ports, {writes} map writes in {:.1} ms",
                     state.service_ports.len(),
@@ -464,6 +479,32 @@ impl Agent {
     }
 }
 
+/// Refuses a reload that changes a setting the maps were created with.
+fn check_restart_settings(running: &AgentSettings, new: &AgentSettings) -> anyhow::Result<()> {
+    let sized = [
+        (
+            "maglev.tableSize",
+            running.maglev.table_size,
+            new.maglev.table_size,
+        ),
+        ("maxTables", running.max_tables, new.max_tables),
+        (
+            "connectionTableSize",
+            running.connection_table_size,
+            new.connection_table_size,
+        ),
+    ];
+    for (field, was, now) in sized {
+        if was != now {
+            bail!(
+                "{field} changed from {was} to {now}, which sizes the maps and takes effect only \
+                 at a restart: restart the agent, or set it back to {was}"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of the data path's `bpf_ktime_get_ns`.
 fn monotonic_now_ns() -> u64 {
     let mut now = libc::timespec {
@@ -479,11 +520,24 @@ fn monotonic_now_ns() -> u64 {
 fn summary(state: &DesiredState) -> Vec<String> {
     let mut lines = Vec::new();
     for port in &state.service_ports {
-        let frontends: Vec<String> = port
+        let mut frontends: Vec<String> = port
             .frontends
             .iter()
+            .filter(|f| f.kind != FrontendKind::NodePort)
             .map(|f| format!("{}={}:{}", f.kind, f.addr, f.port))
             .collect();
+        // Node ports once, with whether lb-agent chose them, whatever the node addresses.
+        if let Some(node_port) = port.node_port {
+            let assigned = if port.node_port_assigned {
+                " (assigned)"
+            } else {
+                ""
+            };
+            frontends.push(format!("nodePort={node_port}{assigned}"));
+        }
+        if let Some(health) = port.health_check_node_port {
+            frontends.push(format!("healthCheckNodePort={health}"));
+        }
         let endpoints: Vec<String> = port
             .endpoints
             .iter()
