@@ -1234,6 +1234,7 @@ impl Reader {
                     affinity_timeout_seconds: service.settings.affinity_timeout_seconds,
                     source_ranges: service.settings.source_ranges.clone(),
                     selection: service.settings.selection,
+                    ..ServicePort::default()
                 });
             }
         }

@@ -8,3 +8,4 @@ pub mod maps;
 pub mod model;
 pub mod netif;
 pub mod podif;
+pub mod record;

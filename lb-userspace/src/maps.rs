@@ -173,7 +173,9 @@ fn be(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
 
-fn service_identity(port: &ServicePort) -> String {
+/// A service port's key in `MapContents::service_ids`: `namespace/name:port-name/PROTOCOL`.
+#[must_use]
+pub fn service_identity(port: &ServicePort) -> String {
     format!("{}/{}", port.display_name(), port.protocol)
 }
 

@@ -143,6 +143,12 @@ pub struct ServicePort {
     /// `loadBalancerSourceRanges`; empty means every source is allowed.
     pub source_ranges: Vec<Ipv4Cidr>,
     pub selection: Selection,
+    /// The port's nodePort, for `NodePort` and `LoadBalancer` Services.
+    pub node_port: Option<u16>,
+    /// The Service's `healthCheckNodePort` (Service-wide, repeated on each port).
+    pub health_check_node_port: Option<u16>,
+    /// Whether `node_port` was assigned by the agent rather than written in the config.
+    pub node_port_assigned: bool,
 }
 
 impl ServicePort {
