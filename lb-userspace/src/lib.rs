@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod health;
+pub mod http;
 pub mod maglev;
 pub mod maps;
 pub mod metrics;
