@@ -25,7 +25,7 @@ use crate::{
 };
 
 /// kube-proxy's default: twice its 30 s sync period.
-pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_mins(1);
 
 /// The agent's health as kube-proxy defines it. `Copy`, so it lives in a `Cell`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,9 +123,9 @@ fn json_headers() -> Vec<(&'static str, String)> {
 
 /// The `/healthz` (with `node_eligible`) or `/livez` answer at `now`.
 #[must_use]
-pub fn proxy_health_response(state: &HealthState, now: SystemTime, healthz: bool) -> Response {
+pub fn proxy_health_response(state: &HealthState, now: SystemTime, is_healthz: bool) -> Response {
     let (healthy, last_updated) = state.check(now);
-    let healthy = healthy && (!healthz || state.node_eligible);
+    let healthy = healthy && (!is_healthz || state.node_eligible);
     // As kube-proxy: a healthy answer reports the current time as the last update, so
     // "lastUpdated is recent" keeps meaning healthy for old clients.
     let last_updated = if healthy {
@@ -134,7 +134,7 @@ pub fn proxy_health_response(state: &HealthState, now: SystemTime, healthz: bool
         last_updated.map_or_else(|| NEVER.to_owned(), format_rfc3339)
     };
     let current_time = format_rfc3339(now);
-    let body = if healthz {
+    let body = if is_healthz {
         format!(
             "{{\"lastUpdated\": \"{last_updated}\",\"currentTime\": \"{current_time}\", \"nodeEligible\": {}}}",
             state.node_eligible

@@ -7,7 +7,7 @@
 //! agent: start servers from inside a `tokio::task::LocalSet` (for example
 //! `LocalSet::new().run_until(agent.serve(..))`).
 
-use std::{cell::Cell, io, net::SocketAddr, rc::Rc, time::Duration};
+use std::{cell::Cell, fmt::Write as _, io, net::SocketAddr, rc::Rc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -216,7 +216,7 @@ fn encode(response: &Response, head_only: bool) -> Vec<u8> {
     for (name, value) in &response.headers {
         // Values are the agent's own; a line break would split the header, so drop it.
         let value: String = value.chars().filter(|c| !c.is_control()).collect();
-        out.push_str(&format!("{name}: {value}\r\n"));
+        let _ = write!(out, "{name}: {value}\r\n");
     }
     out.push_str("\r\n");
     if !head_only {
@@ -226,30 +226,29 @@ fn encode(response: &Response, head_only: bool) -> Vec<u8> {
 }
 
 async fn serve_connection(mut stream: TcpStream, handler: &Handler) {
-    let (response, head_only) = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream))
-        .await
-    {
-        Err(_) | Ok(Err(ReadError::Gone)) => return,
-        Ok(Err(ReadError::TooLarge)) => (
-            Response::text(
-                431,
-                format!("request head larger than {MAX_REQUEST_BYTES} bytes\n"),
+    let (response, head_only) =
+        match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
+            Err(_) | Ok(Err(ReadError::Gone)) => return,
+            Ok(Err(ReadError::TooLarge)) => (
+                Response::text(
+                    431,
+                    format!("request head larger than {MAX_REQUEST_BYTES} bytes\n"),
+                ),
+                false,
             ),
-            false,
-        ),
-        Ok(Ok(head)) => match parse_request(&head) {
-            Request::Get { path, head_only } => (
-                handler(path).unwrap_or_else(|| Response::text(404, "not found\n")),
-                head_only,
-            ),
-            Request::OtherMethod => {
-                let mut r = Response::text(405, "only GET and HEAD are served\n");
-                r.headers.push(("Allow", "GET, HEAD".to_owned()));
-                (r, false)
-            }
-            Request::Bad => (Response::text(400, "not an HTTP/1.x request\n"), false),
-        },
-    };
+            Ok(Ok(head)) => match parse_request(&head) {
+                Request::Get { path, head_only } => (
+                    handler(path).unwrap_or_else(|| Response::text(404, "not found\n")),
+                    head_only,
+                ),
+                Request::OtherMethod => {
+                    let mut r = Response::text(405, "only GET and HEAD are served\n");
+                    r.headers.push(("Allow", "GET, HEAD".to_owned()));
+                    (r, false)
+                }
+                Request::Bad => (Response::text(400, "not an HTTP/1.x request\n"), false),
+            },
+        };
     let bytes = encode(&response, head_only);
     let written = tokio::time::timeout(WRITE_TIMEOUT, async {
         stream.write_all(&bytes).await?;

@@ -159,7 +159,10 @@ impl Exposition {
 }
 
 /// The labels that name a service port.
-fn port_labels<'a>(service: &'a ServiceStatus, port: &'a PortStatus) -> Vec<(&'static str, &'a str)> {
+fn port_labels<'a>(
+    service: &'a ServiceStatus,
+    port: &'a PortStatus,
+) -> Vec<(&'static str, &'a str)> {
     vec![
         ("namespace", service.namespace.as_str()),
         ("service", service.name.as_str()),
@@ -301,7 +304,11 @@ pub fn render_prometheus(status: &Status, agent: &AgentMetrics) -> String {
         "Packets the data plane saw, by what happened to them (see the README's counter list).",
     );
     for (outcome, n) in &status.counters {
-        e.sample("lbagent_packets_total", &[("outcome", outcome)], &n.to_string());
+        e.sample(
+            "lbagent_packets_total",
+            &[("outcome", outcome)],
+            &n.to_string(),
+        );
     }
 
     // The agent.

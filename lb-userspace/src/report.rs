@@ -1,7 +1,11 @@
 //! What `lb-agent status` shows: the applied record joined with the data plane's counters,
 //! per-backend traffic and tracked flows. Pure: the caller reads the maps.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::Ipv4Addr,
+};
 
 use lb_common::{Counter, DropReason, FlowEntry, FlowKey, direction};
 use serde::{Serialize, Serializer};
@@ -9,7 +13,7 @@ use serde::{Serialize, Serializer};
 use crate::{
     dataplane::Counters,
     record::{
-        AgentRecord, EndpointStateName, FrontendRecord, InterfaceRecord, PolicyName,
+        AgentRecord, EndpointStateName, FrontendRecord, InterfaceRecord, PolicyName, PortRecord,
         ProtocolName, SelectionName,
     },
 };
@@ -155,6 +159,10 @@ impl Status {
         }
 
         let record = &snapshot.record;
+        let flow_counts = FlowCounts {
+            by_backend: flows_by_backend,
+            by_service: flows_by_service,
+        };
         let services = record
             .services
             .iter()
@@ -162,64 +170,7 @@ impl Status {
                 let ports: Vec<PortStatus> = service
                     .ports
                     .iter()
-                    .map(|port| {
-                        let backends: Vec<BackendStatus> = port
-                            .endpoints
-                            .iter()
-                            .map(|e| {
-                                let mut traffic = TrafficStatus::default();
-                                if let Some(t) =
-                                    e.backend_id.and_then(|id| snapshot.traffic.get(&id))
-                                {
-                                    traffic.add(*t);
-                                }
-                                BackendStatus {
-                                    addr: e.addr,
-                                    port: e.port,
-                                    pod: e.pod.clone(),
-                                    node_name: e.node_name.clone(),
-                                    state: e.state,
-                                    local: e.local,
-                                    backend_id: e.backend_id,
-                                    traffic,
-                                    flows: e
-                                        .backend_id
-                                        .and_then(|id| flows_by_backend.get(&id).copied())
-                                        .unwrap_or(0),
-                                }
-                            })
-                            .collect();
-                        let mut traffic = TrafficStatus::default();
-                        // Each backend id once, even if an endpoint were listed twice.
-                        let mut counted = std::collections::BTreeSet::new();
-                        for b in &backends {
-                            if let Some(id) = b.backend_id
-                                && counted.insert(id)
-                            {
-                                traffic.add_status(b.traffic);
-                            }
-                        }
-                        PortStatus {
-                            name: port.name.clone(),
-                            protocol: port.protocol,
-                            service_id: port.service_id,
-                            node_port: port.node_port,
-                            node_port_assigned: port.node_port_assigned,
-                            health_check_node_port: port.health_check_node_port,
-                            frontends: port.frontends.clone(),
-                            external_policy: port.external_policy,
-                            internal_policy: port.internal_policy,
-                            affinity_timeout_seconds: port.affinity_timeout_seconds,
-                            selection: port.selection,
-                            source_ranges: port.source_ranges.clone(),
-                            traffic,
-                            flows: port
-                                .service_id
-                                .and_then(|id| flows_by_service.get(&id).copied())
-                                .unwrap_or(0),
-                            backends,
-                        }
-                    })
+                    .map(|port| port_status(port, &snapshot.traffic, &flow_counts))
                     .collect();
                 let mut traffic = TrafficStatus::default();
                 for p in &ports {
@@ -262,45 +213,8 @@ impl Status {
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
 
-    /// The human table: a header, one line per service port with its frontends, one line per
-    /// backend under it, then drops and counters.
-    #[must_use]
-    pub fn render_text(&self) -> String {
-        let mut out = String::new();
-        let addresses: Vec<String> = self.node_addresses.iter().map(ToString::to_string).collect();
-        let _ = writeln!(
-            out,
-            "Node {} ({}), config generation {} applied {} from {}",
-            self.node_name,
-            if addresses.is_empty() {
-                "no addresses".to_owned()
-            } else {
-                addresses.join(", ")
-            },
-            self.generation,
-            self.applied_at,
-            self.config_path
-        );
-        let interfaces: Vec<String> = self
-            .interfaces
-            .iter()
-            .map(|i| match &i.xdp_mode {
-                Some(mode) => format!("{} (xdp {mode})", i.name),
-                None => format!("{} (pod, tc)", i.name),
-            })
-            .collect();
-        let _ = writeln!(
-            out,
-            "Interfaces: {}",
-            if interfaces.is_empty() {
-                "none".to_owned()
-            } else {
-                interfaces.join(", ")
-            }
-        );
-        let _ = writeln!(out, "Tracked flows: {}", self.flows);
-        out.push('\n');
-
+    /// One line per service port, one per backend under it.
+    fn services_table(&self) -> Table {
         let mut table = Table::new(&[
             ("SERVICE / BACKEND", Align::Left),
             ("PROTO", Align::Left),
@@ -360,10 +274,56 @@ impl Status {
                 }
             }
         }
+        table
+    }
+
+    /// The human table: a header, one line per service port with its frontends, one line per
+    /// backend under it, then drops and counters.
+    #[must_use]
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        let addresses: Vec<String> = self
+            .node_addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let _ = writeln!(
+            out,
+            "Node {} ({}), config generation {} applied {} from {}",
+            self.node_name,
+            if addresses.is_empty() {
+                "no addresses".to_owned()
+            } else {
+                addresses.join(", ")
+            },
+            self.generation,
+            self.applied_at,
+            self.config_path
+        );
+        let interfaces: Vec<String> = self
+            .interfaces
+            .iter()
+            .map(|i| match &i.xdp_mode {
+                Some(mode) => format!("{} (xdp {mode})", i.name),
+                None => format!("{} (pod, tc)", i.name),
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "Interfaces: {}",
+            if interfaces.is_empty() {
+                "none".to_owned()
+            } else {
+                interfaces.join(", ")
+            }
+        );
+        let _ = writeln!(out, "Tracked flows: {}", self.flows);
+        out.push('\n');
+
         if self.services.is_empty() {
             out.push_str("No services.\n");
         } else {
-            out.push_str(&table.render());
+            out.push_str(&self.services_table().render());
         }
         out.push('\n');
 
@@ -379,6 +339,73 @@ impl Status {
         }
         out.push_str(&counters.render());
         out
+    }
+}
+
+/// Tracked connections by backend id and by service id.
+struct FlowCounts {
+    by_backend: BTreeMap<u32, u64>,
+    by_service: BTreeMap<u32, u64>,
+}
+
+fn port_status(
+    port: &PortRecord,
+    traffic_by_backend: &BTreeMap<u32, Traffic>,
+    flows: &FlowCounts,
+) -> PortStatus {
+    let backends: Vec<BackendStatus> = port
+        .endpoints
+        .iter()
+        .map(|e| {
+            let mut traffic = TrafficStatus::default();
+            if let Some(t) = e.backend_id.and_then(|id| traffic_by_backend.get(&id)) {
+                traffic.add(*t);
+            }
+            BackendStatus {
+                addr: e.addr,
+                port: e.port,
+                pod: e.pod.clone(),
+                node_name: e.node_name.clone(),
+                state: e.state,
+                local: e.local,
+                backend_id: e.backend_id,
+                traffic,
+                flows: e
+                    .backend_id
+                    .and_then(|id| flows.by_backend.get(&id).copied())
+                    .unwrap_or(0),
+            }
+        })
+        .collect();
+    let mut traffic = TrafficStatus::default();
+    // Each backend id once, even if an endpoint were listed twice.
+    let mut counted = BTreeSet::new();
+    for b in &backends {
+        if let Some(id) = b.backend_id
+            && counted.insert(id)
+        {
+            traffic.add_status(b.traffic);
+        }
+    }
+    PortStatus {
+        name: port.name.clone(),
+        protocol: port.protocol,
+        service_id: port.service_id,
+        node_port: port.node_port,
+        node_port_assigned: port.node_port_assigned,
+        health_check_node_port: port.health_check_node_port,
+        frontends: port.frontends.clone(),
+        external_policy: port.external_policy,
+        internal_policy: port.internal_policy,
+        affinity_timeout_seconds: port.affinity_timeout_seconds,
+        selection: port.selection,
+        source_ranges: port.source_ranges.clone(),
+        traffic,
+        flows: port
+            .service_id
+            .and_then(|id| flows.by_service.get(&id).copied())
+            .unwrap_or(0),
+        backends,
     }
 }
 

@@ -20,7 +20,7 @@ fn at(secs: u64) -> SystemTime {
 
 #[test]
 fn health_follows_pending_changes_like_kube_proxy() {
-    let h = HealthHandle::new(Duration::from_secs(60));
+    let h = HealthHandle::new(Duration::from_mins(1));
     assert!(h.is_healthy(at(0)), "healthy while starting");
     h.queued_update(at(0));
     assert!(h.is_healthy(at(59)), "pending, not late yet");
@@ -31,12 +31,15 @@ fn health_follows_pending_changes_like_kube_proxy() {
     assert_eq!(h.get().check(at(200)).1, Some(at(61)));
     h.queued_update(at(300));
     h.refused();
-    assert!(h.is_healthy(at(1000)), "a refused change is no longer pending");
+    assert!(
+        h.is_healthy(at(1000)),
+        "a refused change is no longer pending"
+    );
 }
 
 #[test]
 fn healthz_and_livez_bodies() {
-    let h = HealthHandle::new(Duration::from_secs(60));
+    let h = HealthHandle::new(Duration::from_mins(1));
     h.updated(at(0));
     let r = proxy_health_response(&h.get(), at(10), true);
     assert_eq!(r.status, 200);
@@ -46,7 +49,10 @@ fn healthz_and_livez_bodies() {
         "{\"lastUpdated\": \"2026-09-21T14:13:30.000Z\",\"currentTime\": \
          \"2026-09-21T14:13:30.000Z\", \"nodeEligible\": true}"
     );
-    assert!(r.headers.contains(&("X-Content-Type-Options", "nosniff".into())));
+    assert!(
+        r.headers
+            .contains(&("X-Content-Type-Options", "nosniff".into()))
+    );
 
     h.queued_update(at(5));
     let r = proxy_health_response(&h.get(), at(65), false);
@@ -57,11 +63,16 @@ fn healthz_and_livez_bodies() {
     );
 
     // Not eligible: /healthz fails, /livez does not.
-    let h = HealthHandle::new(Duration::from_secs(60));
+    let h = HealthHandle::new(Duration::from_mins(1));
     h.set_node_eligible(false);
     let r = proxy_health_response(&h.get(), at(0), true);
     assert_eq!(r.status, 503);
-    assert!(r.body.starts_with("{\"lastUpdated\": \"0001-01-01T00:00:00Z\""), "{}", r.body);
+    assert!(
+        r.body
+            .starts_with("{\"lastUpdated\": \"0001-01-01T00:00:00Z\""),
+        "{}",
+        r.body
+    );
     assert!(r.body.ends_with("\"nodeEligible\": false}"), "{}", r.body);
     assert_eq!(proxy_health_response(&h.get(), at(0), false).status, 200);
 }
@@ -85,7 +96,10 @@ fn wanted_servers_come_from_local_policy_services_with_a_port() {
     for p in &mut cluster.services[0].ports {
         p.external_policy = PolicyName::Cluster;
     }
-    assert!(wanted_service_health(&cluster).is_empty(), "Cluster policy: no server");
+    assert!(
+        wanted_service_health(&cluster).is_empty(),
+        "Cluster policy: no server"
+    );
 }
 
 fn service(name: &str, local_endpoints: usize) -> ServiceHealth {
@@ -109,11 +123,17 @@ fn service_health_body_is_kube_proxys() {
         r.headers
             .contains(&("X-Load-Balancing-Endpoint-Weight", "3".into()))
     );
-    assert_eq!(service_health_response(&service("web", 0), true).status, 503);
-    assert_eq!(service_health_response(&service("web", 3), false).status, 503);
+    assert_eq!(
+        service_health_response(&service("web", 0), true).status,
+        503
+    );
+    assert_eq!(
+        service_health_response(&service("web", 3), false).status,
+        503
+    );
     let odd = service_health_response(&service("we\"b", 1), true);
-    let parsed: serde_json::Value = serde_json::from_str(&odd.body)
-        .unwrap_or_else(|e| panic!("body is JSON: {e}"));
+    let parsed: serde_json::Value =
+        serde_json::from_str(&odd.body).unwrap_or_else(|e| panic!("body is JSON: {e}"));
     assert_eq!(parsed["service"]["name"], "we\"b");
 }
 
@@ -125,7 +145,7 @@ fn loopback(port: u16) -> SocketAddr {
 async fn healthz_server_answers_200_then_503() {
     LocalSet::new()
         .run_until(async {
-            let health = HealthHandle::new(Duration::from_secs(60));
+            let health = HealthHandle::new(Duration::from_mins(1));
             let server = serve_proxy_health(loopback(0), health.clone())
                 .unwrap_or_else(|e| panic!("bind: {e}"));
             let addr = server.local_addr();
@@ -139,7 +159,7 @@ async fn healthz_server_answers_200_then_503() {
             assert_eq!(body["lastUpdated"], body["currentTime"]);
 
             // A change pending since long ago.
-            health.queued_update(SystemTime::now() - Duration::from_secs(120));
+            health.queued_update(SystemTime::now() - Duration::from_mins(2));
             assert_eq!(get(addr, "/healthz").await.status, 503);
             let a = get(addr, "/livez").await;
             assert_eq!(a.status, 503);
@@ -152,7 +172,10 @@ async fn healthz_server_answers_200_then_503() {
             assert_eq!(get(addr, "/healthz").await.status, 503);
             assert_eq!(get(addr, "/livez").await.status, 200);
             assert_eq!(get(addr, "/metrics").await.status, 404);
-            assert_eq!(send(addr, b"PUT /healthz HTTP/1.1\r\n\r\n").await.status, 405);
+            assert_eq!(
+                send(addr, b"PUT /healthz HTTP/1.1\r\n\r\n").await.status,
+                405
+            );
         })
         .await;
 }
@@ -194,15 +217,14 @@ async fn metrics_server_serves_the_rendered_body_or_500() {
 fn free_port() -> u16 {
     std::net::TcpListener::bind(loopback(0))
         .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
+        .map_or_else(|e| panic!("no free port: {e}"), |a| a.port())
 }
 
 #[tokio::test]
 async fn health_check_node_port_servers_follow_sync() {
     LocalSet::new()
         .run_until(async {
-            let health = HealthHandle::new(Duration::from_secs(60));
+            let health = HealthHandle::new(Duration::from_mins(1));
             let mut servers = HealthServers::new(IpAddr::from(Ipv4Addr::LOCALHOST), health.clone());
             let (p1, p2) = (free_port(), free_port());
 
@@ -255,10 +277,14 @@ async fn health_check_node_port_servers_follow_sync() {
             assert_eq!(get(loopback(p2), "/").await.status, 200);
 
             // An unhealthy agent fails every Service.
-            health.queued_update(SystemTime::now() - Duration::from_secs(120));
+            health.queued_update(SystemTime::now() - Duration::from_mins(2));
             let a = get(loopback(p2), "/").await;
             assert_eq!(a.status, 503);
-            assert!(a.body.contains("\"serviceProxyHealthy\": false"), "{}", a.body);
+            assert!(
+                a.body.contains("\"serviceProxyHealthy\": false"),
+                "{}",
+                a.body
+            );
             health.updated(SystemTime::now());
 
             // The first Service goes away: its port closes.
@@ -271,14 +297,18 @@ async fn health_check_node_port_servers_follow_sync() {
             assert_eq!(servers.listening().len(), 1);
 
             // A port someone else holds: reported, retried at the next sync.
-            let blocker = std::net::TcpListener::bind(loopback(0))
-                .unwrap_or_else(|e| panic!("bind: {e}"));
+            let blocker =
+                std::net::TcpListener::bind(loopback(0)).unwrap_or_else(|e| panic!("bind: {e}"));
             let taken = blocker.local_addr().map(|a| a.port()).unwrap_or_default();
             let wanted = BTreeMap::from([(p2, service("api", 1)), (taken, service("db", 1))]);
             let errors = servers.sync(wanted.clone());
             assert_eq!(errors.len(), 1);
             assert_eq!(errors[0].port, taken);
-            assert!(errors[0].to_string().contains("default/db"), "{}", errors[0]);
+            assert!(
+                errors[0].to_string().contains("default/db"),
+                "{}",
+                errors[0]
+            );
             drop(blocker);
             assert!(servers.sync(wanted).is_empty());
             assert_eq!(get(loopback(taken), "/").await.status, 200);

@@ -193,9 +193,15 @@ fn request_line_parsing() {
             head_only: false
         }
     );
-    assert_eq!(parse_request(b"DELETE / HTTP/1.1\r\n"), Request::OtherMethod);
+    assert_eq!(
+        parse_request(b"DELETE / HTTP/1.1\r\n"),
+        Request::OtherMethod
+    );
     assert_eq!(parse_request(b"GET  / HTTP/1.1\r\n"), Request::Bad);
     assert_eq!(parse_request(b"\xff / HTTP/1.1\r\n"), Request::Bad);
-    assert_eq!(find_head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nbody"), Some(24));
+    assert_eq!(
+        find_head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nbody"),
+        Some(24)
+    );
     assert_eq!(find_head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
 }

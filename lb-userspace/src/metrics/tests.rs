@@ -1,3 +1,8 @@
+#![expect(
+    clippy::float_cmp,
+    reason = "sample values are integer counts, exact in f64"
+)]
+
 use std::collections::BTreeMap;
 
 use super::*;
@@ -17,7 +22,11 @@ fn parse_labels(text: &str) -> BTreeMap<String, String> {
     let mut chars = text.chars().peekable();
     while chars.peek().is_some() {
         let name: String = chars.by_ref().take_while(|&c| c != '=').collect();
-        assert_eq!(chars.next(), Some('"'), "label {name} value is quoted in {text}");
+        assert_eq!(
+            chars.next(),
+            Some('"'),
+            "label {name} value is quoted in {text}"
+        );
         let mut value = String::new();
         loop {
             match chars.next() {
@@ -31,7 +40,10 @@ fn parse_labels(text: &str) -> BTreeMap<String, String> {
                 None => panic!("unterminated label value in {text}"),
             }
         }
-        assert!(labels.insert(name.clone(), value).is_none(), "label {name} twice");
+        assert!(
+            labels.insert(name.clone(), value).is_none(),
+            "label {name} twice"
+        );
         match chars.next() {
             Some(',') | None => {}
             other => panic!("expected , after a label, got {other:?} in {text}"),
@@ -43,7 +55,7 @@ fn parse_labels(text: &str) -> BTreeMap<String, String> {
 /// Parses the exposition, checking every sample's family was declared (HELP and TYPE) before
 /// it, and that no family is declared twice.
 fn parse(text: &str) -> (Vec<Sample>, BTreeMap<String, String>) {
-    let mut helps = BTreeMap::new();
+    let mut helps = std::collections::BTreeSet::new();
     let mut types: BTreeMap<String, String> = BTreeMap::new();
     let mut samples = Vec::new();
     assert!(text.ends_with('\n'), "exposition ends with a newline");
@@ -51,20 +63,23 @@ fn parse(text: &str) -> (Vec<Sample>, BTreeMap<String, String>) {
         if let Some(rest) = line.strip_prefix("# HELP ") {
             let (name, help) = rest.split_once(' ').unwrap_or_else(|| panic!("{line}"));
             assert!(!help.is_empty());
-            assert!(helps.insert(name.to_owned(), ()).is_none(), "HELP twice: {name}");
+            assert!(helps.insert(name.to_owned()), "HELP twice: {name}");
             continue;
         }
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').unwrap_or_else(|| panic!("{line}"));
             assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
-            assert!(helps.contains_key(name), "TYPE before HELP: {line}");
+            assert!(helps.contains(name), "TYPE before HELP: {line}");
             assert!(
                 types.insert(name.to_owned(), kind.to_owned()).is_none(),
                 "TYPE twice: {name}"
             );
             continue;
         }
-        assert!(!line.starts_with('#') && !line.is_empty(), "stray line {line:?}");
+        assert!(
+            !line.starts_with('#') && !line.is_empty(),
+            "stray line {line:?}"
+        );
         let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
         let (name, labels) = match series.split_once('{') {
             Some((name, rest)) => (
@@ -90,7 +105,10 @@ fn parse(text: &str) -> (Vec<Sample>, BTreeMap<String, String>) {
             .unwrap_or(name);
         assert!(types.contains_key(family), "sample before its TYPE: {line}");
         if types[family].as_str() == "counter" {
-            assert!(family.ends_with("_total"), "counter {family} ends in _total");
+            assert!(
+                family.ends_with("_total"),
+                "counter {family} ends in _total"
+            );
         }
         samples.push(Sample {
             name: name.to_owned(),
@@ -135,7 +153,10 @@ fn exposition_parses_back_with_every_family_declared() {
     // No two samples share a name and label set.
     let mut series = std::collections::BTreeSet::new();
     for s in &samples {
-        assert!(series.insert((s.name.clone(), s.labels.clone())), "duplicate {s:?}");
+        assert!(
+            series.insert((s.name.clone(), s.labels.clone())),
+            "duplicate {s:?}"
+        );
     }
 }
 
@@ -173,7 +194,10 @@ fn per_backend_and_per_service_values() {
     );
     assert_eq!(value("lbagent_backend_flows", &with(&local)), 2.0);
     assert_eq!(
-        value("lbagent_backend_flows", &with(&[("backend", "10.1.0.7:8080")])),
+        value(
+            "lbagent_backend_flows",
+            &with(&[("backend", "10.1.0.7:8080")])
+        ),
         0.0,
         "an endpoint without a backend is listed with zeros"
     );
@@ -185,14 +209,21 @@ fn per_backend_and_per_service_values() {
         15.0
     );
     assert_eq!(
-        value("lbagent_service_bytes_total", &with(&[("direction", "reply")])),
+        value(
+            "lbagent_service_bytes_total",
+            &with(&[("direction", "reply")])
+        ),
         6500.0
     );
     assert_eq!(value("lbagent_service_flows", &http), 4.0);
     assert_eq!(
         value(
             "lbagent_service_flows",
-            &[("namespace", "kube-system"), ("service", "dns"), ("port", "")]
+            &[
+                ("namespace", "kube-system"),
+                ("service", "dns"),
+                ("port", "")
+            ]
         ),
         1.0
     );
@@ -204,7 +235,10 @@ fn drops_counters_and_agent_values() {
     let status = Status::from_snapshot(&sample_snapshot());
     let (samples, _) = parse(&render_prometheus(&status, &sample_metrics()));
     let value = |name: &str, labels: &[(&str, &str)]| find(&samples, name, labels).value;
-    assert_eq!(value("lbagent_drops_total", &[("reason", "no_backend")]), 3.0);
+    assert_eq!(
+        value("lbagent_drops_total", &[("reason", "no_backend")]),
+        3.0
+    );
     assert_eq!(
         samples
             .iter()
@@ -213,8 +247,14 @@ fn drops_counters_and_agent_values() {
         lb_common::DropReason::ALL.len(),
         "every reason, zero included"
     );
-    assert_eq!(value("lbagent_drops_total", &[("reason", "rewrite_failed")]), 0.0);
-    assert_eq!(value("lbagent_packets_total", &[("outcome", "xdp_seen")]), 100.0);
+    assert_eq!(
+        value("lbagent_drops_total", &[("reason", "rewrite_failed")]),
+        0.0
+    );
+    assert_eq!(
+        value("lbagent_packets_total", &[("outcome", "xdp_seen")]),
+        100.0
+    );
     assert_eq!(
         samples
             .iter()
@@ -231,13 +271,21 @@ fn drops_counters_and_agent_values() {
         value("lbagent_config_reloads_total", &[("result", "refused")]),
         1.0
     );
-    let bucket = |le| value("lbagent_config_apply_duration_seconds_bucket", &[("le", le)]);
+    let bucket = |le| {
+        value(
+            "lbagent_config_apply_duration_seconds_bucket",
+            &[("le", le)],
+        )
+    };
     assert_eq!(bucket("0.001"), 1.0);
     assert_eq!(bucket("0.025"), 1.0);
     assert_eq!(bucket("0.05"), 2.0);
     assert_eq!(bucket("10"), 2.0);
     assert_eq!(bucket("+Inf"), 3.0);
-    assert_eq!(value("lbagent_config_apply_duration_seconds_count", &[]), 3.0);
+    assert_eq!(
+        value("lbagent_config_apply_duration_seconds_count", &[]),
+        3.0
+    );
     let sum = value("lbagent_config_apply_duration_seconds_sum", &[]);
     assert!((sum - 20.0308).abs() < 1e-9, "{sum}");
     assert_eq!(

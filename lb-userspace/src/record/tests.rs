@@ -197,7 +197,11 @@ fn local_ready_endpoints_are_unique_across_ports() {
     let mut doubled = record.services[0].clone();
     let again = doubled.ports[0].clone();
     doubled.ports.push(again);
-    assert_eq!(doubled.local_ready_endpoints(), 2, "same addr:port counts once");
+    assert_eq!(
+        doubled.local_ready_endpoints(),
+        2,
+        "same addr:port counts once"
+    );
 }
 
 #[test]
@@ -240,10 +244,13 @@ fn stored_json_uses_stable_camel_case_names_and_reads_back() {
     assert_eq!(http["endpoints"][2]["state"], "terminating");
     assert!(http["endpoints"][2]["backendId"].is_null());
     assert!(http["endpoints"][0]["backendId"].is_u64());
-    assert_eq!(value["services"][1]["ports"][0]["affinityTimeoutSeconds"], 600);
+    assert_eq!(
+        value["services"][1]["ports"][0]["affinityTimeoutSeconds"],
+        600
+    );
 
-    let back = AgentRecord::from_json_bytes(&bytes)
-        .unwrap_or_else(|e| panic!("record reads back: {e}"));
+    let back =
+        AgentRecord::from_json_bytes(&bytes).unwrap_or_else(|e| panic!("record reads back: {e}"));
     assert_eq!(back, record);
 }
 
@@ -261,7 +268,10 @@ fn newer_or_damaged_records_are_refused_with_a_reason() {
     let err = AgentRecord::from_json_bytes(b"{\"recordVersion\": 1, \"generation\": \"x\"}")
         .err()
         .map(|e| e.to_string());
-    assert!(err.as_deref().is_some_and(|e| e.contains("not valid JSON")), "{err:?}");
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("not valid JSON")),
+        "{err:?}"
+    );
     assert!(AgentRecord::from_json_bytes(b"\xff\x00garbage").is_err());
 }
 

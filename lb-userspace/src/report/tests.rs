@@ -139,7 +139,10 @@ fn per_port_and_per_service_totals() {
     let status = Status::from_snapshot(&sample_snapshot());
     let web = &status.services[0];
     let http = &web.ports[0];
-    assert_eq!(http.flows, 4, "three to known backends, one to a removed one");
+    assert_eq!(
+        http.flows, 4,
+        "three to known backends, one to a removed one"
+    );
     assert_eq!(
         http.traffic,
         TrafficStatus {
@@ -152,9 +155,15 @@ fn per_port_and_per_service_totals() {
         }
     );
     assert_eq!(web.ports[1].traffic.packets, 2);
-    assert_eq!((web.traffic.packets, web.traffic.bytes, web.flows), (30, 8130, 4));
+    assert_eq!(
+        (web.traffic.packets, web.traffic.bytes, web.flows),
+        (30, 8130, 4)
+    );
     let dns = &status.services[1];
-    assert_eq!((dns.traffic.packets, dns.traffic.bytes, dns.flows), (6, 900, 1));
+    assert_eq!(
+        (dns.traffic.packets, dns.traffic.bytes, dns.flows),
+        (6, 900, 1)
+    );
     assert_eq!(status.flows, 5);
 }
 
@@ -201,9 +210,10 @@ fn json_output_for_scripts() {
 
 /// The byte column at which `needle` ends on `line`.
 fn end_of(line: &str, needle: &str) -> usize {
-    line.find(needle)
-        .map(|i| i + needle.len())
-        .unwrap_or_else(|| panic!("{needle:?} not in {line:?}"))
+    line.find(needle).map_or_else(
+        || panic!("{needle:?} not in {line:?}"),
+        |i| i + needle.len(),
+    )
 }
 
 #[test]
@@ -211,12 +221,20 @@ fn text_table_is_aligned_with_one_line_per_backend() {
     let text = Status::from_snapshot(&sample_snapshot()).render_text();
     let lines: Vec<&str> = text.lines().collect();
     assert!(
-        lines[0].starts_with("Node node-a (192.168.1.10), config generation 7 applied 2026-09-21T14:13:20.042Z"),
+        lines[0].starts_with(
+            "Node node-a (192.168.1.10), config generation 7 applied 2026-09-21T14:13:20.042Z"
+        ),
         "{text}"
     );
-    assert_eq!(lines[1], "Interfaces: eth0 (xdp native), veth-pod1 (pod, tc)");
+    assert_eq!(
+        lines[1],
+        "Interfaces: eth0 (xdp native), veth-pod1 (pod, tc)"
+    );
     assert_eq!(lines[2], "Tracked flows: 5");
-    assert!(lines.iter().all(|l| l.trim_end() == *l), "no trailing spaces:\n{text}");
+    assert!(
+        lines.iter().all(|l| l.trim_end() == *l),
+        "no trailing spaces:\n{text}"
+    );
 
     let find = |prefix: &str| {
         lines
@@ -231,7 +249,11 @@ fn text_table_is_aligned_with_one_line_per_backend() {
     let remote = find("-> 10.1.0.6:8080");
     let terminating = find("-> 10.1.0.7:8080");
     let dns = find("kube-system/dns ");
-    assert_eq!(lines.iter().filter(|l| l.contains("-> ")).count(), 5, "one line per backend");
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("-> ")).count(),
+        5,
+        "one line per backend"
+    );
 
     // Numbers are right-aligned under their headers.
     let packets = end_of(header, "PACKETS");
