@@ -3,11 +3,16 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod health;
+pub mod http;
 pub mod logging;
 pub mod maglev;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod netif;
 pub mod pins;
 pub mod podif;
+pub mod record;
+pub mod report;
 pub mod watch;

@@ -182,7 +182,9 @@ fn frontend_key(port: &ServicePort, frontend: crate::model::Frontend) -> Fronten
     }
 }
 
-fn service_identity(port: &ServicePort) -> String {
+/// A service port's key in `MapContents::service_ids`: `namespace/name:port-name/PROTOCOL`.
+#[must_use]
+pub fn service_identity(port: &ServicePort) -> String {
     format!("{}/{}", port.display_name(), port.protocol)
 }
 
