@@ -1,6 +1,7 @@
 //! The `lb-agent` library: config sources, the desired-state model, map contents and their
 //! diff, and the data plane handle. `main.rs` is the command line on top.
 
+pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod health;

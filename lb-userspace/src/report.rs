@@ -11,7 +11,8 @@ use lb_common::{BackendStats, Counter, DropReason, FlowEntry, FlowKey, direction
 use serde::{Serialize, Serializer};
 
 use crate::{
-    dataplane::Counters,
+    dataplane::{Counters, DataPlaneError, read_backend_stats, read_counters, read_flows},
+    pins::MapSource,
     record::{
         AgentRecord, EndpointStateName, FrontendRecord, InterfaceRecord, PolicyName, PortRecord,
         ProtocolName, SelectionName,
@@ -26,6 +27,26 @@ pub struct Snapshot {
     /// Backend id -> traffic.
     pub traffic: BTreeMap<u32, BackendStats>,
     pub flows: Vec<(FlowKey, FlowEntry)>,
+}
+
+impl Snapshot {
+    /// Reads the counters, the traffic of the backends `record` names and the tracked flows
+    /// from `maps`: the running agent's or the pinned ones.
+    pub fn read(record: AgentRecord, maps: &impl MapSource) -> Result<Self, DataPlaneError> {
+        let backend_ids: BTreeSet<u32> = record
+            .services
+            .iter()
+            .flat_map(|service| &service.ports)
+            .flat_map(|port| &port.endpoints)
+            .filter_map(|endpoint| endpoint.backend_id)
+            .collect();
+        Ok(Snapshot {
+            counters: read_counters(maps)?,
+            traffic: read_backend_stats(maps, backend_ids.into_iter())?,
+            flows: read_flows(maps)?,
+            record,
+        })
+    }
 }
 
 /// Packets and bytes, both directions and their sum.
