@@ -35,7 +35,35 @@ impl Agent {
         extra_args: &[&str],
         timeout: Duration,
     ) -> anyhow::Result<Self> {
-        let mut command = node.command(&agent_bin.to_string_lossy());
+        let command = node.command(&agent_bin.to_string_lossy());
+        Self::spawn(command, config, iface, extra_args, timeout)
+    }
+
+    /// Like `start`, but with the host's mounts (`nsenter --net`), so what the agent pins on
+    /// the host's bpffs outlives it; `ip netns exec` would give it a private `/sys`.
+    pub fn start_with_host_mounts(
+        node: &Netns,
+        agent_bin: &Path,
+        config: &Path,
+        iface: &str,
+        extra_args: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let mut command = std::process::Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", node.name()))
+            .arg("--")
+            .arg(agent_bin);
+        Self::spawn(command, config, iface, extra_args, timeout)
+    }
+
+    fn spawn(
+        mut command: std::process::Command,
+        config: &Path,
+        iface: &str,
+        extra_args: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         command
             .args(["run", "--config"])
             .arg(config)
