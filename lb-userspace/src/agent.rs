@@ -213,6 +213,17 @@ impl Agent {
         for line in summary(&read.state) {
             log::info!("{line}");
         }
+        // Generations go on across restarts: the pinned record says where the last agent was.
+        let generation = if adopting {
+            dataplane
+                .record()
+                .ok()
+                .flatten()
+                .and_then(|bytes| AgentRecord::from_json_bytes(&bytes).ok())
+                .map_or(1, |record| record.generation + 1)
+        } else {
+            1
+        };
         let health = HealthHandle::new(health::DEFAULT_HEALTH_TIMEOUT);
         health.updated(SystemTime::now());
         let mut agent = Agent {
@@ -223,7 +234,7 @@ impl Agent {
             state: read.state,
             node: read.node,
             node_ips: read.node_ips,
-            generation: 1,
+            generation,
             record: None,
             metrics: AgentMetrics::default(),
             health,

@@ -315,7 +315,7 @@ pub fn render_prometheus(status: &Status, agent: &AgentMetrics) -> String {
     e.family(
         "lbagent_config_generation",
         "gauge",
-        "Successful config applies since the data plane was first loaded.",
+        "Config applies that changed something since the data plane was first loaded (kept across agent restarts with --pin-dir).",
     );
     e.sample(
         "lbagent_config_generation",
