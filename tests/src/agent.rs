@@ -138,6 +138,14 @@ impl Agent {
         }
     }
 
+    /// Kills the agent with SIGKILL (no chance to clean up, as after a crash or an OOM kill)
+    /// and reaps it; returns its log.
+    pub fn kill(mut self) -> anyhow::Result<String> {
+        self.process.signal("KILL")?;
+        self.process.wait(Duration::from_secs(10))?;
+        Ok(self.log())
+    }
+
     /// Stops the agent with SIGTERM, as a service manager would; returns its log.
     pub fn stop(mut self) -> anyhow::Result<String> {
         let status = self.process.terminate(Duration::from_secs(10))?;

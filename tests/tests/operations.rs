@@ -292,6 +292,107 @@ impl Drop for PinDir {
     }
 }
 
+/// Starts an agent on node 1 that pins under `pins`, with the host's mounts.
+fn start_pinned_agent(cluster: &Cluster, config: &Path, pins: &PinDir) -> Agent {
+    Agent::start_with_host_mounts(
+        &cluster.node(1).ns,
+        &agent_bin(),
+        config,
+        NODE_IFACE,
+        &[
+            "--node-name",
+            "node-1",
+            "--node-ip",
+            &node_addr(1).to_string(),
+            "--pin-dir",
+            pins.arg(),
+        ],
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Whether `ip link` shows an XDP program on the node's interface.
+fn xdp_attached(cluster: &Cluster) -> bool {
+    let output = run(cluster
+        .node(1)
+        .ns
+        .command("ip")
+        .args(["link", "show", NODE_IFACE]))
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    String::from_utf8_lossy(&output.stdout).contains("xdp")
+}
+
+#[test]
+fn established_connections_survive_kill_9_and_a_restart() {
+    let cluster = cluster(&[&["a", "b"]]);
+    let _backends = cluster
+        .start_backends(&probe_bin())
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let config = cluster
+        .write_config(&web("", &endpoints(&cluster, &["a", "b"], true)))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let pins = PinDir::new();
+    let agent = start_pinned_agent(&cluster, &config, &pins);
+    let target = node_port(1, WEB_NODE_PORT);
+    let release = cluster.scratch().join("release");
+    let mut held = Hold::start(&cluster.client, &probe_bin(), target, 8, &release)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let first = held
+        .held(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+
+    agent.kill().unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        xdp_attached(&cluster),
+        "XDP must stay attached after kill -9"
+    );
+    // No agent: the pinned data plane still takes new connections.
+    let alone = requests(&cluster.client, "http", target, 20);
+    assert!(
+        alone.failures.is_empty(),
+        "without an agent: {:?}",
+        alone.failures
+    );
+    assert_eq!(backends(&alone), BTreeSet::from(["a".into(), "b".into()]));
+
+    let agent = start_pinned_agent(&cluster, &config, &pins);
+    let log = agent.log();
+    assert!(
+        log.contains("took over the pinned")
+            && log.contains("writes=0")
+            && log.contains("adopted=true"),
+        "the new agent must take over the pinned data plane without rewriting it:\n{log}"
+    );
+    let again = held
+        .release(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(again.len(), first.len(), "{}", held.output());
+    for (index, (first, again)) in first.iter().zip(&again).enumerate() {
+        let (Ok(first), Ok(again)) = (first, again) else {
+            panic!(
+                "held connection {index} broke across kill -9 and restart: {first:?} / \
+                 {again:?}\n{}",
+                held.output()
+            );
+        };
+        assert_eq!(first.backend, again.backend, "held connection {index}");
+    }
+    let after = requests(&cluster.client, "http", target, 20);
+    assert!(after.failures.is_empty(), "{:?}", after.failures);
+
+    // `cleanup` takes the data plane away: nothing attached, nothing pinned.
+    agent.kill().unwrap_or_else(|e| panic!("{e:#}"));
+    let output = run(Command::new(agent_bin()).args(["cleanup", "--pin-dir", pins.arg()]))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("removed"),
+        "cleanup output: {output:?}"
+    );
+    assert!(!xdp_attached(&cluster), "cleanup must detach XDP");
+    assert!(!pins.0.exists(), "cleanup must remove the pin directory");
+}
+
 fn status_json(pins: &PinDir) -> serde_json::Value {
     let output = run(Command::new(agent_bin()).args([
         "status",
@@ -354,22 +455,7 @@ fn status_and_metrics_count_known_traffic_while_running_and_after_the_agent_stop
         .write_config(&echo(&endpoints(&cluster, &["a"], true)))
         .unwrap_or_else(|e| panic!("{e:#}"));
     let pins = PinDir::new();
-    let agent = Agent::start_with_host_mounts(
-        &cluster.node(1).ns,
-        &agent_bin(),
-        &config,
-        NODE_IFACE,
-        &[
-            "--node-name",
-            "node-1",
-            "--node-ip",
-            &node_addr(1).to_string(),
-            "--pin-dir",
-            pins.arg(),
-        ],
-        Duration::from_secs(30),
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let agent = start_pinned_agent(&cluster, &config, &pins);
 
     let batch = requests(
         &cluster.client,
