@@ -1,10 +1,14 @@
-//! The config file: a multi-document YAML stream of Kubernetes objects, as users write them or as
-//! `kubectl get svc,endpointslices -o yaml` prints them (a `v1` `List`).
+//! The config: a file, or a directory of `*.yaml` / `*.yml` files read in name order, each a
+//! multi-document YAML stream of Kubernetes objects, as users write them or as `kubectl get
+//! svc,endpointslices -o yaml` prints them (a `v1` `List`), plus at most one agent settings
+//! document.
 //!
-//! Read: `v1` `Service` and `discovery.k8s.io/v1` `EndpointSlice`; an `EndpointSlice` belongs to the
-//! Service named by its `kubernetes.io/service-name` label in the same namespace. Other kinds are
-//! skipped with a warning. Every problem found is reported at once, each naming the file, the
-//! document, the object and the field.
+//! Read: `v1` `Service`, `discovery.k8s.io/v1` `EndpointSlice` (it belongs to the Service named by
+//! its `kubernetes.io/service-name` label in the same namespace), `v1` `Endpoints` (named like its
+//! Service; used only for a Service that has no `EndpointSlice`, as kube-proxy) and
+//! `lb-agent/v1alpha1` `AgentSettings` ([`AgentSettings`]). Other kinds are skipped with a
+//! warning. Every problem found is reported at once, each naming the file, the document, the
+//! object and the field.
 //!
 //! The fields read, with the API server's defaults and rules (so a manifest it would refuse is
 //! refused here too, and one it would accept means the same to the data path as to kube-proxy):
@@ -14,16 +18,28 @@
 //!   `service.beta.kubernetes.io/load-balancer-source-ranges` (comma-separated CIDRs, used only
 //!   when `spec.loadBalancerSourceRanges` is empty).
 //! - Service `spec`: `type`, `clusterIP`, `externalIPs`, `ports[]` (`name`, `protocol`, `port`,
-//!   `nodePort`), `allocateLoadBalancerNodePorts`, `externalTrafficPolicy` (`Cluster` or `Local`;
-//!   only on a Service reachable from outside: `NodePort`, `LoadBalancer` or with `externalIPs`),
-//!   `internalTrafficPolicy` (`Cluster` or `Local`), `sessionAffinity` (`None` or `ClientIP`),
-//!   `sessionAffinityConfig.clientIP.timeoutSeconds` (1-86400, default 10800) and
+//!   `targetPort`, `nodePort`), `allocateLoadBalancerNodePorts`, `externalTrafficPolicy`
+//!   (`Cluster` or `Local`; only on a Service reachable from outside: `NodePort`, `LoadBalancer`
+//!   or with `externalIPs`), `internalTrafficPolicy` (`Cluster` or `Local`), `healthCheckNodePort`
+//!   (only on `LoadBalancer` with `externalTrafficPolicy: Local`), `sessionAffinity` (`None` or
+//!   `ClientIP`), `sessionAffinityConfig.clientIP.timeoutSeconds` (1-86400, default 10800) and
 //!   `loadBalancerSourceRanges` (type `LoadBalancer` only). All of these apply to every port of
 //!   the Service.
+//! - `nodePort` and `healthCheckNodePort`: inside `nodePortRange` of the settings, each (port,
+//!   protocol) used once across all Services. When omitted (and the API server would assign
+//!   one), one is assigned from the input alone, so every node and every restart gives the same
+//!   port for the same files: see `Reader::node_ports`.
+//! - `targetPort` (a number or a port name; default `port`): the endpoint port whose name is the
+//!   Service port's name wins; else, for a named `targetPort`, the endpoint port of that name;
+//!   an `EndpointSlice` or `Endpoints` subset that lists no ports serves a numeric `targetPort`.
+//!   A named `targetPort` that nothing resolves leaves the port without endpoints (a warning).
 //! - Service `status.loadBalancer.ingress[].ip`.
 //! - `EndpointSlice`: `metadata.labels[kubernetes.io/service-name]`, `addressType`, `ports[]`
 //!   and `endpoints[]`: the first of `addresses`, `nodeName`, `targetRef.name` and `conditions`
 //!   (`ready`, `serving`, `terminating`), read as kube-proxy reads them.
+//! - `Endpoints`: `subsets[]`: `addresses[]` (ready) and `notReadyAddresses[]` (not used), each
+//!   with `ip`, `nodeName` and `targetRef.name`, and `ports[]` (`name`, `port`, `protocol`).
+//! - `AgentSettings`: every field optional, unknown fields are errors; see [`AgentSettings`].
 
 use std::{
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
@@ -41,8 +57,6 @@ use crate::model::{
 
 /// The label that links an `EndpointSlice` to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// The API server's default `--service-node-port-range`.
-pub const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
 /// The annotation that picks how a Service's new flows choose their backend.
 pub const SELECTION_ANNOTATION: &str = "lb-agent/backend-selection";
 /// The annotation that held `loadBalancerSourceRanges` before the field existed.
@@ -52,16 +66,17 @@ pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 /// The `timeoutSeconds` the API server accepts: up to one day.
 pub const AFFINITY_TIMEOUT_SECONDS: std::ops::RangeInclusive<u32> = 1..=86_400;
 
-/// Where in the file a problem is: document number (from 1) and, inside a `List`, the item.
+/// Where a problem is: the file, the document in it (from 1) and, inside a `List`, the item.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Location {
+    pub file: PathBuf,
     pub document: usize,
     pub item: Option<usize>,
 }
 
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "document {}", self.document)?;
+        write!(f, "{}, document {}", self.file.display(), self.document)?;
         if let Some(item) = self.item {
             write!(f, ", items[{item}]")?;
         }
@@ -95,22 +110,23 @@ impl fmt::Display for Problem {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {}: {source}", file.display())]
+    #[error("cannot read config {}: {source}", file.display())]
     Read {
         file: PathBuf,
         source: std::io::Error,
     },
-    #[error("{}", render_problems(file, problems))]
+    /// `path` is what was given (a file or a directory); each problem names its own file.
+    #[error("{}", render_problems(path, problems))]
     Invalid {
-        file: PathBuf,
+        path: PathBuf,
         problems: Vec<Problem>,
     },
 }
 
-fn render_problems(file: &Path, problems: &[Problem]) -> String {
+fn render_problems(path: &Path, problems: &[Problem]) -> String {
     let mut out = format!(
-        "config file {} has {} problem{}:",
-        file.display(),
+        "config {} has {} problem{}:",
+        path.display(),
         problems.len(),
         if problems.len() == 1 { "" } else { "s" }
     );
@@ -120,40 +136,275 @@ fn render_problems(file: &Path, problems: &[Problem]) -> String {
     out
 }
 
-/// A config that was read: the state to serve, plus what was skipped and why.
+/// A config that was read: the state to serve, the agent's settings, and what was skipped and
+/// why.
 #[derive(Debug)]
 pub struct Loaded {
     pub state: DesiredState,
+    pub settings: AgentSettings,
     pub warnings: Vec<String>,
 }
 
-/// Reads and validates `file`. `node_ips` are the addresses `NodePorts` are served on.
-pub fn load_file(file: &Path, node_ips: &[Ipv4Addr]) -> Result<Loaded, ConfigError> {
-    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
-        file: file.to_owned(),
-        source,
-    })?;
-    parse(&text, node_ips).map_err(|problems| ConfigError::Invalid {
-        file: file.to_owned(),
-        problems,
-    })
+/// The `apiVersion` and `kind` of the agent settings document.
+pub const SETTINGS_API_VERSION: &str = "lb-agent/v1alpha1";
+pub const SETTINGS_KIND: &str = "AgentSettings";
+/// The default `nodePortRange`: the API server's default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORT_RANGE: PortRange = PortRange {
+    first: 30_000,
+    last: 32_767,
+};
+/// The default `snat.ports`: above Linux's default ephemeral range (32768-60999), so translated
+/// flows never collide with the node's own connections.
+pub const DEFAULT_SNAT_PORTS: PortRange = PortRange {
+    first: 61_000,
+    last: 65_535,
+};
+/// The smallest `connectionTableSize`: fewer flow entries than this would fill up in moments.
+pub const MIN_CONNECTION_TABLE_SIZE: u32 = 1_024;
+/// The largest `connectionTableSize` (16 Mi entries, about 1.5 GiB of kernel memory).
+pub const MAX_CONNECTION_TABLE_SIZE: u32 = 16 * 1024 * 1024;
+/// The largest `maxTables`; each table takes 4 x `maglev.tableSize` bytes.
+pub const MAX_MAX_TABLES: u32 = 65_536;
+
+/// An inclusive range of ports, written `FIRST-LAST` (`30000-32767`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
 }
 
-/// Parses and validates a YAML stream.
+impl PortRange {
+    #[must_use]
+    pub fn contains(self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+
+    /// How many ports the range holds (at least 1).
+    #[must_use]
+    pub fn size(self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+
+    #[must_use]
+    pub fn overlaps(self, other: PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        parse_port_range(text)
+    }
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        parse_port_range(&text)
+    }
+}
+
+impl From<PortRange> for String {
+    fn from(range: PortRange) -> String {
+        range.to_string()
+    }
+}
+
+/// Parses `FIRST-LAST` (ports 1-65535, `FIRST` not above `LAST`).
+pub fn parse_port_range(text: &str) -> Result<PortRange, String> {
+    let (first, last) = text.split_once('-').ok_or_else(|| {
+        format!("{text:?} is not FIRST-LAST, for example {DEFAULT_NODE_PORT_RANGE}")
+    })?;
+    let port = |p: &str| {
+        let p = p.trim();
+        // `u16::from_str` would also take a sign.
+        p.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| p.parse::<u16>().ok())
+            .flatten()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| format!("{p:?} in {text:?} is not a port (1-65535)"))
+    };
+    let (first, last) = (port(first)?, port(last)?);
+    if first > last {
+        return Err(format!(
+            "{text:?}: {first} is above {last}; write FIRST-LAST"
+        ));
+    }
+    Ok(PortRange { first, last })
+}
+
+/// The agent settings document (`apiVersion: lb-agent/v1alpha1`, `kind: AgentSettings`): how
+/// this agent serves, as opposed to what it serves. At most one per config; every field is
+/// optional, and an unknown field is an error so that a typo cannot silently do nothing.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AgentSettings {
+    /// The API server's `--service-node-port-range`: explicit nodePorts must be inside it, and
+    /// omitted ones are assigned from it.
+    pub node_port_range: PortRange,
+    /// The addresses `NodePorts` are served on; empty: the caller decides (`--node-ip` wins
+    /// over this, and `lb-agent run` falls back to the interfaces' addresses).
+    pub node_addresses: Vec<Ipv4Addr>,
+    /// Whether `loadBalancerSourceRanges` also guard the Service's nodePorts (kube-proxy: no;
+    /// here yes by default, since a nodePort otherwise bypasses the ranges).
+    pub source_ranges_on_node_ports: bool,
+    pub maglev: MaglevSettings,
+    /// Maglev tables the data path has room for (one per service port and traffic policy in
+    /// use); each takes 4 x `maglev.tableSize` bytes of kernel memory. Read at start only.
+    pub max_tables: u32,
+    /// Entries of the flow table: two per connection (forward and reply), three with SNAT.
+    /// Read at start only.
+    pub connection_table_size: u32,
+    pub snat: SnatSettings,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        AgentSettings {
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+            node_addresses: Vec::new(),
+            source_ranges_on_node_ports: true,
+            maglev: MaglevSettings::default(),
+            max_tables: lb_common::DEFAULT_MAX_TABLES,
+            connection_table_size: lb_common::CONNTRACK_ENTRIES,
+            snat: SnatSettings::default(),
+        }
+    }
+}
+
+/// `maglev`: the same on every node, so every node picks the same backend for the same flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct MaglevSettings {
+    /// M, the size of every Maglev table: a prime, at least 100x the largest endpoint count for
+    /// an even spread. Read at start only.
+    pub table_size: u32,
+    /// Seed of the Maglev tables and the flow hash.
+    pub seed: u32,
+}
+
+impl Default for MaglevSettings {
+    fn default() -> Self {
+        MaglevSettings {
+            table_size: crate::maglev::DEFAULT_TABLE_SIZE,
+            seed: 0,
+        }
+    }
+}
+
+/// `snat`: flows to endpoints on other nodes leave with the node's address and one of these
+/// source ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct SnatSettings {
+    /// Keep them out of the node's ephemeral range (`net.ipv4.ip_local_port_range`) and out of
+    /// `nodePortRange`.
+    pub ports: PortRange,
+}
+
+impl Default for SnatSettings {
+    fn default() -> Self {
+        SnatSettings {
+            ports: DEFAULT_SNAT_PORTS,
+        }
+    }
+}
+
+/// Reads and validates the config at `path`: one file, or a directory whose `*.yaml` and `*.yml`
+/// files are read in name order (not recursively; hidden entries such as a `ConfigMap` volume's
+/// `..data` are skipped, symlinks are followed). `node_ips` are the addresses `NodePorts` are
+/// served on; when empty, the settings' `nodeAddresses` are used, and when those are empty
+/// too, node ports are checked and assigned but served on no address.
+pub fn load(path: &Path, node_ips: &[Ipv4Addr]) -> Result<Loaded, ConfigError> {
+    let read_error = |file: &Path| {
+        let file = file.to_owned();
+        move |source| ConfigError::Read { file, source }
+    };
+    let metadata = std::fs::metadata(path).map_err(read_error(path))?;
+    let mut sources = Vec::new();
+    let mut notes = Vec::new();
+    if metadata.is_dir() {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(path).map_err(read_error(path))? {
+            let entry = entry.map_err(read_error(path))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let is_yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+            if name.starts_with('.') || !is_yaml {
+                continue;
+            }
+            let file = entry.path();
+            // `metadata` follows symlinks: a ConfigMap volume's keys are links into `..data`.
+            if std::fs::metadata(&file)
+                .map_err(read_error(&file))?
+                .is_file()
+            {
+                files.push(file);
+            }
+        }
+        files.sort();
+        if files.is_empty() {
+            notes.push(format!(
+                "{}: no *.yaml or *.yml files in this directory; nothing to serve",
+                path.display()
+            ));
+        }
+        for file in files {
+            let text = std::fs::read_to_string(&file).map_err(read_error(&file))?;
+            sources.push((file, text));
+        }
+    } else {
+        let text = std::fs::read_to_string(path).map_err(read_error(path))?;
+        sources.push((path.to_owned(), text));
+    }
+    let mut loaded = read_sources(&sources, node_ips).map_err(|problems| ConfigError::Invalid {
+        path: path.to_owned(),
+        problems,
+    })?;
+    loaded.warnings.splice(0..0, notes);
+    Ok(loaded)
+}
+
+/// The name [`parse`] gives its text in locations.
+pub const INPUT_NAME: &str = "<input>";
+
+/// Parses and validates one YAML stream (named [`INPUT_NAME`] in locations).
 pub fn parse(text: &str, node_ips: &[Ipv4Addr]) -> Result<Loaded, Vec<Problem>> {
+    read_sources(&[(PathBuf::from(INPUT_NAME), text.to_owned())], node_ips)
+}
+
+/// Parses and validates YAML streams (file name, text) as one config.
+pub fn read_sources(
+    sources: &[(PathBuf, String)],
+    node_ips: &[Ipv4Addr],
+) -> Result<Loaded, Vec<Problem>> {
     let mut reader = Reader::default();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let location = Location {
-            document: index + 1,
-            item: None,
-        };
-        match serde_yaml::Value::deserialize(document) {
-            Ok(serde_yaml::Value::Null) => {}
-            Ok(value) => reader.object(value, location),
-            Err(error) => {
-                reader.problem(&location, None, "", format!("not valid YAML: {error}"));
-                // The YAML parser cannot resynchronise after a syntax error.
-                break;
+    for (file, text) in sources {
+        for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let location = Location {
+                file: file.clone(),
+                document: index + 1,
+                item: None,
+            };
+            match serde_yaml::Value::deserialize(document) {
+                Ok(serde_yaml::Value::Null) => {}
+                Ok(value) => reader.object(value, location),
+                Err(error) => {
+                    reader.problem(&location, None, "", format!("not valid YAML: {error}"));
+                    // The YAML parser cannot resynchronise after a syntax error.
+                    break;
+                }
             }
         }
     }
@@ -204,6 +455,7 @@ struct ServiceSpec {
     session_affinity_config: Option<SessionAffinityConfig>,
     #[serde(default)]
     load_balancer_source_ranges: Vec<String>,
+    health_check_node_port: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -225,6 +477,8 @@ struct ServicePortSpec {
     protocol: Option<String>,
     port: i64,
     node_port: Option<i64>,
+    /// A number or a port name (Kubernetes' `IntOrString`).
+    target_port: Option<serde_yaml::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -288,6 +542,36 @@ struct EndpointPortSpec {
     port: Option<i64>,
 }
 
+/// The `v1` `Endpoints` of older manifests: named like its Service, one subset per set of
+/// ports.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointsObject {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    subsets: Vec<EndpointSubset>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointSubset {
+    #[serde(default)]
+    addresses: Vec<EndpointAddress>,
+    #[serde(default)]
+    not_ready_addresses: Vec<EndpointAddress>,
+    #[serde(default)]
+    ports: Vec<EndpointPortSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointAddress {
+    ip: String,
+    node_name: Option<String>,
+    target_ref: Option<ObjectReference>,
+}
+
 /// A Service as read, before its endpoints are joined to it.
 struct ServiceEntry {
     location: Location,
@@ -296,6 +580,11 @@ struct ServiceEntry {
     name: String,
     ports: Vec<PortEntry>,
     settings: ServiceSettings,
+    /// `spec.healthCheckNodePort` as written.
+    health_check_node_port: Option<i64>,
+    /// `type: LoadBalancer` with `externalTrafficPolicy: Local`: the API server gives these a
+    /// health check node port, and allows one on no other Service.
+    wants_health_check: bool,
 }
 
 /// The Service-wide settings that every one of its ports carries.
@@ -312,15 +601,49 @@ struct PortEntry {
     name: String,
     protocol: Protocol,
     frontends_on_service_ips: Vec<Frontend>,
-    node_port: Option<u16>,
+    node_port: NodePortWanted,
+    target_port: TargetPort,
+}
+
+/// What a service port asks for as its node port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NodePortWanted {
+    /// `ClusterIP`, or `allocateLoadBalancerNodePorts: false` without a nodePort.
+    No,
+    /// Written in `spec.ports[].nodePort`; range checked at the end, since the settings
+    /// document may come after the Service.
+    Given(i64),
+    /// Omitted where the API server would assign one.
+    Assign,
+}
+
+/// `spec.ports[].targetPort`: where the endpoints listen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum TargetPort {
+    Number(u16),
+    /// A container port name, resolved through the endpoint ports of the same name.
+    Name(String),
 }
 
 /// How a Service's type decides its node ports.
-struct NodePortRules<'a> {
-    service_type: &'a str,
+struct NodePortRules {
     has_node_ports: bool,
     /// False when `allocateLoadBalancerNodePorts: false` lets a port go without one.
     required: bool,
+}
+
+/// The endpoints of one `EndpointSlice` or one `Endpoints` subset, with its ports.
+struct EndpointGroup {
+    /// (port name, protocol, number).
+    ports: Vec<(String, Protocol, u16)>,
+    endpoints: Vec<(Ipv4Addr, Listed)>,
+}
+
+/// Where a Service's endpoints came from, for the messages.
+struct EndpointSource {
+    /// `document 2 (EndpointSlice default/web-abc)`, the first one seen.
+    origin: String,
+    groups: Vec<EndpointGroup>,
 }
 
 /// What an endpoint's conditions let it take, best first.
@@ -374,22 +697,24 @@ struct Listed {
     node_name: Option<String>,
 }
 
-/// Endpoints per (namespace, service name, port name, protocol), by address and port.
-type EndpointIndex =
-    BTreeMap<(String, String, String, Protocol), BTreeMap<(Ipv4Addr, u16), Listed>>;
+/// Endpoint groups per (namespace, service name).
+type EndpointIndex = BTreeMap<(String, String), EndpointSource>;
 
 /// Which service port (service and port index, and its name) serves an address, port and
-/// protocol.
-type Claims = BTreeMap<(Ipv4Addr, u16, Protocol), ((usize, usize), String)>;
+/// protocol, and as which kind of frontend.
+type Claims = BTreeMap<(Ipv4Addr, u16, Protocol), ((usize, usize), String, FrontendKind)>;
 
 #[derive(Default)]
 struct Reader {
     problems: Vec<Problem>,
     warnings: Vec<String>,
     services: Vec<ServiceEntry>,
-    endpoints: EndpointIndex,
-    /// Services that `EndpointSlices` point at, to warn about slices with no Service.
-    slice_targets: BTreeMap<(String, String), String>,
+    /// From `EndpointSlices`.
+    slices: EndpointIndex,
+    /// From `v1` `Endpoints`; used only for Services that have no slices, as kube-proxy.
+    legacy_endpoints: EndpointIndex,
+    /// The settings document and where it is.
+    settings: Option<(Location, AgentSettings)>,
 }
 
 impl Reader {
@@ -417,6 +742,14 @@ impl Reader {
             ("v1", "List") => self.list(&value, &location),
             ("v1", "Service") => self.service(value, location),
             ("discovery.k8s.io/v1", "EndpointSlice") => self.endpoint_slice(value, &location),
+            ("v1", "Endpoints") => self.endpoints(value, &location),
+            (SETTINGS_API_VERSION, SETTINGS_KIND) => self.agent_settings(value, location),
+            (_, SETTINGS_KIND) => self.problem(
+                &location,
+                Some(SETTINGS_KIND),
+                "apiVersion",
+                format!("{api_version:?} is not known; use {SETTINGS_API_VERSION}"),
+            ),
             ("", _) | (_, "") => self.problem(
                 &location,
                 None,
@@ -426,7 +759,8 @@ impl Reader {
                     "kind"
                 },
                 "missing; every document must be a Kubernetes object with apiVersion and kind \
-                 (v1 Service or discovery.k8s.io/v1 EndpointSlice)"
+                 (v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Endpoints or \
+                 lb-agent/v1alpha1 AgentSettings)"
                     .to_owned(),
             ),
             _ => self.warnings.push(format!(
@@ -447,6 +781,7 @@ impl Reader {
         };
         for (item, value) in items.iter().enumerate() {
             let item_location = Location {
+                file: location.file.clone(),
                 document: location.document,
                 item: Some(item),
             };
@@ -526,10 +861,11 @@ impl Reader {
         let service_ips = self.service_ips(&service, has_load_balancer, &location, &object);
         let settings = self.service_settings(&service, service_type, &location, &object);
         let rules = NodePortRules {
-            service_type,
             has_node_ports,
             required: node_ports_required,
         };
+        let wants_health_check =
+            has_load_balancer && settings.external_policy == TrafficPolicy::Local;
         let mut ports = Vec::new();
         let mut seen_names = BTreeSet::new();
         for (i, port) in service.spec.ports.iter().enumerate() {
@@ -568,6 +904,8 @@ impl Reader {
             name,
             ports,
             settings,
+            health_check_node_port: service.spec.health_check_node_port,
+            wants_health_check,
         });
     }
 
@@ -903,7 +1241,7 @@ impl Reader {
         field: String,
         name: String,
         service_ips: &[(FrontendKind, Ipv4Addr)],
-        rules: &NodePortRules<'_>,
+        rules: &NodePortRules,
         location: &Location,
         object: &str,
     ) -> Option<PortEntry> {
@@ -935,43 +1273,28 @@ impl Reader {
             );
             return None;
         };
-        let node_port = if rules.has_node_ports {
-            match port.node_port {
-                Some(n) => match u16::try_from(n) {
-                    Ok(n) if NODE_PORT_RANGE.contains(&n) => Some(n),
-                    _ => {
-                        self.problem(
-                            location,
-                            Some(object),
-                            &format!("{field}.nodePort"),
-                            format!(
-                                "{n} is outside the node port range {}-{}",
-                                NODE_PORT_RANGE.start(),
-                                NODE_PORT_RANGE.end()
-                            ),
-                        );
-                        return None;
-                    }
-                },
-                None if !rules.required => None,
-                None => {
+        let node_port = match port.node_port {
+            // A ClusterIP Service has no node ports; the API server clears one left over from
+            // an earlier type.
+            _ if !rules.has_node_ports => NodePortWanted::No,
+            Some(n) => NodePortWanted::Given(n),
+            None if rules.required => NodePortWanted::Assign,
+            None => NodePortWanted::No,
+        };
+        let target_port = match &port.target_port {
+            None | Some(serde_yaml::Value::Null) => TargetPort::Number(service_port),
+            Some(value) => match target_port(value) {
+                Ok(target) => target,
+                Err(message) => {
                     self.problem(
                         location,
                         Some(object),
-                        &format!("{field}.nodePort"),
-                        format!(
-                            "required for type {}: lb-agent does not assign node \
-                             ports yet; set one in {}-{}",
-                            rules.service_type,
-                            NODE_PORT_RANGE.start(),
-                            NODE_PORT_RANGE.end()
-                        ),
+                        &format!("{field}.targetPort"),
+                        message,
                     );
                     return None;
                 }
-            }
-        } else {
-            None
+            },
         };
         Some(PortEntry {
             field,
@@ -986,6 +1309,7 @@ impl Reader {
                 })
                 .collect(),
             node_port,
+            target_port,
         })
     }
 
@@ -1025,12 +1349,8 @@ impl Reader {
                 return;
             }
         }
-        self.slice_targets
-            .entry((namespace.clone(), service.clone()))
-            .or_insert_with(|| format!("{location} ({object})"));
-
-        let ports = self.slice_ports(&slice.ports, location, &object);
-
+        let ports = self.slice_ports(&slice.ports, "ports", location, &object);
+        let mut endpoints = Vec::new();
         for (i, endpoint) in slice.endpoints.iter().enumerate() {
             let mut addrs = Vec::new();
             for (j, address) in endpoint.addresses.iter().enumerate() {
@@ -1044,52 +1364,212 @@ impl Reader {
                     ),
                 }
             }
-            if let Some(node_name) = &endpoint.node_name
-                && !is_dns_subdomain(node_name)
-            {
-                self.problem(
-                    location,
-                    Some(&object),
-                    &format!("endpoints[{i}].nodeName"),
-                    format!(
-                        "{node_name:?} is not a node name; use at most 253 lowercase letters, \
-                         digits, '-' and '.', each dot-separated part starting and ending with \
-                         a letter or digit"
-                    ),
-                );
-            }
+            self.check_node_name(
+                endpoint.node_name.as_deref(),
+                &format!("endpoints[{i}].nodeName"),
+                location,
+                &object,
+            );
             // Kubernetes lists all addresses of one endpoint, but they are the same pod: use the
             // first, as kube-proxy does.
             let Some(&addr) = addrs.first() else { continue };
             // Endpoints that serve nothing are kept until the merge: they still claim their
             // address (see `Listed`).
-            let listed = Listed {
-                terminating: endpoint.conditions.terminating.unwrap_or(false),
-                serves: Serves::of(&endpoint.conditions),
-                pod: endpoint.target_ref.as_ref().and_then(|r| r.name.clone()),
-                node_name: endpoint.node_name.clone(),
-            };
-            for (port_name, protocol, number) in &ports {
-                let by_addr = self
-                    .endpoints
-                    .entry((
-                        namespace.clone(),
-                        service.clone(),
-                        port_name.clone(),
-                        *protocol,
-                    ))
-                    .or_default();
-                match by_addr.entry((addr, *number)) {
-                    Entry::Vacant(vacant) => {
-                        vacant.insert(listed.clone());
-                    }
-                    Entry::Occupied(mut occupied) => {
-                        if listed < *occupied.get() {
-                            occupied.insert(listed.clone());
-                        }
-                    }
+            endpoints.push((
+                addr,
+                Listed {
+                    terminating: endpoint.conditions.terminating.unwrap_or(false),
+                    serves: Serves::of(&endpoint.conditions),
+                    pod: endpoint.target_ref.as_ref().and_then(|r| r.name.clone()),
+                    node_name: endpoint.node_name.clone(),
+                },
+            ));
+        }
+        self.slices
+            .entry((namespace, service))
+            .or_insert_with(|| EndpointSource {
+                origin: format!("{location} ({object})"),
+                groups: Vec::new(),
+            })
+            .groups
+            .push(EndpointGroup { ports, endpoints });
+    }
+
+    /// A `v1` `Endpoints`: each subset becomes a group of endpoints; `addresses` are ready,
+    /// `notReadyAddresses` are not (kube-proxy does not use them).
+    fn endpoints(&mut self, value: serde_yaml::Value, location: &Location) {
+        let object = describe("Endpoints", &value);
+        let Some(endpoints) = self.typed::<EndpointsObject>(value, location, &object) else {
+            return;
+        };
+        let Some((namespace, name)) = self.identity(&endpoints.metadata, location, &object) else {
+            return;
+        };
+        let mut groups = Vec::new();
+        for (i, subset) in endpoints.subsets.iter().enumerate() {
+            let ports = self.slice_ports(
+                &subset.ports,
+                &format!("subsets[{i}].ports"),
+                location,
+                &object,
+            );
+            let mut listed = Vec::new();
+            let lists = [
+                ("addresses", &subset.addresses, Serves::Ready),
+                (
+                    "notReadyAddresses",
+                    &subset.not_ready_addresses,
+                    Serves::Nothing,
+                ),
+            ];
+            for (list, addresses, serves) in lists {
+                for (j, address) in addresses.iter().enumerate() {
+                    let field = format!("subsets[{i}].{list}[{j}]");
+                    self.check_node_name(
+                        address.node_name.as_deref(),
+                        &format!("{field}.nodeName"),
+                        location,
+                        &object,
+                    );
+                    let Ok(addr) = address.ip.parse::<Ipv4Addr>() else {
+                        self.problem(
+                            location,
+                            Some(&object),
+                            &format!("{field}.ip"),
+                            format!("{:?} is not an IPv4 address", address.ip),
+                        );
+                        continue;
+                    };
+                    listed.push((
+                        addr,
+                        Listed {
+                            terminating: false,
+                            serves,
+                            pod: address.target_ref.as_ref().and_then(|r| r.name.clone()),
+                            node_name: address.node_name.clone(),
+                        },
+                    ));
                 }
             }
+            groups.push(EndpointGroup {
+                ports,
+                endpoints: listed,
+            });
+        }
+        match self.legacy_endpoints.entry((namespace, name)) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(EndpointSource {
+                    origin: format!("{location} ({object})"),
+                    groups,
+                });
+            }
+            Entry::Occupied(occupied) => {
+                let message = format!(
+                    "defined twice; the first definition is {}. Keep one",
+                    occupied.get().origin
+                );
+                self.problem(location, Some(&object), "metadata.name", message);
+            }
+        }
+    }
+
+    /// The settings document; a second one is a problem.
+    fn agent_settings(&mut self, value: serde_yaml::Value, location: Location) {
+        let object = match value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(serde_yaml::Value::as_str)
+        {
+            Some(name) => format!("{SETTINGS_KIND} {name}"),
+            None => SETTINGS_KIND.to_owned(),
+        };
+        if let Some((first, _)) = &self.settings {
+            let message = format!(
+                "a second {SETTINGS_KIND} document; the first is {first}. A config has at most \
+                 one: merge them"
+            );
+            self.problem(&location, Some(&object), "", message);
+            return;
+        }
+        let serde_yaml::Value::Mapping(mut fields) = value else {
+            return;
+        };
+        // Every object's fields; the rest must be settings.
+        for key in ["apiVersion", "kind", "metadata"] {
+            fields.remove(key);
+        }
+        let Some(settings) =
+            self.typed::<AgentSettings>(serde_yaml::Value::Mapping(fields), &location, &object)
+        else {
+            // Still counts as the one settings document.
+            self.settings = Some((location, AgentSettings::default()));
+            return;
+        };
+        let at = |s: &mut Self, field: &str, message: String| {
+            s.problem(&location, Some(&object), field, message);
+        };
+        if let Err(error) = crate::maglev::check_table_size(settings.maglev.table_size) {
+            at(self, "maglev.tableSize", error.to_string());
+        }
+        if !(1..=MAX_MAX_TABLES).contains(&settings.max_tables) {
+            at(
+                self,
+                "maxTables",
+                format!(
+                    "{} is out of range; use 1-{MAX_MAX_TABLES} (default {})",
+                    settings.max_tables,
+                    lb_common::DEFAULT_MAX_TABLES
+                ),
+            );
+        }
+        let connections = MIN_CONNECTION_TABLE_SIZE..=MAX_CONNECTION_TABLE_SIZE;
+        if !connections.contains(&settings.connection_table_size) {
+            at(
+                self,
+                "connectionTableSize",
+                format!(
+                    "{} is out of range; use {}-{} (default {})",
+                    settings.connection_table_size,
+                    connections.start(),
+                    connections.end(),
+                    lb_common::CONNTRACK_ENTRIES
+                ),
+            );
+        }
+        if settings.snat.ports.overlaps(settings.node_port_range) {
+            at(
+                self,
+                "snat.ports",
+                format!(
+                    "{} overlaps nodePortRange {}: replies to translated flows would be taken \
+                     for nodePort traffic; use ports outside it (default {DEFAULT_SNAT_PORTS})",
+                    settings.snat.ports, settings.node_port_range
+                ),
+            );
+        }
+        self.settings = Some((location, settings));
+    }
+
+    fn check_node_name(
+        &mut self,
+        node_name: Option<&str>,
+        field: &str,
+        location: &Location,
+        object: &str,
+    ) {
+        if let Some(node_name) = node_name
+            && !is_dns_subdomain(node_name)
+        {
+            self.problem(
+                location,
+                Some(object),
+                field,
+                format!(
+                    "{node_name:?} is not a node name; use at most 253 lowercase letters, \
+                     digits, '-' and '.', each dot-separated part starting and ending with \
+                     a letter or digit"
+                ),
+            );
         }
     }
 
@@ -1097,12 +1577,13 @@ impl Reader {
     fn slice_ports(
         &mut self,
         ports: &[EndpointPortSpec],
+        prefix: &str,
         location: &Location,
         object: &str,
     ) -> Vec<(String, Protocol, u16)> {
         let mut served = Vec::new();
         for (i, port) in ports.iter().enumerate() {
-            let field = format!("ports[{i}]");
+            let field = format!("{prefix}[{i}]");
             let protocol = match parse_protocol(port.protocol.as_deref()) {
                 Ok(Some(protocol)) => protocol,
                 // SCTP endpoints are valid; the Service side already warned that it is not served.
@@ -1155,19 +1636,280 @@ impl Reader {
         Some((namespace, name))
     }
 
-    /// Joins Services with their endpoints, expands node ports over `node_ips`, and checks that
-    /// no two service ports claim the same address, port and protocol.
+    /// Checks the node ports that are written and assigns the omitted ones, as the API server
+    /// would: inside `range`, and each (port, protocol) used by one Service port only. The
+    /// assignment depends on nothing but the input, so every node and every restart gives the
+    /// same ports: the written ports are taken first, then each Service (in namespace and name
+    /// order) gets, port by port, the first free port at or after the hash of
+    /// `namespace/name/portName/protocol`, wrapping around the range.
+    fn node_ports(&mut self, services: &[ServiceEntry], range: PortRange) -> Vec<ServiceNodePorts> {
+        let mut result: Vec<ServiceNodePorts> = services
+            .iter()
+            .map(|service| ServiceNodePorts {
+                ports: vec![None; service.ports.len()],
+                health_check: None,
+            })
+            .collect();
+        // Who has each (protocol, port), for the messages; `used` has the ports of either
+        // protocol, which assignment avoids.
+        let mut owners: BTreeMap<(Protocol, u16), String> = BTreeMap::new();
+        let mut used = BTreeSet::new();
+        let outside = |n: i64| {
+            format!(
+                "{n} is outside the node port range {range} (nodePortRange of {SETTINGS_KIND}); \
+                 use a port in it, or omit the field to have one assigned"
+            )
+        };
+        for (service_index, service) in services.iter().enumerate() {
+            let mut wanted: Vec<(Option<usize>, String, Protocol, u16)> = Vec::new();
+            for (port_index, port) in service.ports.iter().enumerate() {
+                let NodePortWanted::Given(n) = port.node_port else {
+                    continue;
+                };
+                let field = format!("{}.nodePort", port.field);
+                if let Some(n) = port_number(n).filter(|&n| range.contains(n)) {
+                    wanted.push((Some(port_index), field, port.protocol, n));
+                } else {
+                    self.problem(&service.location, Some(&service.object), &field, outside(n));
+                }
+            }
+            if let Some(n) = service.health_check_node_port {
+                let field = "spec.healthCheckNodePort".to_owned();
+                if !service.wants_health_check {
+                    self.problem(
+                        &service.location,
+                        Some(&service.object),
+                        &field,
+                        "may only be set when type is LoadBalancer and externalTrafficPolicy is \
+                         Local; remove it"
+                            .to_owned(),
+                    );
+                } else if let Some(n) = port_number(n).filter(|&n| range.contains(n)) {
+                    // The health check is served over HTTP, so it takes the TCP port.
+                    wanted.push((None, field, Protocol::Tcp, n));
+                } else {
+                    self.problem(&service.location, Some(&service.object), &field, outside(n));
+                }
+            }
+            for (port_index, field, protocol, n) in wanted {
+                match owners.entry((protocol, n)) {
+                    Entry::Occupied(owner) => {
+                        let message = format!(
+                            "{n}/{protocol} is already the node port of {}; each node port \
+                             belongs to one Service port per protocol: pick another, or omit \
+                             the field to have a free one assigned",
+                            owner.get()
+                        );
+                        self.problem(&service.location, Some(&service.object), &field, message);
+                    }
+                    Entry::Vacant(vacant) => {
+                        vacant.insert(format!("{} {field}", service.object));
+                        used.insert(n);
+                        let ports = &mut result[service_index];
+                        match port_index {
+                            Some(i) => ports.ports[i] = Some((n, false)),
+                            None => ports.health_check = Some(n),
+                        }
+                    }
+                }
+            }
+        }
+        self.assign_node_ports(services, range, &mut used, &mut result);
+        result
+    }
+
+    /// The second half of [`Self::node_ports`]: assigns the omitted node ports, avoiding `used`.
+    fn assign_node_ports(
+        &mut self,
+        services: &[ServiceEntry],
+        range: PortRange,
+        used: &mut BTreeSet<u16>,
+        result: &mut [ServiceNodePorts],
+    ) {
+        let mut order: Vec<usize> = (0..services.len()).collect();
+        order.sort_by(|&a, &b| {
+            (&services[a].namespace, &services[a].name)
+                .cmp(&(&services[b].namespace, &services[b].name))
+        });
+        for service_index in order {
+            let service = &services[service_index];
+            // (port index or `None` for the health check, field, key name).
+            let mut wanted: Vec<(Option<usize>, String, &str, Protocol)> = Vec::new();
+            for (port_index, port) in service.ports.iter().enumerate() {
+                if port.node_port == NodePortWanted::Assign {
+                    let field = format!("{}.nodePort", port.field);
+                    wanted.push((Some(port_index), field, &port.name, port.protocol));
+                }
+            }
+            if service.wants_health_check && service.health_check_node_port.is_none() {
+                // Not a valid port name, so it cannot collide with a port's key.
+                let field = "spec.healthCheckNodePort".to_owned();
+                wanted.push((None, field, "healthCheckNodePort", Protocol::Tcp));
+            }
+            for (port_index, field, name, protocol) in wanted {
+                let key = format!("{}/{}/{name}/{protocol}", service.namespace, service.name);
+                let Some(n) = assign_port(range, &key, used) else {
+                    let message = format!(
+                        "no free port is left in the node port range {range} to assign; widen \
+                         nodePortRange of {SETTINGS_KIND}, or free some node ports"
+                    );
+                    self.problem(&service.location, Some(&service.object), &field, message);
+                    continue;
+                };
+                used.insert(n);
+                let ports = &mut result[service_index];
+                match port_index {
+                    Some(i) => ports.ports[i] = Some((n, true)),
+                    None => ports.health_check = Some(n),
+                }
+            }
+        }
+    }
+
+    /// The endpoints of one service port: per group (slice or subset), the port of the same
+    /// name as the service port, else the port named by a named `targetPort`; a group that
+    /// lists no ports at all serves a numeric `targetPort`.
+    fn port_endpoints(
+        &mut self,
+        service: &ServiceEntry,
+        port: &PortEntry,
+        source: Option<&EndpointSource>,
+    ) -> Vec<Endpoint> {
+        let Some(source) = source else {
+            return Vec::new();
+        };
+        let mut by_addr: BTreeMap<(Ipv4Addr, u16), Listed> = BTreeMap::new();
+        let mut resolved = false;
+        for group in &source.groups {
+            let named = |name: &str| {
+                group
+                    .ports
+                    .iter()
+                    .find(|(n, protocol, _)| n == name && *protocol == port.protocol)
+                    .map(|&(_, _, number)| number)
+            };
+            let number = match &port.target_port {
+                TargetPort::Number(number) if group.ports.is_empty() => Some(*number),
+                TargetPort::Number(_) => named(&port.name),
+                TargetPort::Name(target) => named(&port.name).or_else(|| named(target)),
+            };
+            let Some(number) = number else { continue };
+            resolved = true;
+            for (addr, listed) in &group.endpoints {
+                match by_addr.entry((*addr, number)) {
+                    Entry::Vacant(vacant) => {
+                        vacant.insert(listed.clone());
+                    }
+                    Entry::Occupied(mut occupied) => {
+                        if listed < occupied.get() {
+                            occupied.insert(listed.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let has_endpoints = source.groups.iter().any(|g| !g.endpoints.is_empty());
+        if let TargetPort::Name(target) = &port.target_port
+            && !resolved
+            && has_endpoints
+        {
+            self.warnings.push(format!(
+                "{} ({}): {}.targetPort {target:?} matches no port of its endpoints ({}); as \
+                 with kube-proxy, this port has no endpoints. Name the endpoint port {:?} or \
+                 {target:?}",
+                service.location, service.object, port.field, source.origin, port.name
+            ));
+        }
+        by_addr
+            .into_iter()
+            .filter_map(|((addr, port), listed)| {
+                Some(Endpoint {
+                    addr,
+                    port,
+                    state: listed.serves.state()?,
+                    pod: listed.pod,
+                    node_name: listed.node_name,
+                })
+            })
+            .collect()
+    }
+
+    /// Records that `frontends` belong to `owner` (service and port index), and reports the
+    /// ones another service port has already.
+    fn claim(
+        &mut self,
+        claimed: &mut Claims,
+        frontends: &[Frontend],
+        owner: (usize, usize),
+        service: &ServiceEntry,
+        port: &PortEntry,
+    ) {
+        for frontend in frontends {
+            let here = format!("{} {}", service.object, port.field);
+            let claim = (frontend.addr, frontend.port, port.protocol);
+            if let Some((first_owner, first, first_kind)) = claimed.get(&claim) {
+                // The same port reached in two ways, say an externalIP that is also its
+                // load balancer's address; or two node ports, already reported.
+                let both_node_ports = *first_kind == FrontendKind::NodePort
+                    && frontend.kind == FrontendKind::NodePort;
+                if *first_owner == owner || both_node_ports {
+                    continue;
+                }
+                let message = format!(
+                    "{}:{}/{} is already served by {first}; every address, port and \
+                     protocol can belong to one Service port only",
+                    frontend.addr, frontend.port, port.protocol
+                );
+                self.problem(
+                    &service.location,
+                    Some(&service.object),
+                    &port.field,
+                    message,
+                );
+            } else {
+                claimed.insert(claim, (owner, here, frontend.kind));
+            }
+        }
+    }
+
+    /// Joins Services with their endpoints, checks and assigns node ports, expands them over
+    /// the node addresses, and checks that no two service ports claim the same address, port
+    /// and protocol.
     fn finish(mut self, node_ips: &[Ipv4Addr]) -> Result<Loaded, Vec<Problem>> {
+        let settings = self
+            .settings
+            .take()
+            .map(|(_, settings)| settings)
+            .unwrap_or_default();
+        let node_ips = if node_ips.is_empty() {
+            settings.node_addresses.clone()
+        } else {
+            node_ips.to_vec()
+        };
+        let services = std::mem::take(&mut self.services);
+        let node_ports = self.node_ports(&services, settings.node_port_range);
+        let mut slices = std::mem::take(&mut self.slices);
+        let mut legacy = std::mem::take(&mut self.legacy_endpoints);
         let mut service_ports = Vec::new();
         let mut claimed = Claims::new();
-        let services = std::mem::take(&mut self.services);
         for (service_index, service) in services.iter().enumerate() {
             let key = (service.namespace.clone(), service.name.clone());
-            self.slice_targets.remove(&key);
+            let source = match (slices.remove(&key), legacy.remove(&key)) {
+                (Some(slices), Some(legacy)) => {
+                    self.warnings.push(format!(
+                        "{}: Service {}/{} also has EndpointSlices ({}); only the slices are \
+                         used, as kube-proxy does",
+                        legacy.origin, service.namespace, service.name, slices.origin
+                    ));
+                    Some(slices)
+                }
+                (slices, legacy) => slices.or(legacy),
+            };
+            let health_check_node_port = node_ports[service_index].health_check;
             for (port_index, port) in service.ports.iter().enumerate() {
-                let owner = (service_index, port_index);
+                let node_port = node_ports[service_index].ports[port_index];
                 let mut frontends = port.frontends_on_service_ips.clone();
-                if let Some(node_port) = port.node_port {
+                if let Some((node_port, _)) = node_port {
                     frontends.extend(node_ips.iter().map(|&addr| Frontend {
                         kind: FrontendKind::NodePort,
                         addr,
@@ -1176,53 +1918,14 @@ impl Reader {
                 }
                 frontends.sort();
                 frontends.dedup();
-                for frontend in &frontends {
-                    let here = format!("{} {}", service.object, port.field);
-                    let claim = (frontend.addr, frontend.port, port.protocol);
-                    if let Some((first_owner, first)) = claimed.get(&claim) {
-                        // The same port reached in two ways, say an externalIP that is also its
-                        // load balancer's address.
-                        if *first_owner == owner {
-                            continue;
-                        }
-                        let message = format!(
-                            "{}:{}/{} is already served by {first}; every address, port and \
-                             protocol can belong to one Service port only",
-                            frontend.addr, frontend.port, port.protocol
-                        );
-                        self.problem(
-                            &service.location,
-                            Some(&service.object),
-                            &port.field,
-                            message,
-                        );
-                    } else {
-                        claimed.insert(claim, (owner, here));
-                    }
-                }
-                let endpoints = self
-                    .endpoints
-                    .get(&(
-                        service.namespace.clone(),
-                        service.name.clone(),
-                        port.name.clone(),
-                        port.protocol,
-                    ))
-                    .map(|by_addr| {
-                        by_addr
-                            .iter()
-                            .filter_map(|(&(addr, port), listed)| {
-                                Some(Endpoint {
-                                    addr,
-                                    port,
-                                    pod: listed.pod.clone(),
-                                    node_name: listed.node_name.clone(),
-                                    state: listed.serves.state()?,
-                                })
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                self.claim(
+                    &mut claimed,
+                    &frontends,
+                    (service_index, port_index),
+                    service,
+                    port,
+                );
+                let endpoints = self.port_endpoints(service, port, source.as_ref());
                 service_ports.push(ServicePort {
                     service: format!("{}/{}", service.namespace, service.name),
                     port_name: port.name.clone(),
@@ -1234,24 +1937,48 @@ impl Reader {
                     affinity_timeout_seconds: service.settings.affinity_timeout_seconds,
                     source_ranges: service.settings.source_ranges.clone(),
                     selection: service.settings.selection,
+                    node_port: node_port.map(|(n, _)| n),
+                    node_port_assigned: node_port.is_some_and(|(_, assigned)| assigned),
+                    health_check_node_port,
                 });
             }
         }
-        for ((namespace, name), slice) in std::mem::take(&mut self.slice_targets) {
+        for ((namespace, name), source) in slices.into_iter().chain(legacy) {
             self.warnings.push(format!(
-                "{slice}: belongs to Service {namespace}/{name}, which is not in the config; \
-                 its endpoints are not used"
+                "{}: belongs to Service {namespace}/{name}, which is not in the config; its \
+                 endpoints are not used",
+                source.origin
             ));
         }
         if !self.problems.is_empty() {
+            // In file order; the checks across documents (node ports, claims) come last
+            // otherwise. Stable, so one document's problems keep their field order.
+            self.problems.sort_by(|a, b| {
+                let key = |p: &Problem| {
+                    (
+                        p.location.file.clone(),
+                        p.location.document,
+                        p.location.item,
+                    )
+                };
+                key(a).cmp(&key(b))
+            });
             return Err(self.problems);
         }
         service_ports.sort_by(|a, b| (&a.service, &a.port_name).cmp(&(&b.service, &b.port_name)));
         Ok(Loaded {
             state: DesiredState { service_ports },
+            settings,
             warnings: self.warnings,
         })
     }
+}
+
+/// A Service's node ports, written or assigned.
+struct ServiceNodePorts {
+    /// Per port: the node port and whether it was assigned.
+    ports: Vec<Option<(u16, bool)>>,
+    health_check: Option<u16>,
 }
 
 /// A port's protocol (TCP when unset): `Ok(None)` for SCTP, which is valid but not served.
@@ -1325,6 +2052,59 @@ fn is_dns_subdomain(name: &str) -> bool {
 
 fn port_number(n: i64) -> Option<u16> {
     u16::try_from(n).ok().filter(|&p| p != 0)
+}
+
+/// `targetPort`: a number 1-65535 or a port name, as the API server accepts them.
+fn target_port(value: &serde_yaml::Value) -> Result<TargetPort, String> {
+    match value {
+        serde_yaml::Value::Number(n) => n
+            .as_i64()
+            .and_then(port_number)
+            .map(TargetPort::Number)
+            .ok_or_else(|| format!("{n} is not a port; use 1-65535 or a port name")),
+        serde_yaml::Value::String(name) if is_port_name(name) => Ok(TargetPort::Name(name.clone())),
+        serde_yaml::Value::String(name) => Err(format!(
+            "{name:?} is not a port name; use a number 1-65535 or a name of at most 15 \
+             lowercase letters, digits and '-', with at least one letter, not starting or \
+             ending with '-' (such as http)"
+        )),
+        _ => Err("not a port; use a number 1-65535 or a port name".to_owned()),
+    }
+}
+
+/// Whether `name` is a port name (an IANA service name), as the API server requires of a named
+/// `targetPort`.
+fn is_port_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    (1..=15).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && bytes.iter().any(u8::is_ascii_lowercase)
+        && bytes.first() != Some(&b'-')
+        && bytes.last() != Some(&b'-')
+        && !name.contains("--")
+}
+
+/// FNV-1a (32 bits): a hash that is the same in every process, on every node and in every
+/// version, unlike std's randomly seeded one. Assigned node ports depend on it.
+fn stable_hash(text: &str) -> u32 {
+    const OFFSET_BASIS: u32 = 0x811c_9dc5;
+    const PRIME: u32 = 0x0100_0193;
+    text.bytes().fold(OFFSET_BASIS, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(PRIME)
+    })
+}
+
+/// The first port of `range` not in `used`, starting at `key`'s hash and wrapping around;
+/// `None` when every port is used.
+fn assign_port(range: PortRange, key: &str, used: &BTreeSet<u16>) -> Option<u16> {
+    let len = range.size();
+    let start = stable_hash(key) % len;
+    (0..len)
+        .map(|step| (start + step) % len)
+        .filter_map(|offset| u16::try_from(u32::from(range.first) + offset).ok())
+        .find(|port| !used.contains(port))
 }
 
 /// `Kind namespace/name` for messages, read leniently from a value that may not parse.

@@ -139,7 +139,7 @@ pub enum DataPlaneError {
     Mmap(#[source] std::io::Error),
     #[error(
         "{tables} Maglev tables of {size} entries do not fit in one BPF array; lower \
-         --max-tables or --maglev-table-size"
+         maxTables or maglev.tableSize in the AgentSettings"
     )]
     TablesTooLarge { tables: u32, size: u32 },
 }
@@ -464,7 +464,9 @@ impl DataPlane {
             return Err(DataPlaneError::PinnedMapMismatch {
                 name: map_names::MAGLEV,
                 pinned: format!("tables of {} entries", contents.settings.maglev_table_size),
-                needed: format!("tables of {table_size} entries (--maglev-table-size)"),
+                needed: format!(
+                    "tables of {table_size} entries (maglev.tableSize in AgentSettings)"
+                ),
                 pin_dir: self.pin_dir().unwrap_or(Path::new("")).to_owned(),
             });
         }

@@ -102,12 +102,12 @@ pub struct MapContents {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CapacityError {
     #[error(
-        "{count} Maglev tables are needed but the data path has room for {limit}; raise --max-tables"
+        "{count} Maglev tables are needed but the data path has room for {limit}; raise maxTables in the AgentSettings"
     )]
     TooManyTables { count: usize, limit: u32 },
     #[error(
         "service {service} has {count} endpoints but the Maglev table size is {size}; raise \
-         --maglev-table-size to a prime well above the endpoint count (at least 100x for even spread)"
+         maglev.tableSize in the AgentSettings to a prime well above the endpoint count (at least 100x for even spread)"
     )]
     TableTooSmall {
         service: String,
@@ -120,9 +120,9 @@ pub enum CapacityError {
     TooManyFrontends { count: usize, limit: u32 },
     #[error("{count} loadBalancerSourceRanges entries exceed the limit of {limit}")]
     TooManySourceRanges { count: usize, limit: u32 },
-    #[error("--maglev-table-size: {0}")]
+    #[error("maglev.tableSize: {0}")]
     Maglev(#[from] MaglevError),
-    #[error("--snat-ports {0}-{1}: the first port must not be above the last")]
+    #[error("snat.ports {0}-{1}: the first port must not be above the last")]
     SnatPorts(u16, u16),
 }
 
@@ -182,7 +182,9 @@ fn frontend_key(port: &ServicePort, frontend: crate::model::Frontend) -> Fronten
     }
 }
 
-fn service_identity(port: &ServicePort) -> String {
+/// A service port's key in `MapContents::service_ids`: `namespace/name:port-name/PROTOCOL`.
+#[must_use]
+pub fn service_identity(port: &ServicePort) -> String {
     format!("{}/{}", port.display_name(), port.protocol)
 }
 

@@ -143,6 +143,13 @@ pub struct ServicePort {
     /// `loadBalancerSourceRanges`; empty means every source is allowed.
     pub source_ranges: Vec<Ipv4Cidr>,
     pub selection: Selection,
+    /// The nodePort (written or assigned); `None` on a Service without node ports.
+    pub node_port: Option<u16>,
+    /// True when the nodePort was omitted and lb-agent assigned it.
+    pub node_port_assigned: bool,
+    /// The Service's `healthCheckNodePort` (written or assigned), the same on each of its
+    /// ports: `type: LoadBalancer` with `externalTrafficPolicy: Local` only.
+    pub health_check_node_port: Option<u16>,
 }
 
 impl ServicePort {

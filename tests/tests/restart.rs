@@ -185,13 +185,11 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// The `N` of the agent's start-up line `..., N map writes`.
+/// The `N` of the agent's start-up line `maps filled writes=N ...`.
 fn start_map_writes(log: &str) -> Option<u64> {
-    let line = log
-        .lines()
-        .find(|l| l.contains(" map writes") && !l.contains("config reloaded"))?;
-    let before = line.split(" map writes").next()?;
-    before.split_whitespace().last()?.parse().ok()
+    let line = log.lines().find(|l| l.contains("maps filled"))?;
+    let (_, after) = line.split_once("writes=")?;
+    after.split_whitespace().next()?.parse().ok()
 }
 
 /// Every streaming connection ended well: none broke, each kept making requests, none was slow,

@@ -680,8 +680,12 @@ fn local_policy_without_a_local_endpoint_drops_and_counts() {
 fn maglev_picks_the_same_backend_on_every_node() {
     let cluster = cluster(&[&["web-a", "web-b"], &["web-c", "web-d"]]);
     let endpoints = ready(&cluster, &["web-a", "web-b", "web-c", "web-d"]);
-    let yaml = echo_service("", &endpoints);
-    let setup = Setup::start(cluster, &yaml, &["--maglev-seed", "7"]);
+    // A seed other than the default, from the settings every node reads.
+    let yaml = format!(
+        "{}apiVersion: lb-agent/v1alpha1\nkind: AgentSettings\nmaglev: {{seed: 7}}\n",
+        echo_service("", &endpoints)
+    );
+    let setup = Setup::start(cluster, &yaml, &[]);
 
     let ports = Options {
         source_port: Some(40000),

@@ -77,6 +77,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     require_root("the tests load eBPF programs and create network namespaces")?;
     // Namespaces a killed earlier run could not remove.
     integration_tests::netns::Netns::remove_stale("lbt");
+    remove_stale_pins("lbt");
     println!("==> building lb-agent and the test peers");
     cargo(
         &["build", "-p", "lb-userspace", "-p", "integration-tests"],
@@ -90,6 +91,19 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         args.extend(extra.iter().map(String::as_str));
     }
     cargo(&args, &[("LB_AGENT_BIN", &agent)])
+}
+
+/// Pin directories (`/sys/fs/bpf/lbt*`) a killed earlier run left: removing a pin unpins it, and
+/// the maps and links go away with their last pin.
+fn remove_stale_pins(prefix: &str) {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(prefix) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn require_root(why: &str) -> anyhow::Result<()> {

@@ -6,7 +6,10 @@
 
 use std::{fmt::Write as _, net::Ipv4Addr};
 
-use super::{ConfigError, Loaded, Location, Problem, load_file, parse};
+use super::{
+    AgentSettings, ConfigError, INPUT_NAME, Loaded, Location, MaglevSettings, PortRange, Problem,
+    SnatSettings, load, parse, parse_port_range, read_sources,
+};
 use crate::model::{
     Endpoint, EndpointState, Frontend, FrontendKind, Ipv4Cidr, Protocol, Selection, ServicePort,
     TrafficPolicy,
@@ -79,6 +82,7 @@ fn assert_problem(
     assert_eq!(
         problem.location,
         Location {
+            file: INPUT_NAME.into(),
             document,
             item: None
         },
@@ -769,6 +773,7 @@ items:
     assert_eq!(
         problem.location,
         Location {
+            file: INPUT_NAME.into(),
             document: 1,
             item: Some(1)
         }
@@ -777,7 +782,7 @@ items:
     assert_eq!(problem.field, "spec.clusterIP");
     assert_eq!(
         problem.to_string(),
-        "document 1, items[1] (Service shop/web), field spec.clusterIP: \"10.96.0.300\" is not \
+        "<input>, document 1, items[1] (Service shop/web), field spec.clusterIP: \"10.96.0.300\" is not \
          an IPv4 address, \"None\" or empty"
     );
 }
@@ -810,6 +815,7 @@ items:
     assert_eq!(
         problems[0].location,
         Location {
+            file: INPUT_NAME.into(),
             document: 1,
             item: Some(0)
         }
@@ -1289,9 +1295,9 @@ metadata: {name: web}
 spec: {replicas: 3}
 ---
 apiVersion: v1
-kind: Endpoints
+kind: ConfigMap
 metadata: {name: web}
-subsets: []
+data: {}
 ---
 apiVersion: v1beta1
 kind: Service
@@ -1299,7 +1305,7 @@ metadata: {name: old}
 "#);
     assert!(loaded.state.service_ports.is_empty());
     assert_warned(&loaded, &["document 1", "apps/v1 Deployment", "skipped"]);
-    assert_warned(&loaded, &["document 2", "v1 Endpoints", "skipped"]);
+    assert_warned(&loaded, &["document 2", "v1 ConfigMap", "skipped"]);
     assert_warned(&loaded, &["document 3", "v1beta1 Service", "skipped"]);
 }
 
@@ -1522,9 +1528,8 @@ fn node_port_out_of_range() {
 }
 
 #[test]
-fn node_port_missing() {
-    let problem = only_problem(&second(
-        r#"
+fn omitted_node_port_is_assigned() {
+    let loaded = ok(r#"
 apiVersion: v1
 kind: Service
 metadata: {name: web}
@@ -1534,14 +1539,19 @@ spec:
   ports:
   - {name: a, port: 80, nodePort: 30080}
   - {name: b, port: 81}
-"#,
-    ));
-    assert_problem(
-        &problem,
-        2,
-        Some("Service default/web"),
-        "spec.ports[1].nodePort",
-        &["required for type NodePort", "30000-32767"],
+"#);
+    let a = port(&loaded, "default/web", "a");
+    assert_eq!((a.node_port, a.node_port_assigned), (Some(30080), false));
+    let b = port(&loaded, "default/web", "b");
+    let assigned = b.node_port.expect("port b gets a node port");
+    assert!(b.node_port_assigned);
+    assert!((30000..=32767).contains(&assigned), "{assigned}");
+    assert_ne!(assigned, 30080);
+    assert_frontends(
+        b,
+        [fe(FrontendKind::ClusterIp, "10.0.0.2", 81)]
+            .into_iter()
+            .chain(node_ports(assigned)),
     );
 }
 
@@ -1808,8 +1818,7 @@ spec:
 
 #[test]
 fn duplicate_node_port_names_both_services() {
-    let problems = problems(
-        r#"
+    let yaml = r#"
 apiVersion: v1
 kind: Service
 metadata: {name: first}
@@ -1819,19 +1828,20 @@ apiVersion: v1
 kind: Service
 metadata: {name: second}
 spec: {type: NodePort, ports: [{port: 81, nodePort: 30080}]}
-"#,
-    );
-    // One problem per node address that clashes.
-    assert_eq!(problems.len(), NODES.len(), "{}", lines(&problems));
-    for (problem, node) in problems.iter().zip(NODES) {
+"#;
+    // Once, whether or not node addresses are known (not once per node address).
+    for node_ips in [NODES, &[]] {
+        let problems = parse(yaml, node_ips).unwrap_err();
+        assert_eq!(problems.len(), 1, "{}", lines(&problems));
         assert_problem(
-            problem,
+            &problems[0],
             2,
             Some("Service default/second"),
-            "spec.ports[0]",
+            "spec.ports[0].nodePort",
             &[
-                &format!("{node}:30080/TCP"),
-                "already served by Service default/first spec.ports[0]",
+                "30080/TCP is already the node port of Service default/first \
+                 spec.ports[0].nodePort",
+                "omit the field to have a free one assigned",
             ],
         );
     }
@@ -1970,9 +1980,9 @@ spec:
 kind: Service
 "#,
     );
-    let error = load_file(&file.0, NODES).unwrap_err();
+    let error = load(&file.0, NODES).unwrap_err();
     let ConfigError::Invalid {
-        file: named,
+        path: named,
         problems,
     } = &error
     else {
@@ -1982,15 +1992,17 @@ kind: Service
     assert_eq!(problems.len(), 3, "{}", lines(problems));
 
     let text = error.to_string();
+    let f = file.0.display();
     let expected = format!(
-        "config file {} has 3 problems:\n\
-         \x20 - document 1 (Service shop/web), field spec.clusterIP: \"10.0.0.256\" is not an \
-         IPv4 address, \"None\" or empty\n\
-         \x20 - document 1 (Service shop/web), field spec.ports[0].nodePort: 80 is outside the \
-         node port range 30000-32767\n\
-         \x20 - document 2, field apiVersion: missing; every document must be a Kubernetes \
-         object with apiVersion and kind (v1 Service or discovery.k8s.io/v1 EndpointSlice)",
-        file.0.display()
+        "config {f} has 3 problems:\n\
+         \x20 - {f}, document 1 (Service shop/web), field spec.clusterIP: \"10.0.0.256\" is \
+         not an IPv4 address, \"None\" or empty\n\
+         \x20 - {f}, document 1 (Service shop/web), field spec.ports[0].nodePort: 80 is outside \
+         the node port range 30000-32767 (nodePortRange of AgentSettings); use a port in it, or \
+         omit the field to have one assigned\n\
+         \x20 - {f}, document 2, field apiVersion: missing; every document must be a \
+         Kubernetes object with apiVersion and kind (v1 Service, discovery.k8s.io/v1 \
+         EndpointSlice, v1 Endpoints or lb-agent/v1alpha1 AgentSettings)",
     );
     assert_eq!(text, expected);
 }
@@ -1998,10 +2010,10 @@ kind: Service
 #[test]
 fn one_problem_is_singular() {
     let file = TempFile::new("kind: Service\n");
-    let text = load_file(&file.0, NODES).unwrap_err().to_string();
+    let text = load(&file.0, NODES).unwrap_err().to_string();
     assert!(
         text.starts_with(&format!(
-            "config file {} has 1 problem:\n  - document 1",
+            "config {0} has 1 problem:\n  - {0}, document 1",
             file.0.display()
         )),
         "{text}"
@@ -2011,7 +2023,7 @@ fn one_problem_is_singular() {
 #[test]
 fn load_file_reads_a_valid_file() {
     let file = TempFile::new(KUBECTL_LIST);
-    let loaded = load_file(&file.0, NODES).unwrap();
+    let loaded = load(&file.0, NODES).unwrap();
     assert_eq!(loaded.state, ok(KUBECTL_LIST).state);
 }
 
@@ -2019,10 +2031,10 @@ fn load_file_reads_a_valid_file() {
 fn unreadable_file_is_a_read_error() {
     let file = TempFile::new("");
     let missing = file.0.with_extension("missing");
-    let error = load_file(&missing, NODES).unwrap_err();
+    let error = load(&missing, NODES).unwrap_err();
     assert!(matches!(error, ConfigError::Read { .. }), "{error:?}");
     let text = error.to_string();
-    assert!(text.contains("cannot read config file"), "{text}");
+    assert!(text.contains("cannot read config"), "{text}");
     assert!(text.contains(&missing.display().to_string()), "{text}");
 }
 
@@ -3080,5 +3092,729 @@ fn odd_settings_do_not_panic() {
         let yaml = annotated_web_service("LoadBalancer", annotations, "");
         let result = std::panic::catch_unwind(|| parse(&yaml, NODES));
         assert!(result.is_ok(), "parse panicked on {annotations:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent settings
+// ---------------------------------------------------------------------------------------------
+
+const SERVICE_80: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.0.0.2, ports: [{port: 80}]}
+"#;
+
+#[test]
+fn settings_default_without_a_settings_document() {
+    let loaded = ok(SERVICE_80);
+    assert_eq!(loaded.settings, AgentSettings::default());
+    let defaults = AgentSettings::default();
+    assert_eq!(defaults.node_port_range.to_string(), "30000-32767");
+    assert_eq!(defaults.snat.ports.to_string(), "61000-65535");
+    assert_eq!(defaults.maglev.table_size, 16_381);
+    assert_eq!(defaults.maglev.seed, 0);
+    assert_eq!(defaults.max_tables, lb_common::DEFAULT_MAX_TABLES);
+    assert_eq!(defaults.connection_table_size, lb_common::CONNTRACK_ENTRIES);
+    assert!(defaults.source_ranges_on_node_ports);
+    assert!(defaults.node_addresses.is_empty());
+}
+
+#[test]
+fn every_setting_is_read() {
+    let loaded = ok(&format!(
+        "{SERVICE_80}---\n{}",
+        r#"
+apiVersion: lb-agent/v1alpha1
+kind: AgentSettings
+metadata: {name: node-settings}
+nodePortRange: "20000-20999"
+nodeAddresses: [192.0.2.1, 192.0.2.2]
+sourceRangesOnNodePorts: false
+maglev: {tableSize: 65537, seed: 7}
+maxTables: 64
+connectionTableSize: 4096
+snat: {ports: "40000-40999"}
+"#
+    ));
+    let expected = AgentSettings {
+        node_port_range: PortRange {
+            first: 20_000,
+            last: 20_999,
+        },
+        node_addresses: vec![ip("192.0.2.1"), ip("192.0.2.2")],
+        source_ranges_on_node_ports: false,
+        maglev: MaglevSettings {
+            table_size: 65_537,
+            seed: 7,
+        },
+        max_tables: 64,
+        connection_table_size: 4096,
+        snat: SnatSettings {
+            ports: PortRange {
+                first: 40_000,
+                last: 40_999,
+            },
+        },
+    };
+    assert_eq!(loaded.settings, expected);
+}
+
+#[test]
+fn partly_written_settings_keep_the_other_defaults() {
+    let loaded = ok(&format!(
+        "{SERVICE_80}---\napiVersion: lb-agent/v1alpha1\nkind: AgentSettings\nmaglev: {{seed: 7}}\n"
+    ));
+    let expected = AgentSettings {
+        maglev: MaglevSettings {
+            seed: 7,
+            ..MaglevSettings::default()
+        },
+        ..AgentSettings::default()
+    };
+    assert_eq!(loaded.settings, expected);
+}
+
+fn settings_problems(settings: &str) -> Vec<Problem> {
+    problems(&format!(
+        "apiVersion: lb-agent/v1alpha1\nkind: AgentSettings\n{settings}"
+    ))
+}
+
+#[test]
+fn settings_problems_name_the_field() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "nodePortRnage: 1-2\n",
+            "nodePortRnage",
+            &["unknown field `nodePortRnage`", "nodePortRange"],
+        ),
+        (
+            "maglev: {tablesize: 7}\n",
+            "maglev.tablesize",
+            &["unknown field `tablesize`", "tableSize"],
+        ),
+        (
+            "nodePortRange: 32767-30000\n",
+            "nodePortRange",
+            &["32767 is above 30000"],
+        ),
+        (
+            "nodePortRange: \"30000\"\n",
+            "nodePortRange",
+            &["not FIRST-LAST"],
+        ),
+        ("nodePortRange: 0-100\n", "nodePortRange", &["not a port"]),
+        ("snat: {ports: 1-99999}\n", "snat.ports", &["not a port"]),
+        (
+            "maglev: {tableSize: 16380}\n",
+            "maglev.tableSize",
+            &["16380 is not prime"],
+        ),
+        (
+            "maglev: {tableSize: 1000003}\n",
+            "maglev.tableSize",
+            &["out of range"],
+        ),
+        ("maglev: {seed: -1}\n", "maglev.seed", &["-1"]),
+        ("maxTables: 0\n", "maxTables", &["use 1-65536"]),
+        (
+            "connectionTableSize: 100\n",
+            "connectionTableSize",
+            &["use 1024-"],
+        ),
+        (
+            "nodeAddresses: [192.0.2.300]\n",
+            "nodeAddresses[0]",
+            &["invalid IPv4 address"],
+        ),
+        (
+            "snat: {ports: 32000-33000}\n",
+            "snat.ports",
+            &["overlaps nodePortRange 30000-32767"],
+        ),
+        (
+            "sourceRangesOnNodePorts: maybe\n",
+            "sourceRangesOnNodePorts",
+            &["boolean"],
+        ),
+    ];
+    for (settings, field, parts) in cases {
+        let problems = settings_problems(settings);
+        assert_eq!(problems.len(), 1, "{settings}: {}", lines(&problems));
+        assert_problem(&problems[0], 1, Some("AgentSettings"), field, parts);
+    }
+}
+
+#[test]
+fn a_second_settings_document_is_a_problem() {
+    let problems = problems(
+        "apiVersion: lb-agent/v1alpha1\nkind: AgentSettings\nmaxTables: 8\n---\n\
+         apiVersion: lb-agent/v1alpha1\nkind: AgentSettings\nmaxTables: 9\n",
+    );
+    assert_eq!(problems.len(), 1, "{}", lines(&problems));
+    assert_problem(
+        &problems[0],
+        2,
+        Some("AgentSettings"),
+        "",
+        &["second AgentSettings", "<input>, document 1", "at most one"],
+    );
+}
+
+#[test]
+fn settings_with_an_unknown_api_version_is_a_problem() {
+    let problem = only_problem("apiVersion: lb-agent/v2\nkind: AgentSettings\n");
+    assert_problem(
+        &problem,
+        1,
+        Some("AgentSettings"),
+        "apiVersion",
+        &["lb-agent/v1alpha1"],
+    );
+}
+
+#[test]
+fn node_addresses_of_the_settings_are_used_when_none_are_given() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {type: NodePort, ports: [{port: 80, nodePort: 30080}]}
+---
+apiVersion: lb-agent/v1alpha1
+kind: AgentSettings
+nodeAddresses: [192.0.2.1]
+"#;
+    let from_settings = parse(yaml, &[]).unwrap();
+    assert_frontends(
+        &from_settings.state.service_ports[0],
+        [fe(FrontendKind::NodePort, "192.0.2.1", 30080)],
+    );
+    // Given addresses win over the settings'.
+    let given = ok(yaml);
+    assert_frontends(&given.state.service_ports[0], node_ports(30080));
+}
+
+#[test]
+fn node_port_range_of_the_settings_applies_wherever_the_document_is() {
+    let service = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {type: NodePort, ports: [{name: a, port: 80, nodePort: 20080}, {name: b, port: 81}]}
+"#;
+    let settings = "apiVersion: lb-agent/v1alpha1\nkind: AgentSettings\n\
+                    nodePortRange: 20000-20099\nsnat: {ports: 61000-65535}\n";
+    for yaml in [
+        format!("{service}---\n{settings}"),
+        format!("{settings}---\n{service}"),
+    ] {
+        let loaded = ok(&yaml);
+        assert_eq!(port(&loaded, "default/web", "a").node_port, Some(20080));
+        let assigned = port(&loaded, "default/web", "b").node_port.unwrap();
+        assert!((20_000..=20_099).contains(&assigned), "{assigned}");
+    }
+    // Without the settings, 20080 is outside the default range.
+    let problem = only_problem(service);
+    assert_problem(
+        &problem,
+        1,
+        Some("Service default/web"),
+        "spec.ports[0].nodePort",
+        &["20080 is outside the node port range 30000-32767"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node port assignment
+// ---------------------------------------------------------------------------------------------
+
+/// `count` `NodePort` Services `svc-N`, each with a TCP and a UDP port and no nodePort.
+fn many_node_port_services(count: usize) -> Vec<String> {
+    (0..count)
+        .map(|n| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{n}, namespace: ns}}\n\
+                 spec:\n  type: NodePort\n  ports:\n  - {{name: http, port: 80}}\n  \
+                 - {{name: dns, port: 53, protocol: UDP}}\n"
+            )
+        })
+        .collect()
+}
+
+fn assigned_ports(loaded: &Loaded) -> Vec<(String, String, u16)> {
+    loaded
+        .state
+        .service_ports
+        .iter()
+        .map(|p| {
+            assert!(p.node_port_assigned, "{}", p.display_name());
+            (p.service.clone(), p.port_name.clone(), p.node_port.unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn assigned_node_ports_depend_only_on_the_input() {
+    let documents = many_node_port_services(40);
+    let first = assigned_ports(&ok(&documents.join("---\n")));
+    // Twice the same.
+    assert_eq!(first, assigned_ports(&ok(&documents.join("---\n"))));
+    // In another order.
+    let mut reversed = documents.clone();
+    reversed.reverse();
+    assert_eq!(first, assigned_ports(&ok(&reversed.join("---\n"))));
+    // Split over files.
+    let sources: Vec<(std::path::PathBuf, String)> = documents
+        .iter()
+        .enumerate()
+        .map(|(i, text)| (format!("{i:02}.yaml").into(), text.clone()))
+        .collect();
+    assert_eq!(
+        first,
+        assigned_ports(&read_sources(&sources, NODES).unwrap())
+    );
+    // Every assigned port is distinct and in range.
+    let mut ports: Vec<u16> = first.iter().map(|(_, _, p)| *p).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), 80);
+    assert!(ports.iter().all(|p| (30_000..=32_767).contains(p)));
+}
+
+#[test]
+fn assigned_node_ports_are_pinned_to_their_hash() {
+    // A known value, so that a change of the hash (which would move every assigned node port
+    // on an upgrade) cannot go unnoticed. FNV-1a of "default/web//TCP" is 0x88153d94 (computed independently with Python).
+    assert_eq!(super::stable_hash("default/web//TCP"), 0x8815_3d94);
+    let loaded = ok("apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+         spec: {type: NodePort, ports: [{port: 80}]}\n");
+    let expected = 30_000 + u16::try_from(0x8815_3d94_u32 % 2768).unwrap();
+    assert_eq!(loaded.state.service_ports[0].node_port, Some(expected));
+}
+
+#[test]
+fn assignment_skips_written_node_ports() {
+    // Web's hashed port, written by another Service (that sorts after it), moves web on.
+    let hashed = 30_000 + u16::try_from(0x8815_3d94_u32 % 2768).unwrap();
+    let loaded = ok(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\n\
+         spec: {{type: NodePort, ports: [{{port: 80}}]}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: zzz}}\n\
+         spec: {{type: NodePort, ports: [{{port: 80, nodePort: {hashed}}}]}}\n"
+    ));
+    assert_eq!(port(&loaded, "default/zzz", "").node_port, Some(hashed));
+    assert_eq!(port(&loaded, "default/web", "").node_port, Some(hashed + 1));
+}
+
+#[test]
+fn a_full_node_port_range_is_a_problem() {
+    let mut documents = many_node_port_services(2);
+    documents.push(
+        "apiVersion: lb-agent/v1alpha1\nkind: AgentSettings\nnodePortRange: 30000-30002\n"
+            .to_owned(),
+    );
+    let problems = problems(&documents.join("---\n"));
+    assert_eq!(problems.len(), 1, "{}", lines(&problems));
+    assert_problem(
+        &problems[0],
+        2,
+        Some("Service ns/svc-1"),
+        "spec.ports[1].nodePort",
+        &["no free port is left in the node port range 30000-30002"],
+    );
+}
+
+#[test]
+fn same_node_port_with_tcp_and_udp_is_fine() {
+    let loaded = ok(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dns}
+spec: {type: NodePort, ports: [{name: tcp, port: 53, nodePort: 30053}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dns-udp}
+spec: {type: NodePort, ports: [{name: udp, port: 53, protocol: UDP, nodePort: 30053}]}
+"#);
+    assert_eq!(port(&loaded, "default/dns", "tcp").node_port, Some(30053));
+    assert_eq!(
+        port(&loaded, "default/dns-udp", "udp").node_port,
+        Some(30053)
+    );
+}
+
+#[test]
+fn duplicate_node_port_without_node_addresses_is_a_problem() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {type: NodePort, ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30080}]}
+"#;
+    let problems = parse(yaml, &[]).unwrap_err();
+    assert_eq!(problems.len(), 1, "{}", lines(&problems));
+    assert_problem(
+        &problems[0],
+        1,
+        Some("Service default/web"),
+        "spec.ports[1].nodePort",
+        &["30080/TCP is already the node port of Service default/web spec.ports[0].nodePort"],
+    );
+}
+
+fn local_load_balancer(extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  type: LoadBalancer\n  \
+         externalTrafficPolicy: Local\n  ports: [{{name: a, port: 80}}, {{name: b, port: 81}}]\n\
+         {extra}"
+    )
+}
+
+#[test]
+fn health_check_node_port_is_assigned_or_read() {
+    let loaded = ok(&local_load_balancer(""));
+    let a = port(&loaded, "default/web", "a");
+    let b = port(&loaded, "default/web", "b");
+    let health = a.health_check_node_port.expect("assigned");
+    assert_eq!(b.health_check_node_port, Some(health));
+    assert!((30_000..=32_767).contains(&health));
+    assert_ne!(Some(health), a.node_port);
+    assert_ne!(Some(health), b.node_port);
+
+    let loaded = ok(&local_load_balancer("  healthCheckNodePort: 32000\n"));
+    assert_eq!(
+        port(&loaded, "default/web", "a").health_check_node_port,
+        Some(32_000)
+    );
+
+    // Cluster policy: none.
+    let loaded = ok("apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+         spec: {type: LoadBalancer, ports: [{port: 80}]}\n");
+    assert_eq!(loaded.state.service_ports[0].health_check_node_port, None);
+}
+
+#[test]
+fn health_check_node_port_problems() {
+    let problem = only_problem(&local_load_balancer("  healthCheckNodePort: 80\n"));
+    assert_problem(
+        &problem,
+        1,
+        Some("Service default/web"),
+        "spec.healthCheckNodePort",
+        &["80 is outside the node port range"],
+    );
+    let problem = only_problem(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+         spec: {type: LoadBalancer, healthCheckNodePort: 30100, ports: [{port: 80}]}\n",
+    );
+    assert_problem(
+        &problem,
+        1,
+        Some("Service default/web"),
+        "spec.healthCheckNodePort",
+        &["only be set when type is LoadBalancer and externalTrafficPolicy is Local"],
+    );
+    let problems = problems(&format!(
+        "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: other}}\n\
+         spec: {{type: NodePort, ports: [{{port: 80, nodePort: 30100}}]}}\n",
+        local_load_balancer("  healthCheckNodePort: 30100\n")
+    ));
+    assert_eq!(problems.len(), 1, "{}", lines(&problems));
+    assert!(
+        problems[0]
+            .message
+            .contains("30100/TCP is already the node port of Service default/web"),
+        "{}",
+        problems[0]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// targetPort and endpoint ports
+// ---------------------------------------------------------------------------------------------
+
+fn service_with_target(target: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\n\
+         spec: {{clusterIP: 10.0.0.2, ports: [{{name: http, port: 80{target}}}]}}\n"
+    )
+}
+
+fn slice_with_ports(ports: &str) -> String {
+    format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv4\nports: {ports}\nendpoints: [{{addresses: [10.1.0.5]}}]\n"
+    )
+}
+
+#[test]
+fn endpoint_port_by_service_port_name_wins() {
+    let loaded = ok(&format!(
+        "{}{}",
+        service_with_target(", targetPort: web"),
+        slice_with_ports("[{name: web, port: 9090}, {name: http, port: 8080}]")
+    ));
+    assert_endpoints(&loaded.state.service_ports[0], [ep("10.1.0.5", 8080, None)]);
+}
+
+#[test]
+fn named_target_port_is_resolved_through_the_endpoint_ports() {
+    let loaded = ok(&format!(
+        "{}{}",
+        service_with_target(", targetPort: web"),
+        slice_with_ports("[{name: web, port: 9090}]")
+    ));
+    assert_endpoints(&loaded.state.service_ports[0], [ep("10.1.0.5", 9090, None)]);
+}
+
+#[test]
+fn unresolved_named_target_port_leaves_no_endpoints_with_a_warning() {
+    let loaded = ok(&format!(
+        "{}{}",
+        service_with_target(", targetPort: web"),
+        slice_with_ports("[{name: metrics, port: 9090}]")
+    ));
+    assert!(loaded.state.service_ports[0].endpoints.is_empty());
+    assert_warned(
+        &loaded,
+        &[
+            "Service default/web",
+            "spec.ports[0].targetPort \"web\" matches no port",
+            "EndpointSlice default/web-1",
+        ],
+    );
+}
+
+#[test]
+fn slice_without_ports_serves_the_numeric_target_port() {
+    for (target, expected) in [("", 80), (", targetPort: 8080", 8080)] {
+        let loaded = ok(&format!(
+            "{}{}",
+            service_with_target(target),
+            slice_with_ports("[]")
+        ));
+        assert_endpoints(
+            &loaded.state.service_ports[0],
+            [ep("10.1.0.5", expected, None)],
+        );
+    }
+    // A named targetPort has nothing to resolve against.
+    let loaded = ok(&format!(
+        "{}{}",
+        service_with_target(", targetPort: web"),
+        slice_with_ports("[]")
+    ));
+    assert!(loaded.state.service_ports[0].endpoints.is_empty());
+}
+
+#[test]
+fn bad_target_ports() {
+    for (target, part) in [
+        ("0", "0 is not a port"),
+        ("70000", "70000 is not a port"),
+        ("\"8080\"", "\"8080\" is not a port name"),
+        ("Web", "\"Web\" is not a port name"),
+        ("a-very-long-port-name", "not a port name"),
+        ("[1]", "not a port"),
+    ] {
+        let problem = only_problem(&service_with_target(&format!(", targetPort: {target}")));
+        assert_problem(
+            &problem,
+            1,
+            Some("Service default/web"),
+            "spec.ports[0].targetPort",
+            &[part],
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// v1 Endpoints
+// ---------------------------------------------------------------------------------------------
+
+const ENDPOINTS: &str = r#"
+apiVersion: v1
+kind: Endpoints
+metadata: {name: web}
+subsets:
+- addresses:
+  - {ip: 10.1.0.5, nodeName: node-a, targetRef: {kind: Pod, name: web-5}}
+  - {ip: 10.1.0.6}
+  notReadyAddresses:
+  - {ip: 10.1.0.7, nodeName: node-b}
+  ports: [{name: http, port: 8080, protocol: TCP}]
+- addresses: [{ip: 10.1.0.8}]
+  ports: [{name: http, port: 8081}]
+"#;
+
+#[test]
+fn endpoints_kind_gives_ready_addresses() {
+    let loaded = ok(&format!("{}---{ENDPOINTS}", service_with_target("")));
+    assert_endpoints(
+        &loaded.state.service_ports[0],
+        [
+            ep("10.1.0.5", 8080, Some("web-5")).on("node-a"),
+            ep("10.1.0.6", 8080, None),
+            ep("10.1.0.8", 8081, None),
+        ],
+    );
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+}
+
+#[test]
+fn slices_win_over_endpoints_with_a_warning() {
+    let loaded = ok(&format!(
+        "{}---{ENDPOINTS}{}",
+        service_with_target(""),
+        slice_with_ports("[{name: http, port: 9000}]")
+    ));
+    assert_endpoints(&loaded.state.service_ports[0], [ep("10.1.0.5", 9000, None)]);
+    assert_warned(
+        &loaded,
+        &[
+            "Endpoints default/web",
+            "also has EndpointSlices",
+            "only the slices are used",
+        ],
+    );
+}
+
+#[test]
+fn endpoints_problems_name_the_field() {
+    let problems = problems(
+        "apiVersion: v1\nkind: Endpoints\nmetadata: {name: web}\nsubsets:\n\
+         - addresses: [{ip: 10.1.0.300}, {ip: 10.1.0.4, nodeName: Bad_Node}]\n  \
+         ports: [{port: 0}]\n",
+    );
+    problem_at(&problems, "subsets[0].addresses[0].ip");
+    problem_at(&problems, "subsets[0].addresses[1].nodeName");
+    problem_at(&problems, "subsets[0].ports[0].port");
+    assert_eq!(problems.len(), 3, "{}", lines(&problems));
+}
+
+#[test]
+fn endpoints_without_a_service_are_warned_about() {
+    let loaded = ok(ENDPOINTS);
+    assert_warned(&loaded, &["Endpoints default/web", "not in the config"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Directories
+// ---------------------------------------------------------------------------------------------
+
+/// A directory under the temp directory that is removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let file = TempFile::new("");
+        let path = file.0.with_extension("d");
+        std::fs::create_dir(&path).unwrap();
+        Self(path)
+    }
+
+    fn write(&self, name: &str, contents: &str) -> std::path::PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_directory_is_read_in_name_order_as_one_config() {
+    let dir = TempDir::new();
+    let documents = many_node_port_services(5);
+    for (i, text) in documents.iter().enumerate() {
+        // `.yml` and `.yaml` both count.
+        let extension = if i % 2 == 0 { "yaml" } else { "yml" };
+        dir.write(&format!("{i}.{extension}"), text);
+    }
+    dir.write("notes.txt", "not: [yaml");
+    dir.write(".hidden.yaml", "not: [yaml");
+    let loaded = load(&dir.0, NODES).unwrap();
+    assert_eq!(
+        assigned_ports(&loaded),
+        assigned_ports(&ok(&documents.join("---\n")))
+    );
+}
+
+#[test]
+fn a_config_map_volume_is_read_through_its_links() {
+    // What the kubelet makes of a ConfigMap: `..data` links to a timestamped directory, and
+    // each key links to `..data/KEY`.
+    let dir = TempDir::new();
+    let version = dir.0.join("..2026_01_01_00_00_00.1");
+    std::fs::create_dir(&version).unwrap();
+    std::fs::write(version.join("services.yaml"), SERVICE_80).unwrap();
+    std::os::unix::fs::symlink(&version, dir.0.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/services.yaml", dir.0.join("services.yaml")).unwrap();
+    let loaded = load(&dir.0, NODES).unwrap();
+    assert_eq!(loaded.state, ok(SERVICE_80).state);
+}
+
+#[test]
+fn problems_in_a_directory_name_their_file() {
+    let dir = TempDir::new();
+    let good = dir.write("a.yaml", SERVICE_80);
+    let bad = dir.write(
+        "b.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: x}\n\
+                                   spec: {clusterIP: nope}\n---\nnot: [yaml",
+    );
+    let error = load(&dir.0, NODES).unwrap_err();
+    let ConfigError::Invalid { path, problems } = &error else {
+        panic!("{error:?}");
+    };
+    assert_eq!(path, &dir.0);
+    assert_eq!(problems.len(), 2, "{}", lines(problems));
+    assert!(problems.iter().all(|p| p.location.file == bad));
+    let text = error.to_string();
+    assert!(
+        text.contains(&format!(
+            "{}, document 1 (Service default/x)",
+            bad.display()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{}, document 2: not valid YAML", bad.display())),
+        "{text}"
+    );
+    assert!(!text.contains(&good.display().to_string()), "{text}");
+}
+
+#[test]
+fn an_empty_directory_is_an_empty_config_with_a_warning() {
+    let dir = TempDir::new();
+    let loaded = load(&dir.0, NODES).unwrap();
+    assert!(loaded.state.service_ports.is_empty());
+    assert_warned(&loaded, &["no *.yaml or *.yml files"]);
+}
+
+#[test]
+fn port_range_parsing() {
+    assert_eq!(
+        parse_port_range("1-65535"),
+        Ok(PortRange {
+            first: 1,
+            last: 65_535
+        })
+    );
+    assert_eq!(parse_port_range(" 5 - 5 ").map(PortRange::size), Ok(1));
+    for bad in [
+        "", "-", "1", "1-", "-1", "+1-2", "0-10", "1-65536", "9-8", "a-b", "1--2",
+    ] {
+        assert!(parse_port_range(bad).is_err(), "{bad:?} parsed");
     }
 }

@@ -524,7 +524,7 @@ fn too_many_tables_are_reported_with_the_limit() {
     let err = MapContents::from_state(&services, &node, &MapContents::default())
         .expect_err("three tables in room for two");
     assert_eq!(err, CapacityError::TooManyTables { count: 3, limit: 2 });
-    assert!(err.to_string().contains("--max-tables"), "{err}");
+    assert!(err.to_string().contains("maxTables"), "{err}");
     // Exactly at the limit is fine.
     build_on(
         &state(vec![split_policies("a", 1, vec![local(10)])]),
@@ -556,7 +556,7 @@ fn a_table_smaller_than_its_endpoints_is_reported_with_the_service() {
     );
     let message = err.to_string();
     assert!(
-        message.contains("default/big") && message.contains("--maglev-table-size"),
+        message.contains("default/big") && message.contains("maglev.tableSize"),
         "{message}"
     );
     // As many endpoints as entries still fits.

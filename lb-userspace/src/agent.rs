@@ -1,0 +1,594 @@
+//! The running agent: from a config to the maps, at start and on every change, and what it
+//! reports about it (log, record, metrics, health).
+//!
+//! One path turns a config into map writes (`read_config` -> `MapContents::from_state` ->
+//! `DataPlane::apply`), whatever started it: the first start, a start that takes over pinned
+//! maps, a change of the config's directory, or SIGHUP. A config that fails anywhere on that
+//! path before the maps are written changes nothing.
+
+use std::{
+    cell::RefCell,
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    rc::Rc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    config::{self, AgentSettings},
+    dataplane::{DataPlane, XdpModeChoice},
+    health::{self, HealthHandle, HealthServers},
+    http::Server,
+    maps::{MapContents, NodeConfig},
+    metrics::{AgentMetrics, render_prometheus},
+    model::{DesiredState, FrontendKind},
+    podif::{self, IfacePattern, LinkEvents},
+    record::{AgentRecord, ApplyInfo, InterfaceKind, InterfaceRecord},
+    report::{Snapshot, Status},
+    watch::ConfigWatcher,
+};
+
+/// The line `run` logs once every interface is attached; tests and the demo wait for it.
+pub const READY_LINE: &str = "lb-agent is serving";
+/// How often idle flows are looked for and removed.
+const FLOW_EXPIRY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What the command line and the host say about this node; the rest is in the config's
+/// settings.
+#[derive(Clone, Debug, Default)]
+pub struct NodeArgs {
+    pub node_name: String,
+    /// `--node-ip`: wins over the settings' `nodeAddresses`.
+    pub node_ips: Vec<Ipv4Addr>,
+    /// The interfaces' addresses, used when neither of the above gives one.
+    pub interface_ips: Vec<Ipv4Addr>,
+}
+
+/// A config read and turned into map contents.
+pub struct ReadConfig {
+    pub state: DesiredState,
+    pub settings: AgentSettings,
+    pub node: NodeConfig,
+    /// The addresses `NodePorts` are served on.
+    pub node_ips: Vec<Ipv4Addr>,
+    pub contents: MapContents,
+}
+
+/// Reads the config and turns it into map contents, keeping the ids `previous` gave; logs the
+/// config's warnings. The one path from file to maps, at start, reload and validate.
+pub fn read_config(
+    path: &Path,
+    args: &NodeArgs,
+    previous: &MapContents,
+) -> anyhow::Result<ReadConfig> {
+    let mut loaded = config::load(path, &args.node_ips)?;
+    let node_ips = [
+        &args.node_ips,
+        &loaded.settings.node_addresses,
+        &args.interface_ips,
+    ]
+    .into_iter()
+    .find(|ips| !ips.is_empty())
+    .cloned()
+    .unwrap_or_default();
+    if args.node_ips.is_empty() && loaded.settings.node_addresses.is_empty() && !node_ips.is_empty()
+    {
+        // Only now known to be needed: the settings name no node address.
+        loaded = config::load(path, &node_ips)?;
+    }
+    for warning in &loaded.warnings {
+        log::warn!("{warning}");
+    }
+    let settings = loaded.settings;
+    let node = NodeConfig {
+        node_name: args.node_name.clone(),
+        snat_addr: node_ips.first().copied(),
+        snat_ports: (settings.snat.ports.first, settings.snat.ports.last),
+        source_ranges_on_node_ports: settings.source_ranges_on_node_ports,
+        maglev_table_size: settings.maglev.table_size,
+        maglev_seed: settings.maglev.seed,
+        max_tables: settings.max_tables,
+    };
+    let contents = MapContents::from_state(&loaded.state, &node, previous)
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(ReadConfig {
+        state: loaded.state,
+        settings,
+        node,
+        node_ips,
+        contents,
+    })
+}
+
+/// Refuses a reload that changes a setting the maps were created with.
+fn check_restart_settings(running: &AgentSettings, new: &AgentSettings) -> anyhow::Result<()> {
+    let sized = [
+        (
+            "maglev.tableSize",
+            running.maglev.table_size,
+            new.maglev.table_size,
+        ),
+        ("maxTables", running.max_tables, new.max_tables),
+        (
+            "connectionTableSize",
+            running.connection_table_size,
+            new.connection_table_size,
+        ),
+    ];
+    for (field, was, now) in sized {
+        if was != now {
+            bail!(
+                "{field} changed from {was} to {now}, which sizes the maps and takes effect only \
+                 at a restart: restart the agent, or set it back to {was}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What `run` was asked to do besides the config.
+pub struct ServeOptions {
+    pub ifaces: Vec<String>,
+    pub xdp_mode: XdpModeChoice,
+    pub pod_patterns: Vec<IfacePattern>,
+    /// Seconds between counter lines in the log; 0: none.
+    pub stats_interval: u64,
+    /// Re-read the config when its directory changes (SIGHUP always does).
+    pub watch: bool,
+    pub metrics_addr: Option<SocketAddr>,
+    pub healthz_addr: Option<SocketAddr>,
+    /// Where `healthCheckNodePort` servers listen (kube-proxy: every address).
+    pub health_check_ip: IpAddr,
+}
+
+/// The agent between applies: the data plane and what it needs to change it and report on it.
+pub struct Agent {
+    dataplane: DataPlane,
+    config: PathBuf,
+    node_args: NodeArgs,
+    /// The settings running: the ones that size the maps cannot change without a restart.
+    settings: AgentSettings,
+    /// What the maps were last filled from.
+    state: DesiredState,
+    node: NodeConfig,
+    node_ips: Vec<Ipv4Addr>,
+    /// +1 for every apply that changed the desired state or the maps.
+    generation: u64,
+    record: Option<AgentRecord>,
+    metrics: AgentMetrics,
+    health: HealthHandle,
+    interfaces: Vec<InterfaceRecord>,
+    pod_patterns: Vec<IfacePattern>,
+    /// Pod interfaces attached: name -> ifindex.
+    pods: BTreeMap<String, u32>,
+}
+
+impl Agent {
+    /// Fills the maps of `dataplane` from `read` (a pinned data plane is reconciled with it:
+    /// only the difference is written) and attaches to the interfaces.
+    pub fn start(
+        mut dataplane: DataPlane,
+        config: PathBuf,
+        node_args: NodeArgs,
+        read: ReadConfig,
+        options: &ServeOptions,
+    ) -> anyhow::Result<Self> {
+        let adopting = dataplane.contents() != &MapContents::default();
+        let read = if adopting {
+            log::info!(
+                "took over the pinned maps in {}",
+                dataplane.pin_dir().unwrap_or(Path::new("")).display()
+            );
+            // The pinned maps' ids are kept, so tracked flows and counters keep their meaning.
+            read_config(&config, &node_args, dataplane.contents())?
+        } else {
+            read
+        };
+        let started = Instant::now();
+        let writes = dataplane.apply(read.contents)?;
+        log::info!(
+            writes = writes,
+            service_ports = read.state.service_ports.len(),
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            adopted = adopting;
+            "maps filled"
+        );
+        let mut interfaces = Vec::new();
+        for iface in &options.ifaces {
+            let mode = dataplane.attach(iface, options.xdp_mode)?;
+            log::info!(iface = iface.as_str(), xdp_mode = mode.to_string().as_str(); "{iface}: XDP on ingress, TC on egress");
+            if read.node.snat_addr.is_some() {
+                crate::netif::accept_local_sources(iface).with_context(|| {
+                    format!(
+                        "setting net.ipv4.conf.{iface}.accept_local=1, which replies of SNATed \
+                         flows to a nodePort need"
+                    )
+                })?;
+            }
+            interfaces.push(InterfaceRecord {
+                name: iface.clone(),
+                kind: InterfaceKind::Node,
+                xdp_mode: Some(mode.to_string()),
+            });
+        }
+        for line in summary(&read.state) {
+            log::info!("{line}");
+        }
+        // Generations go on across restarts: the pinned record says where the last agent was.
+        let generation = if adopting {
+            dataplane
+                .record()
+                .ok()
+                .flatten()
+                .and_then(|bytes| AgentRecord::from_json_bytes(&bytes).ok())
+                .map_or(1, |record| record.generation + 1)
+        } else {
+            1
+        };
+        let health = HealthHandle::new(health::DEFAULT_HEALTH_TIMEOUT);
+        health.updated(SystemTime::now());
+        let mut agent = Agent {
+            dataplane,
+            config,
+            node_args,
+            settings: read.settings,
+            state: read.state,
+            node: read.node,
+            node_ips: read.node_ips,
+            generation,
+            record: None,
+            metrics: AgentMetrics::default(),
+            health,
+            interfaces,
+            pod_patterns: options.pod_patterns.clone(),
+            pods: BTreeMap::new(),
+        };
+        agent.write_record();
+        Ok(agent)
+    }
+
+    /// The data plane, to stop it.
+    pub fn dataplane_mut(&mut self) -> &mut DataPlane {
+        &mut self.dataplane
+    }
+
+    /// Re-reads the config and applies the difference; an invalid config changes nothing.
+    /// `seen` is when the change was noticed: the apply latency is measured from there.
+    fn reload(&mut self, seen: Instant, trigger: &str) {
+        let waited = seen.elapsed();
+        self.health.queued_update(
+            SystemTime::now()
+                .checked_sub(waited)
+                .unwrap_or(SystemTime::now()),
+        );
+        let result = read_config(&self.config, &self.node_args, self.dataplane.contents())
+            .and_then(|read| {
+                check_restart_settings(&self.settings, &read.settings)?;
+                let changed =
+                    read.state != self.state || &read.contents != self.dataplane.contents();
+                let writes = self.dataplane.apply(read.contents)?;
+                Ok((
+                    read.state,
+                    read.settings,
+                    read.node,
+                    read.node_ips,
+                    writes,
+                    changed,
+                ))
+            });
+        match result {
+            Ok((state, settings, node, node_ips, writes, changed)) => {
+                let latency = seen.elapsed();
+                self.health.updated(SystemTime::now());
+                if changed {
+                    self.generation += 1;
+                    self.metrics.applied(latency);
+                }
+                log::info!(
+                    trigger = trigger,
+                    generation = self.generation,
+                    changed = changed,
+                    service_ports = state.service_ports.len(),
+                    writes = writes,
+                    latency_ms = latency.as_secs_f64() * 1e3;
+                    "config reloaded"
+                );
+                if changed {
+                    for line in summary(&state) {
+                        log::info!("{line}");
+                    }
+                }
+                self.state = state;
+                self.settings = settings;
+                self.node = node;
+                self.node_ips = node_ips;
+                if changed {
+                    self.write_record();
+                }
+            }
+            Err(error) => {
+                self.health.refused();
+                self.metrics.refused();
+                log::error!(
+                    trigger = trigger;
+                    "config reload refused, still serving the previous config: {error:#}"
+                );
+            }
+        }
+    }
+
+    /// Stores what was applied, for `status` (also after this process is gone).
+    fn write_record(&mut self) {
+        let mut interfaces = self.interfaces.clone();
+        interfaces.extend(self.pods.keys().map(|name| InterfaceRecord {
+            name: name.clone(),
+            kind: InterfaceKind::Pod,
+            xdp_mode: None,
+        }));
+        let record = AgentRecord::build(
+            &self.state,
+            self.dataplane.contents(),
+            &self.node,
+            ApplyInfo {
+                generation: self.generation,
+                applied_at: SystemTime::now(),
+                config_path: self.config.display().to_string(),
+                node_addresses: self.node_ips.clone(),
+                interfaces,
+            },
+        );
+        if let Err(e) = self.dataplane.write_record(&record.to_json_bytes()) {
+            log::warn!("storing the record for `lb-agent status` failed: {e}");
+        }
+        self.record = Some(record);
+    }
+
+    /// The Prometheus text of the data plane now.
+    fn metrics_text(&self) -> anyhow::Result<String> {
+        let record = self.record.clone().context("nothing applied yet")?;
+        let snapshot = Snapshot::read(record, &self.dataplane)?;
+        Ok(render_prometheus(
+            &Status::from_snapshot(&snapshot),
+            &self.metrics,
+        ))
+    }
+
+    /// Attaches to pod interfaces that appeared, forgets the ones that went away. Returns
+    /// whether anything changed.
+    fn sync_pods(&mut self) -> bool {
+        if self.pod_patterns.is_empty() {
+            return false;
+        }
+        let wanted = match podif::matching_interfaces(&self.pod_patterns) {
+            Ok(wanted) => wanted,
+            Err(e) => {
+                log::warn!("listing interfaces: {e}");
+                return false;
+            }
+        };
+        let (to_attach, to_forget) = podif::reconcile(&self.pods, &wanted);
+        let changed = !to_attach.is_empty() || !to_forget.is_empty();
+        for (name, _) in to_forget {
+            self.dataplane.forget_pod(&name);
+            self.pods.remove(&name);
+            log::info!("pod interface {name} gone");
+        }
+        for (name, index) in to_attach {
+            match self.dataplane.attach_pod(&name) {
+                Ok(()) => {
+                    log::info!("pod interface {name}: TC attached on ingress");
+                    self.pods.insert(name, index);
+                }
+                // It may have gone already; its removal event brings the next scan.
+                Err(e) => log::warn!("pod interface {name}: {e}"),
+            }
+        }
+        changed
+    }
+}
+
+/// Serves until SIGINT or SIGTERM: applies config changes (watched, or on SIGHUP), expires idle
+/// flows, keeps pod interfaces attached, answers metrics and health requests, and logs the
+/// counters when they change. Must run inside a `LocalSet` (the HTTP servers are local tasks).
+pub async fn serve(agent: Rc<RefCell<Agent>>, options: &ServeOptions) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
+    let (config, has_pods, health) = {
+        let agent = agent.borrow();
+        (
+            agent.config.clone(),
+            !agent.pod_patterns.is_empty(),
+            agent.health.clone(),
+        )
+    };
+    let mut watcher = if options.watch {
+        Some(
+            ConfigWatcher::new(&config)
+                .with_context(|| format!("watching {} for changes", config.display()))?,
+        )
+    } else {
+        None
+    };
+    // Opened before the first scan, so no interface can appear unseen in between.
+    let mut links = if has_pods {
+        Some(LinkEvents::open().context("watching network interfaces")?)
+    } else {
+        None
+    };
+    let _servers = start_servers(&agent, options, &health)?;
+    let mut health_checks = HealthServers::new(options.health_check_ip, health.clone());
+    {
+        let mut agent = agent.borrow_mut();
+        if agent.sync_pods() {
+            agent.write_record();
+        }
+        for (kind, iface) in agent.dataplane.drop_unclaimed_links() {
+            log::info!("{iface}: no longer served, removed the pinned {kind} link");
+        }
+        sync_health_checks(&agent, &mut health_checks);
+    }
+    if let Some(watcher) = &watcher {
+        log::info!(
+            "watching {} for config changes",
+            watcher.directory().display()
+        );
+    }
+    log::info!("{READY_LINE} on {}", options.ifaces.join(", "));
+
+    let mut stats = tokio::time::interval(Duration::from_secs(options.stats_interval.max(1)));
+    let mut expiry = tokio::time::interval(FLOW_EXPIRY_INTERVAL);
+    let mut last = String::new();
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { log::info!("SIGTERM: stopping"); break; }
+            _ = interrupt.recv() => { log::info!("SIGINT: stopping"); break; }
+            _ = hangup.recv() => {
+                let mut agent = agent.borrow_mut();
+                agent.reload(Instant::now(), "SIGHUP");
+                sync_health_checks(&agent, &mut health_checks);
+            }
+            seen = async { watcher.as_mut()?.changed().await.ok() }, if watcher.is_some() => {
+                if let Some(seen) = seen {
+                    let mut agent = agent.borrow_mut();
+                    agent.reload(seen, "file");
+                    sync_health_checks(&agent, &mut health_checks);
+                } else {
+                    log::warn!("watching the config failed; changes now need SIGHUP");
+                    watcher = None;
+                }
+            }
+            _ = expiry.tick() => {
+                match agent.borrow_mut().dataplane.expire_flows(monotonic_now_ns()) {
+                    Ok(0) => {}
+                    Ok(n) => log::debug!("removed {n} idle flows"),
+                    Err(e) => log::warn!("removing idle flows: {e}"),
+                }
+            }
+            changed = async { links.as_mut()?.changed().await.ok() }, if links.is_some() => {
+                if changed.is_none() {
+                    log::warn!("reading interface events failed; rescanning pod interfaces");
+                }
+                let mut agent = agent.borrow_mut();
+                if agent.sync_pods() {
+                    agent.write_record();
+                }
+            }
+            _ = stats.tick(), if options.stats_interval > 0 => {
+                let now = agent.borrow().dataplane.counters()?.to_string();
+                if now != last {
+                    log::info!("counters: {now}");
+                    last = now;
+                }
+            }
+        }
+    }
+    // Load balancers probing /healthz take this node out while it goes away.
+    health.set_node_eligible(false);
+    Ok(())
+}
+
+/// The metrics and `/healthz` servers that were asked for; dropping them stops them.
+fn start_servers(
+    agent: &Rc<RefCell<Agent>>,
+    options: &ServeOptions,
+    health: &HealthHandle,
+) -> anyhow::Result<Vec<Server>> {
+    let mut servers = Vec::new();
+    if let Some(addr) = options.metrics_addr {
+        let agent = Rc::clone(agent);
+        let server = health::serve_metrics(addr, move || {
+            // Never borrowed across an await, so this only fails if a scrape arrives inside
+            // an apply, which a single-threaded runtime does not interleave.
+            agent
+                .try_borrow()
+                .context("the agent is busy")?
+                .metrics_text()
+        })
+        .with_context(|| format!("serving metrics on {addr} (--metrics-addr)"))?;
+        log::info!("metrics on http://{}/metrics", server.local_addr());
+        servers.push(server);
+    }
+    if let Some(addr) = options.healthz_addr {
+        let server = health::serve_proxy_health(addr, health.clone())
+            .with_context(|| format!("serving /healthz on {addr} (--healthz-addr)"))?;
+        log::info!(
+            "health on http://{}/healthz and /livez",
+            server.local_addr()
+        );
+        servers.push(server);
+    }
+    Ok(servers)
+}
+
+/// Keeps one server per `healthCheckNodePort` of the applied config.
+fn sync_health_checks(agent: &Agent, servers: &mut HealthServers) {
+    let Some(record) = &agent.record else {
+        return;
+    };
+    for error in servers.sync(health::wanted_service_health(record)) {
+        log::warn!("{error}");
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of the data path's `bpf_ktime_get_ns`.
+fn monotonic_now_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
+}
+
+/// One line per service port: its frontends and where they lead.
+#[must_use]
+pub fn summary(state: &DesiredState) -> Vec<String> {
+    let mut lines = Vec::new();
+    for port in &state.service_ports {
+        let mut frontends: Vec<String> = port
+            .frontends
+            .iter()
+            .filter(|f| f.kind != FrontendKind::NodePort)
+            .map(|f| format!("{}={}:{}", f.kind, f.addr, f.port))
+            .collect();
+        // Node ports once, with whether lb-agent chose them, whatever the node addresses.
+        if let Some(node_port) = port.node_port {
+            let assigned = if port.node_port_assigned {
+                " (assigned)"
+            } else {
+                ""
+            };
+            frontends.push(format!("nodePort={node_port}{assigned}"));
+        }
+        if let Some(health) = port.health_check_node_port {
+            frontends.push(format!("healthCheckNodePort={health}"));
+        }
+        let endpoints: Vec<String> = port
+            .endpoints
+            .iter()
+            .map(|e| match &e.pod {
+                Some(pod) => format!("{}:{} ({pod})", e.addr, e.port),
+                None => format!("{}:{}", e.addr, e.port),
+            })
+            .collect();
+        let endpoints = if endpoints.is_empty() {
+            "no ready endpoints: traffic is dropped".to_owned()
+        } else {
+            endpoints.join(", ")
+        };
+        lines.push(format!(
+            "{} {}: {} -> {}",
+            port.display_name(),
+            port.protocol,
+            frontends.join(" "),
+            endpoints
+        ));
+    }
+    lines
+}
