@@ -64,28 +64,14 @@ pub fn read_config(
     args: &NodeArgs,
     previous: &MapContents,
 ) -> anyhow::Result<ReadConfig> {
-    let mut loaded = config::load(path, &args.node_ips)?;
-    let node_ips = [
-        &args.node_ips,
-        &loaded.settings.node_addresses,
-        &args.interface_ips,
-    ]
-    .into_iter()
-    .find(|ips| !ips.is_empty())
-    .cloned()
-    .unwrap_or_default();
-    if args.node_ips.is_empty() && loaded.settings.node_addresses.is_empty() && !node_ips.is_empty()
-    {
-        // Only now known to be needed: the settings name no node address.
-        loaded = config::load(path, &node_ips)?;
-    }
+    let loaded = config::load(path, &args.node_ips, &args.interface_ips)?;
     for warning in &loaded.warnings {
         log::warn!("{warning}");
     }
     let settings = loaded.settings;
     let node = NodeConfig {
         node_name: args.node_name.clone(),
-        snat_addr: node_ips.first().copied(),
+        snat_addr: loaded.node_ips.first().copied(),
         snat_ports: (settings.snat.ports.first, settings.snat.ports.last),
         source_ranges_on_node_ports: settings.source_ranges_on_node_ports,
         maglev_table_size: settings.maglev.table_size,
@@ -98,7 +84,7 @@ pub fn read_config(
         state: loaded.state,
         settings,
         node,
-        node_ips,
+        node_ips: loaded.node_ips,
         contents,
     })
 }
@@ -173,20 +159,19 @@ impl Agent {
         mut dataplane: DataPlane,
         config: PathBuf,
         node_args: NodeArgs,
-        read: ReadConfig,
+        mut read: ReadConfig,
         options: &ServeOptions,
     ) -> anyhow::Result<Self> {
         let adopting = dataplane.contents() != &MapContents::default();
-        let read = if adopting {
+        if adopting {
             log::info!(
                 "took over the pinned maps in {}",
                 dataplane.pin_dir().unwrap_or(Path::new("")).display()
             );
             // The pinned maps' ids are kept, so tracked flows and counters keep their meaning.
-            read_config(&config, &node_args, dataplane.contents())?
-        } else {
-            read
-        };
+            read.contents = MapContents::from_state(&read.state, &read.node, dataplane.contents())
+                .with_context(|| format!("{}", config.display()))?;
+        }
         let started = Instant::now();
         let writes = dataplane.apply(read.contents)?;
         log::info!(

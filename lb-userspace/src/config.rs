@@ -142,6 +142,8 @@ fn render_problems(path: &Path, problems: &[Problem]) -> String {
 pub struct Loaded {
     pub state: DesiredState,
     pub settings: AgentSettings,
+    /// The addresses node ports are served on (see [`load`] for where they come from).
+    pub node_ips: Vec<Ipv4Addr>,
     pub warnings: Vec<String>,
 }
 
@@ -323,10 +325,15 @@ impl Default for SnatSettings {
 
 /// Reads and validates the config at `path`: one file, or a directory whose `*.yaml` and `*.yml`
 /// files are read in name order (not recursively; hidden entries such as a `ConfigMap` volume's
-/// `..data` are skipped, symlinks are followed). `node_ips` are the addresses `NodePorts` are
-/// served on; when empty, the settings' `nodeAddresses` are used, and when those are empty
-/// too, node ports are checked and assigned but served on no address.
-pub fn load(path: &Path, node_ips: &[Ipv4Addr]) -> Result<Loaded, ConfigError> {
+/// `..data` are skipped, symlinks are followed). `NodePorts` are served on the first of these
+/// that is not empty: `node_ips` (given on the command line), the settings' `nodeAddresses`,
+/// `discovered` (the interfaces' addresses); with none, node ports are checked and assigned but
+/// served on no address.
+pub fn load(
+    path: &Path,
+    node_ips: &[Ipv4Addr],
+    discovered: &[Ipv4Addr],
+) -> Result<Loaded, ConfigError> {
     let read_error = |file: &Path| {
         let file = file.to_owned();
         move |source| ConfigError::Read { file, source }
@@ -368,10 +375,11 @@ pub fn load(path: &Path, node_ips: &[Ipv4Addr]) -> Result<Loaded, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(read_error(path))?;
         sources.push((path.to_owned(), text));
     }
-    let mut loaded = read_sources(&sources, node_ips).map_err(|problems| ConfigError::Invalid {
-        path: path.to_owned(),
-        problems,
-    })?;
+    let mut loaded =
+        read_sources(&sources, node_ips, discovered).map_err(|problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })?;
     loaded.warnings.splice(0..0, notes);
     Ok(loaded)
 }
@@ -381,13 +389,19 @@ pub const INPUT_NAME: &str = "<input>";
 
 /// Parses and validates one YAML stream (named [`INPUT_NAME`] in locations).
 pub fn parse(text: &str, node_ips: &[Ipv4Addr]) -> Result<Loaded, Vec<Problem>> {
-    read_sources(&[(PathBuf::from(INPUT_NAME), text.to_owned())], node_ips)
+    read_sources(
+        &[(PathBuf::from(INPUT_NAME), text.to_owned())],
+        node_ips,
+        &[],
+    )
 }
 
-/// Parses and validates YAML streams (file name, text) as one config.
+/// Parses and validates YAML streams (file name, text) as one config; node addresses as in
+/// [`load`].
 pub fn read_sources(
     sources: &[(PathBuf, String)],
     node_ips: &[Ipv4Addr],
+    discovered: &[Ipv4Addr],
 ) -> Result<Loaded, Vec<Problem>> {
     let mut reader = Reader::default();
     for (file, text) in sources {
@@ -408,7 +422,7 @@ pub fn read_sources(
             }
         }
     }
-    reader.finish(node_ips)
+    reader.finish(node_ips, discovered)
 }
 
 // The subset of the Kubernetes objects the data path needs. Unknown fields are ignored, as the
@@ -1875,17 +1889,21 @@ impl Reader {
     /// Joins Services with their endpoints, checks and assigns node ports, expands them over
     /// the node addresses, and checks that no two service ports claim the same address, port
     /// and protocol.
-    fn finish(mut self, node_ips: &[Ipv4Addr]) -> Result<Loaded, Vec<Problem>> {
+    fn finish(
+        mut self,
+        node_ips: &[Ipv4Addr],
+        discovered: &[Ipv4Addr],
+    ) -> Result<Loaded, Vec<Problem>> {
         let settings = self
             .settings
             .take()
             .map(|(_, settings)| settings)
             .unwrap_or_default();
-        let node_ips = if node_ips.is_empty() {
-            settings.node_addresses.clone()
-        } else {
-            node_ips.to_vec()
-        };
+        let node_ips = [node_ips, &settings.node_addresses, discovered]
+            .into_iter()
+            .find(|ips| !ips.is_empty())
+            .unwrap_or_default()
+            .to_vec();
         let services = std::mem::take(&mut self.services);
         let node_ports = self.node_ports(&services, settings.node_port_range);
         let mut slices = std::mem::take(&mut self.slices);
@@ -1969,6 +1987,7 @@ impl Reader {
         Ok(Loaded {
             state: DesiredState { service_ports },
             settings,
+            node_ips,
             warnings: self.warnings,
         })
     }

@@ -816,17 +816,7 @@ impl DataPlane {
             let (id, mode) = self.attach_xdp(iface, choice)?;
             (self.keep_xdp(iface, mode, id)?, mode)
         };
-        let tc = if let Some(handle) = self.adopt_tc(iface, LinkKind::TcEgress)? {
-            handle
-        } else {
-            let id = attach_tc(
-                &mut self.ebpf,
-                iface,
-                program_names::TC_EGRESS,
-                TcAttachType::Egress,
-            )?;
-            self.keep_tc(iface, LinkKind::TcEgress, id)?
-        };
+        let tc = self.attach_or_adopt_tc(iface, LinkKind::TcEgress)?;
         self.attachments.push(Attachment {
             iface: iface.to_owned(),
             xdp: Some(xdp_link),
@@ -904,6 +894,25 @@ impl DataPlane {
             return Ok(Some((LinkHandle::Pinned(path), mode)));
         }
         Ok(None)
+    }
+
+    /// The TC program of `kind` on `iface`: a link pinned there taken over, or a new one
+    /// (pinned when there is a pin directory).
+    fn attach_or_adopt_tc(
+        &mut self,
+        iface: &str,
+        kind: LinkKind,
+    ) -> Result<LinkHandle, DataPlaneError> {
+        if let Some(handle) = self.adopt_tc(iface, kind)? {
+            return Ok(handle);
+        }
+        let direction = if kind == LinkKind::TcPod {
+            TcAttachType::Ingress
+        } else {
+            TcAttachType::Egress
+        };
+        let id = attach_tc(&mut self.ebpf, iface, tc_program_name(kind), direction)?;
+        self.keep_tc(iface, kind, id)
     }
 
     /// Takes over a TC link of `kind` pinned for `iface`, if there is one.
@@ -992,17 +1001,7 @@ impl DataPlane {
     /// Attaches the pod program to the ingress of a pod's host-side interface (taking over a
     /// pinned link, as [`DataPlane::attach`] does).
     pub fn attach_pod(&mut self, iface: &str) -> Result<(), DataPlaneError> {
-        let tc = if let Some(handle) = self.adopt_tc(iface, LinkKind::TcPod)? {
-            handle
-        } else {
-            let id = attach_tc(
-                &mut self.ebpf,
-                iface,
-                program_names::TC_POD_INGRESS,
-                TcAttachType::Ingress,
-            )?;
-            self.keep_tc(iface, LinkKind::TcPod, id)?
-        };
+        let tc = self.attach_or_adopt_tc(iface, LinkKind::TcPod)?;
         self.attachments.push(Attachment {
             iface: iface.to_owned(),
             xdp: None,

@@ -676,14 +676,6 @@ impl PinnedDataPlane {
         crate::dataplane::read_flows(self)
     }
 
-    /// Packets and bytes of the backends `ids` (the ones the record names), summed over CPUs.
-    pub fn backend_stats(
-        &self,
-        ids: impl Iterator<Item = u32>,
-    ) -> Result<BTreeMap<u32, BackendStats>, DataPlaneError> {
-        crate::dataplane::read_backend_stats(self, ids)
-    }
-
     /// The agent's last record, `None` if it wrote none.
     pub fn record(&self) -> Result<Option<Vec<u8>>, DataPlaneError> {
         let array: Array<&MapData, RecordChunk> =

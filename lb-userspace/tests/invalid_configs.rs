@@ -49,7 +49,7 @@ fn the_corpus_is_big_enough() {
 fn load_refuses_every_case_with_the_expected_errors() {
     let mut failures = Vec::new();
     for (file, expected) in cases() {
-        match config::load(&file, &[]) {
+        match config::load(&file, &[], &[]) {
             Ok(loaded) => failures.push(format!(
                 "{}: loaded, expected errors; state {:?}",
                 file.display(),

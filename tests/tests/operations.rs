@@ -13,7 +13,7 @@ use std::{
 };
 
 use integration_tests::{
-    agent::{Agent, agent_bin},
+    agent::{Agent, agent_bin, cleanup},
     cluster::{Cluster, node_addr},
     netns::{Netns, run, unique_prefix},
     probe::{self, Batch, Hold},
@@ -28,7 +28,7 @@ const METRICS_URL: &str = "http://127.0.0.1:10249/metrics";
 /// UDP requests in the status test, each from a new socket.
 const REQUESTS: u32 = 12;
 /// "hello" in a UDP datagram: 20 bytes of IP header, 8 of UDP, 5 of payload.
-const REQUEST_BYTES: u64 = 33;
+const REQUEST_BYTES: u32 = 33;
 
 fn probe_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_lb-probe"))
@@ -284,10 +284,7 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        let _ = Command::new(agent_bin())
-            .args(["cleanup", "--pin-dir"])
-            .arg(&self.0)
-            .output();
+        let _ = cleanup(&agent_bin(), &self.0);
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -345,7 +342,7 @@ fn check_echo_status(status: &serde_json::Value, when: &str) {
     );
     assert_eq!(
         traffic["forwardBytes"],
-        u64::from(REQUESTS) * REQUEST_BYTES,
+        u64::from(REQUESTS * REQUEST_BYTES),
         "{when}: {backend:#}"
     );
     assert_eq!(
@@ -406,7 +403,7 @@ fn status_and_metrics_count_known_traffic_while_running_and_after_the_agent_stop
             &scraped,
             &format!("lbagent_backend_bytes_total{}", labels("forward"))
         ),
-        Some(f64::from(REQUESTS) * f64::from(u32::try_from(REQUEST_BYTES).unwrap_or(0))),
+        Some(f64::from(REQUESTS * REQUEST_BYTES)),
         "metrics:\n{scraped}"
     );
     assert_eq!(

@@ -1980,7 +1980,7 @@ spec:
 kind: Service
 "#,
     );
-    let error = load(&file.0, NODES).unwrap_err();
+    let error = load(&file.0, NODES, &[]).unwrap_err();
     let ConfigError::Invalid {
         path: named,
         problems,
@@ -2010,7 +2010,7 @@ kind: Service
 #[test]
 fn one_problem_is_singular() {
     let file = TempFile::new("kind: Service\n");
-    let text = load(&file.0, NODES).unwrap_err().to_string();
+    let text = load(&file.0, NODES, &[]).unwrap_err().to_string();
     assert!(
         text.starts_with(&format!(
             "config {0} has 1 problem:\n  - {0}, document 1",
@@ -2023,7 +2023,7 @@ fn one_problem_is_singular() {
 #[test]
 fn load_file_reads_a_valid_file() {
     let file = TempFile::new(KUBECTL_LIST);
-    let loaded = load(&file.0, NODES).unwrap();
+    let loaded = load(&file.0, NODES, &[]).unwrap();
     assert_eq!(loaded.state, ok(KUBECTL_LIST).state);
 }
 
@@ -2031,7 +2031,7 @@ fn load_file_reads_a_valid_file() {
 fn unreadable_file_is_a_read_error() {
     let file = TempFile::new("");
     let missing = file.0.with_extension("missing");
-    let error = load(&missing, NODES).unwrap_err();
+    let error = load(&missing, NODES, &[]).unwrap_err();
     assert!(matches!(error, ConfigError::Read { .. }), "{error:?}");
     let text = error.to_string();
     assert!(text.contains("cannot read config"), "{text}");
@@ -3374,7 +3374,7 @@ fn assigned_node_ports_depend_only_on_the_input() {
         .collect();
     assert_eq!(
         first,
-        assigned_ports(&read_sources(&sources, NODES).unwrap())
+        assigned_ports(&read_sources(&sources, NODES, &[]).unwrap())
     );
     // Every assigned port is distinct and in range.
     let mut ports: Vec<u16> = first.iter().map(|(_, _, p)| *p).collect();
@@ -3742,7 +3742,7 @@ fn a_directory_is_read_in_name_order_as_one_config() {
     }
     dir.write("notes.txt", "not: [yaml");
     dir.write(".hidden.yaml", "not: [yaml");
-    let loaded = load(&dir.0, NODES).unwrap();
+    let loaded = load(&dir.0, NODES, &[]).unwrap();
     assert_eq!(
         assigned_ports(&loaded),
         assigned_ports(&ok(&documents.join("---\n")))
@@ -3759,7 +3759,7 @@ fn a_config_map_volume_is_read_through_its_links() {
     std::fs::write(version.join("services.yaml"), SERVICE_80).unwrap();
     std::os::unix::fs::symlink(&version, dir.0.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/services.yaml", dir.0.join("services.yaml")).unwrap();
-    let loaded = load(&dir.0, NODES).unwrap();
+    let loaded = load(&dir.0, NODES, &[]).unwrap();
     assert_eq!(loaded.state, ok(SERVICE_80).state);
 }
 
@@ -3772,7 +3772,7 @@ fn problems_in_a_directory_name_their_file() {
         "apiVersion: v1\nkind: Service\nmetadata: {name: x}\n\
                                    spec: {clusterIP: nope}\n---\nnot: [yaml",
     );
-    let error = load(&dir.0, NODES).unwrap_err();
+    let error = load(&dir.0, NODES, &[]).unwrap_err();
     let ConfigError::Invalid { path, problems } = &error else {
         panic!("{error:?}");
     };
@@ -3797,7 +3797,7 @@ fn problems_in_a_directory_name_their_file() {
 #[test]
 fn an_empty_directory_is_an_empty_config_with_a_warning() {
     let dir = TempDir::new();
-    let loaded = load(&dir.0, NODES).unwrap();
+    let loaded = load(&dir.0, NODES, &[]).unwrap();
     assert!(loaded.state.service_ports.is_empty());
     assert_warned(&loaded, &["no *.yaml or *.yml files"]);
 }
