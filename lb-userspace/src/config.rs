@@ -50,13 +50,18 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::model::{
-    DesiredState, Endpoint, EndpointState, Frontend, FrontendKind, Ipv4Cidr, Protocol, Selection,
-    ServicePort, TrafficPolicy,
+use crate::{
+    ipam,
+    model::{
+        AddressAllocation, DesiredState, Endpoint, EndpointState, Frontend, FrontendKind, Ipv4Cidr,
+        Protocol, Selection, ServicePort, TrafficPolicy,
+    },
 };
 
 /// The label that links an `EndpointSlice` to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The label that hands a Service to another proxy: kube-proxy, and lb-agent, leave it alone.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// The annotation that picks how a Service's new flows choose their backend.
 pub const SELECTION_ANNOTATION: &str = "lb-agent/backend-selection";
 /// The annotation that held `loadBalancerSourceRanges` before the field existed.
@@ -144,6 +149,9 @@ pub struct Loaded {
     pub settings: AgentSettings,
     /// The addresses node ports are served on (see [`load`] for where they come from).
     pub node_ips: Vec<Ipv4Addr>,
+    /// What each `type: LoadBalancer` Service of lb-agent's class asks for and holds, when
+    /// `loadBalancerIPPools` are set: the Kubernetes source's allocator decides on these.
+    pub address_claims: Vec<ipam::Claim>,
     pub warnings: Vec<String>,
 }
 
@@ -269,6 +277,17 @@ pub struct AgentSettings {
     /// Read at start only.
     pub connection_table_size: u32,
     pub snat: SnatSettings,
+    /// Addresses for `type: LoadBalancer` Services (bare metal): see [`crate::ipam`].
+    #[serde(rename = "loadBalancerIPPools")]
+    pub load_balancer_ip_pools: Vec<ipam::PoolSettings>,
+}
+
+impl AgentSettings {
+    /// The address pools, parsed (checked when the settings were read).
+    #[must_use]
+    pub fn pools(&self) -> Vec<ipam::Pool> {
+        ipam::check_pools(&self.load_balancer_ip_pools).unwrap_or_default()
+    }
 }
 
 impl Default for AgentSettings {
@@ -281,6 +300,7 @@ impl Default for AgentSettings {
             max_tables: lb_common::DEFAULT_MAX_TABLES,
             connection_table_size: lb_common::CONNTRACK_ENTRIES,
             snat: SnatSettings::default(),
+            load_balancer_ip_pools: Vec::new(),
         }
     }
 }
@@ -403,7 +423,42 @@ pub fn read_sources(
     node_ips: &[Ipv4Addr],
     discovered: &[Ipv4Addr],
 ) -> Result<Loaded, Vec<Problem>> {
-    let mut reader = Reader::default();
+    read_objects(sources, Vec::new(), node_ips, discovered, Allocation::Here)
+}
+
+/// Who gives `type: LoadBalancer` Services their addresses from `loadBalancerIPPools`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Allocation {
+    #[default]
+    /// The reader, from the input alone (the files): the result is served and shown in
+    /// `status`, the same on every node.
+    Here,
+    /// Someone who writes `status.loadBalancer.ingress` (the Kubernetes source's leader): only
+    /// the addresses in the status are served.
+    ByStatus,
+}
+
+/// Reads YAML streams (file name, text) and objects already parsed (each named by a path, such
+/// as `api/Service/default/web`, that problems name as their file) as one config.
+pub fn read_objects(
+    sources: &[(PathBuf, String)],
+    objects: Vec<(PathBuf, serde_yaml::Value)>,
+    node_ips: &[Ipv4Addr],
+    discovered: &[Ipv4Addr],
+    allocation: Allocation,
+) -> Result<Loaded, Vec<Problem>> {
+    let mut reader = Reader {
+        allocation,
+        ..Reader::default()
+    };
+    for (file, value) in objects {
+        let location = Location {
+            file,
+            document: 1,
+            item: None,
+        };
+        reader.object(value, location);
+    }
     for (file, text) in sources {
         for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
             let location = Location {
@@ -470,6 +525,10 @@ struct ServiceSpec {
     #[serde(default)]
     load_balancer_source_ranges: Vec<String>,
     health_check_node_port: Option<i64>,
+    /// Deprecated by Kubernetes but what most bare-metal users write to ask for an address.
+    #[serde(rename = "loadBalancerIP")]
+    load_balancer_ip: Option<String>,
+    load_balancer_class: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -599,6 +658,14 @@ struct ServiceEntry {
     /// `type: LoadBalancer` with `externalTrafficPolicy: Local`: the API server gives these a
     /// health check node port, and allows one on no other Service.
     wants_health_check: bool,
+    /// `type: LoadBalancer` of lb-agent's class: what it asks for and its status addresses.
+    address_request: Option<AddressRequest>,
+}
+
+struct AddressRequest {
+    requested: Vec<Ipv4Addr>,
+    pool: Option<String>,
+    current: Vec<Ipv4Addr>,
 }
 
 /// The Service-wide settings that every one of its ports carries.
@@ -614,6 +681,7 @@ struct PortEntry {
     field: String,
     name: String,
     protocol: Protocol,
+    port: u16,
     frontends_on_service_ips: Vec<Frontend>,
     node_port: NodePortWanted,
     target_port: TargetPort,
@@ -729,6 +797,10 @@ struct Reader {
     legacy_endpoints: EndpointIndex,
     /// The settings document and where it is.
     settings: Option<(Location, AgentSettings)>,
+    allocation: Allocation,
+    /// Services skipped on purpose (another proxy's, headless): their endpoints go unused
+    /// without a warning of their own.
+    skipped: BTreeSet<(String, String)>,
 }
 
 impl Reader {
@@ -844,6 +916,12 @@ impl Reader {
         let at = |s: &mut Self, field: &str, message: String| {
             s.problem(&location, Some(&object), field, message);
         };
+        if let Some(reason) = not_proxied(&service) {
+            self.warnings
+                .push(format!("{location} ({object}): {reason}; skipped"));
+            self.skipped.insert((namespace, name));
+            return;
+        }
 
         let service_type = service.spec.service_type.as_deref().unwrap_or("ClusterIP");
         // Whether every port needs a node port; one that has it is served on it either way.
@@ -873,6 +951,11 @@ impl Reader {
         };
 
         let service_ips = self.service_ips(&service, has_load_balancer, &location, &object);
+        let address_request = if has_load_balancer {
+            self.address_request(&service, &service_ips, &location, &object)
+        } else {
+            None
+        };
         let settings = self.service_settings(&service, service_type, &location, &object);
         let rules = NodePortRules {
             has_node_ports,
@@ -920,7 +1003,54 @@ impl Reader {
             settings,
             health_check_node_port: service.spec.health_check_node_port,
             wants_health_check,
+            address_request,
         });
+    }
+
+    /// What a `type: LoadBalancer` Service asks for from the address pools; `None` when it
+    /// belongs to another `loadBalancerClass`.
+    fn address_request(
+        &mut self,
+        service: &ServiceObject,
+        service_ips: &[(FrontendKind, Ipv4Addr)],
+        location: &Location,
+        object: &str,
+    ) -> Option<AddressRequest> {
+        let class = service.spec.load_balancer_class.as_deref();
+        if class.is_some_and(|c| c != ipam::LOAD_BALANCER_CLASS) {
+            return None;
+        }
+        let annotations = &service.metadata.annotations;
+        let requested = match ipam::requested_addresses(
+            annotations
+                .get(ipam::REQUESTED_IPS_ANNOTATION)
+                .map(String::as_str),
+            service
+                .spec
+                .load_balancer_ip
+                .as_deref()
+                .filter(|ip| !ip.is_empty()),
+        ) {
+            Ok(requested) => requested,
+            Err(message) => {
+                let field = if annotations.contains_key(ipam::REQUESTED_IPS_ANNOTATION) {
+                    format!("metadata.annotations[{}]", ipam::REQUESTED_IPS_ANNOTATION)
+                } else {
+                    "spec.loadBalancerIP".to_owned()
+                };
+                self.problem(location, Some(object), &field, message);
+                return None;
+            }
+        };
+        Some(AddressRequest {
+            requested,
+            pool: annotations.get(ipam::POOL_ANNOTATION).cloned(),
+            current: service_ips
+                .iter()
+                .filter(|(kind, _)| *kind == FrontendKind::LoadBalancer)
+                .map(|&(_, addr)| addr)
+                .collect(),
+        })
     }
 
     /// The settings that apply to every port of the Service.
@@ -1314,6 +1444,7 @@ impl Reader {
             field,
             name,
             protocol,
+            port: service_port,
             frontends_on_service_ips: service_ips
                 .iter()
                 .map(|&(kind, addr)| Frontend {
@@ -1560,6 +1691,11 @@ impl Reader {
                     settings.snat.ports, settings.node_port_range
                 ),
             );
+        }
+        if let Err(problems) = ipam::check_pools(&settings.load_balancer_ip_pools) {
+            for (field, message) in problems {
+                at(self, &field, message);
+            }
         }
         self.settings = Some((location, settings));
     }
@@ -1906,27 +2042,27 @@ impl Reader {
             .to_vec();
         let services = std::mem::take(&mut self.services);
         let node_ports = self.node_ports(&services, settings.node_port_range);
+        let pools = settings.pools();
+        let address_claims = address_claims(&services, &pools);
+        let allocated = self.allocate_here(&services, &pools, &address_claims);
         let mut slices = std::mem::take(&mut self.slices);
         let mut legacy = std::mem::take(&mut self.legacy_endpoints);
         let mut service_ports = Vec::new();
         let mut claimed = Claims::new();
         for (service_index, service) in services.iter().enumerate() {
-            let key = (service.namespace.clone(), service.name.clone());
-            let source = match (slices.remove(&key), legacy.remove(&key)) {
-                (Some(slices), Some(legacy)) => {
-                    self.warnings.push(format!(
-                        "{}: Service {}/{} also has EndpointSlices ({}); only the slices are \
-                         used, as kube-proxy does",
-                        legacy.origin, service.namespace, service.name, slices.origin
-                    ));
-                    Some(slices)
-                }
-                (slices, legacy) => slices.or(legacy),
-            };
+            let source = self.endpoint_source(service, &mut slices, &mut legacy);
             let health_check_node_port = node_ports[service_index].health_check;
             for (port_index, port) in service.ports.iter().enumerate() {
                 let node_port = node_ports[service_index].ports[port_index];
                 let mut frontends = port.frontends_on_service_ips.clone();
+                let allocation = allocated.get(&service_index);
+                if let Some((AddressAllocation::Pool(_), addrs)) = allocation {
+                    frontends.extend(addrs.iter().map(|&addr| Frontend {
+                        kind: FrontendKind::LoadBalancer,
+                        addr,
+                        port: port.port,
+                    }));
+                }
                 if let Some((node_port, _)) = node_port {
                     frontends.extend(node_ips.iter().map(|&addr| Frontend {
                         kind: FrontendKind::NodePort,
@@ -1958,16 +2094,11 @@ impl Reader {
                     node_port: node_port.map(|(n, _)| n),
                     node_port_assigned: node_port.is_some_and(|(_, assigned)| assigned),
                     health_check_node_port,
+                    load_balancer_allocation: allocation.map(|(a, _)| a.clone()),
                 });
             }
         }
-        for ((namespace, name), source) in slices.into_iter().chain(legacy) {
-            self.warnings.push(format!(
-                "{}: belongs to Service {namespace}/{name}, which is not in the config; its \
-                 endpoints are not used",
-                source.origin
-            ));
-        }
+        self.warn_unused_endpoints(slices.into_iter().chain(legacy));
         if !self.problems.is_empty() {
             // In file order; the checks across documents (node ports, claims) come last
             // otherwise. Stable, so one document's problems keep their field order.
@@ -1988,9 +2119,133 @@ impl Reader {
             state: DesiredState { service_ports },
             settings,
             node_ips,
+            address_claims: if self.allocation == Allocation::ByStatus {
+                address_claims
+            } else {
+                Vec::new()
+            },
             warnings: self.warnings,
         })
     }
+
+    /// A Service's endpoints: its slices, else its `Endpoints`.
+    fn endpoint_source(
+        &mut self,
+        service: &ServiceEntry,
+        slices: &mut EndpointIndex,
+        legacy: &mut EndpointIndex,
+    ) -> Option<EndpointSource> {
+        let key = (service.namespace.clone(), service.name.clone());
+        match (slices.remove(&key), legacy.remove(&key)) {
+            (Some(slices), Some(legacy)) => {
+                self.warnings.push(format!(
+                    "{}: Service {}/{} also has EndpointSlices ({}); only the slices are used, \
+                     as kube-proxy does",
+                    legacy.origin, service.namespace, service.name, slices.origin
+                ));
+                Some(slices)
+            }
+            (slices, legacy) => slices.or(legacy),
+        }
+    }
+
+    fn warn_unused_endpoints(
+        &mut self,
+        unused: impl Iterator<Item = ((String, String), EndpointSource)>,
+    ) {
+        for ((namespace, name), source) in unused {
+            if self.skipped.contains(&(namespace.clone(), name.clone())) {
+                continue;
+            }
+            self.warnings.push(format!(
+                "{}: belongs to Service {namespace}/{name}, which is not in the config; its \
+                 endpoints are not used",
+                source.origin
+            ));
+        }
+    }
+
+    /// With [`Allocation::Here`]: the addresses each Service without any in its status gets
+    /// (by index into `services`); a conflict is a warning, and shown in `status`.
+    fn allocate_here(
+        &mut self,
+        services: &[ServiceEntry],
+        pools: &[ipam::Pool],
+        claims: &[ipam::Claim],
+    ) -> BTreeMap<usize, (AddressAllocation, Vec<Ipv4Addr>)> {
+        let mut result = BTreeMap::new();
+        if self.allocation != Allocation::Here || claims.is_empty() {
+            return result;
+        }
+        let outcomes = ipam::allocate(pools, claims);
+        for (index, service) in services.iter().enumerate() {
+            let key = format!("{}/{}", service.namespace, service.name);
+            let Some(request) = &service.address_request else {
+                continue;
+            };
+            // Addresses written in the status are served as written.
+            if !request.current.is_empty() {
+                continue;
+            }
+            match outcomes.get(&key) {
+                Some(ipam::Outcome::Addresses { pool, addrs }) => {
+                    result.insert(
+                        index,
+                        (AddressAllocation::Pool(pool.clone()), addrs.clone()),
+                    );
+                }
+                Some(ipam::Outcome::Conflict(why)) => {
+                    self.warnings.push(format!(
+                        "{} ({}): no load balancer address: {why}",
+                        service.location, service.object
+                    ));
+                    result.insert(index, (AddressAllocation::Pending(why.clone()), Vec::new()));
+                }
+                None => {}
+            }
+        }
+        result
+    }
+}
+
+/// Why kube-proxy (and so lb-agent) leaves a Service alone, if it does.
+fn not_proxied(service: &ServiceObject) -> Option<String> {
+    if let Some(proxy) = service.metadata.labels.get(SERVICE_PROXY_NAME_LABEL) {
+        Some(format!(
+            "label {SERVICE_PROXY_NAME_LABEL}={proxy} hands it to another proxy"
+        ))
+    } else if service.spec.cluster_ip.as_deref() == Some("None") {
+        // DNS answers with the endpoints themselves; no proxy is involved.
+        Some("headless (clusterIP: None)".to_owned())
+    } else {
+        None
+    }
+}
+
+/// The claims on the address pools: every `type: LoadBalancer` Service of lb-agent's class,
+/// except one whose status holds only addresses of no pool (another controller's).
+fn address_claims(services: &[ServiceEntry], pools: &[ipam::Pool]) -> Vec<ipam::Claim> {
+    if pools.is_empty() {
+        return Vec::new();
+    }
+    services
+        .iter()
+        .filter_map(|service| {
+            let request = service.address_request.as_ref()?;
+            let managed_elsewhere = !request.current.is_empty()
+                && request.requested.is_empty()
+                && !request
+                    .current
+                    .iter()
+                    .any(|a| pools.iter().any(|p| p.contains(*a)));
+            (!managed_elsewhere).then(|| ipam::Claim {
+                service: format!("{}/{}", service.namespace, service.name),
+                requested: request.requested.clone(),
+                pool: request.pool.clone(),
+                current: request.current.clone(),
+            })
+        })
+        .collect()
 }
 
 /// A Service's node ports, written or assigned.
@@ -2107,7 +2362,7 @@ fn is_port_name(name: &str) -> bool {
 
 /// FNV-1a (32 bits): a hash that is the same in every process, on every node and in every
 /// version, unlike std's randomly seeded one. Assigned node ports depend on it.
-fn stable_hash(text: &str) -> u32 {
+pub(crate) fn stable_hash(text: &str) -> u32 {
     const OFFSET_BASIS: u32 = 0x811c_9dc5;
     const PRIME: u32 = 0x0100_0193;
     text.bytes().fold(OFFSET_BASIS, |hash, byte| {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod dataplane;
 pub mod health;
 pub mod http;
+pub mod ipam;
 pub mod logging;
 pub mod maglev;
 pub mod maps;

@@ -150,6 +150,27 @@ pub struct ServicePort {
     /// The Service's `healthCheckNodePort` (written or assigned), the same on each of its
     /// ports: `type: LoadBalancer` with `externalTrafficPolicy: Local` only.
     pub health_check_node_port: Option<u16>,
+    /// Where a `type: LoadBalancer` Service's address came from when lb-agent allocated it
+    /// from `loadBalancerIPPools` (files as the source); `None` otherwise.
+    pub load_balancer_allocation: Option<AddressAllocation>,
+}
+
+/// The outcome of allocating a load balancer address from the pools.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AddressAllocation {
+    /// Allocated from this pool.
+    Pool(String),
+    /// None could be given, for this reason.
+    Pending(String),
+}
+
+impl fmt::Display for AddressAllocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AddressAllocation::Pool(pool) => write!(f, "allocated from pool {pool}"),
+            AddressAllocation::Pending(why) => write!(f, "pending: {why}"),
+        }
+    }
 }
 
 impl ServicePort {

@@ -64,5 +64,11 @@ pub fn ipv4_forwarding_enabled() -> bool {
 /// for a nodePort that is this node's own address, and the stack drops such an arriving packet
 /// as a martian unless the interface accepts local sources.
 pub fn accept_local_sources(iface: &str) -> std::io::Result<()> {
-    std::fs::write(format!("/proc/sys/net/ipv4/conf/{iface}/accept_local"), "1")
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
+    // In an unprivileged container /proc/sys is read-only: the DaemonSet's privileged init
+    // container sets it, and a write that changes nothing is not needed.
+    if std::fs::read_to_string(&path)?.trim() == "1" {
+        return Ok(());
+    }
+    std::fs::write(path, "1")
 }

@@ -253,6 +253,10 @@ pub struct PortRecord {
     pub node_port: Option<u16>,
     pub node_port_assigned: bool,
     pub health_check_node_port: Option<u16>,
+    /// `allocated from pool NAME` or `pending: why`, when lb-agent allocates the load
+    /// balancer address (files as the source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer_allocation: Option<String>,
     pub frontends: Vec<FrontendRecord>,
     pub external_policy: PolicyName,
     pub internal_policy: PolicyName,
@@ -403,6 +407,10 @@ fn port_record(port: &ServicePort, contents: &MapContents, node_name: &str) -> P
         node_port: port.node_port,
         node_port_assigned: port.node_port_assigned,
         health_check_node_port: port.health_check_node_port,
+        load_balancer_allocation: port
+            .load_balancer_allocation
+            .as_ref()
+            .map(ToString::to_string),
         frontends: port
             .frontends
             .iter()

@@ -120,6 +120,8 @@ pub struct PortStatus {
     pub node_port: Option<u16>,
     pub node_port_assigned: bool,
     pub health_check_node_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_balancer_allocation: Option<String>,
     pub frontends: Vec<FrontendRecord>,
     pub external_policy: PolicyName,
     pub internal_policy: PolicyName,
@@ -404,6 +406,7 @@ fn port_status(
         node_port: port.node_port,
         node_port_assigned: port.node_port_assigned,
         health_check_node_port: port.health_check_node_port,
+        load_balancer_allocation: port.load_balancer_allocation.clone(),
         frontends: port.frontends.clone(),
         external_policy: port.external_policy,
         internal_policy: port.internal_policy,
@@ -429,6 +432,9 @@ fn port_details(port: &PortStatus) -> String {
         && let Some(node_port) = port.node_port
     {
         details.push(format!("nodePort {node_port} (assigned)"));
+    }
+    if let Some(allocation) = &port.load_balancer_allocation {
+        details.push(format!("loadBalancer {allocation}"));
     }
     details.push(format!(
         "policy ext={} int={}",

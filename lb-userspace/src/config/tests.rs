@@ -4,15 +4,15 @@
 // YAML snippets are all written `r#"..."#`, whether or not they hold a `"`.
 #![allow(clippy::needless_raw_string_hashes)]
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 
 use super::{
-    AgentSettings, ConfigError, INPUT_NAME, Loaded, Location, MaglevSettings, PortRange, Problem,
-    SnatSettings, load, parse, parse_port_range, read_sources,
+    AgentSettings, Allocation, ConfigError, INPUT_NAME, Loaded, Location, MaglevSettings,
+    PortRange, Problem, SnatSettings, load, parse, parse_port_range, read_objects, read_sources,
 };
 use crate::model::{
-    Endpoint, EndpointState, Frontend, FrontendKind, Ipv4Cidr, Protocol, Selection, ServicePort,
-    TrafficPolicy,
+    AddressAllocation, Endpoint, EndpointState, Frontend, FrontendKind, Ipv4Cidr, Protocol,
+    Selection, ServicePort, TrafficPolicy,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1233,7 +1233,7 @@ spec:
 }
 
 #[test]
-fn headless_service_has_ports_but_no_frontends() {
+fn headless_service_is_skipped_with_its_endpoints() {
     let loaded = ok(r#"
 apiVersion: v1
 kind: Service
@@ -1249,14 +1249,9 @@ addressType: IPv4
 ports: [{name: pg, port: 5432}]
 endpoints: [{addresses: [10.1.0.7]}]
 "#);
-    let pg = port(&loaded, "default/db", "pg");
-    assert!(pg.frontends.is_empty(), "{:?}", pg.frontends);
-    assert_endpoints(pg, [ep("10.1.0.7", 5432, None)]);
-    assert!(
-        loaded.warnings.is_empty(),
-        "warnings: {:#?}",
-        loaded.warnings
-    );
+    assert!(loaded.state.service_ports.is_empty());
+    assert_eq!(loaded.warnings.len(), 1, "{:#?}", loaded.warnings);
+    assert_warned(&loaded, &["Service default/db", "headless", "skipped"]);
 }
 
 #[test]
@@ -3136,6 +3131,8 @@ maglev: {tableSize: 65537, seed: 7}
 maxTables: 64
 connectionTableSize: 4096
 snat: {ports: "40000-40999"}
+loadBalancerIPPools:
+- {name: public, addresses: [192.0.2.0/28, 198.51.100.1-198.51.100.9]}
 "#
     ));
     let expected = AgentSettings {
@@ -3157,6 +3154,13 @@ snat: {ports: "40000-40999"}
                 last: 40_999,
             },
         },
+        load_balancer_ip_pools: vec![crate::ipam::PoolSettings {
+            name: "public".to_owned(),
+            addresses: vec![
+                "192.0.2.0/28".to_owned(),
+                "198.51.100.1-198.51.100.9".to_owned(),
+            ],
+        }],
     };
     assert_eq!(loaded.settings, expected);
 }
@@ -3817,4 +3821,168 @@ fn port_range_parsing() {
     ] {
         assert!(parse_port_range(bad).is_err(), "{bad:?} parsed");
     }
+}
+
+const POOLS: &str = "apiVersion: lb-agent/v1alpha1\nkind: AgentSettings\nloadBalancerIPPools:\n\
+     - {name: public, addresses: [192.0.2.0/30]}\n- {name: spare, addresses: [198.51.100.7]}\n";
+
+fn load_balancer(name: &str, extra_metadata: &str, extra_spec: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}{extra_metadata}}}\n\
+         spec: {{type: LoadBalancer, clusterIP: 10.0.0.{}, ports: [{{port: 80, nodePort: {}}}]{extra_spec}}}\n",
+        10 + name.len() * 7 + usize::from(name.as_bytes()[0] - b'a'),
+        30_000 + name.len() * 7 + usize::from(name.as_bytes()[0] - b'a')
+    )
+}
+
+fn load_balancer_ips(loaded: &Loaded, service: &str) -> Vec<Ipv4Addr> {
+    port(loaded, service, "")
+        .frontends
+        .iter()
+        .filter(|f| f.kind == FrontendKind::LoadBalancer)
+        .map(|f| f.addr)
+        .collect()
+}
+
+#[test]
+fn load_balancers_get_addresses_from_the_pools() {
+    let loaded = ok(&format!(
+        "{POOLS}{}{}{}{}",
+        load_balancer("a", "", ""),
+        load_balancer("bb", ", annotations: {lb-agent.io/address-pool: spare}", ""),
+        load_balancer("ccc", "", ", loadBalancerIP: 192.0.2.3"),
+        load_balancer("dddd", "", ", loadBalancerClass: example.com/other"),
+    ));
+    let a = load_balancer_ips(&loaded, "default/a");
+    assert_eq!(a.len(), 1);
+    assert!(
+        a[0].octets()[..3] == [192, 0, 2] && a[0] != ip("192.0.2.3"),
+        "{a:?}"
+    );
+    assert_eq!(
+        load_balancer_ips(&loaded, "default/bb"),
+        [ip("198.51.100.7")]
+    );
+    assert_eq!(load_balancer_ips(&loaded, "default/ccc"), [ip("192.0.2.3")]);
+    assert!(
+        load_balancer_ips(&loaded, "default/dddd").is_empty(),
+        "another class"
+    );
+    assert_eq!(
+        port(&loaded, "default/bb", "").load_balancer_allocation,
+        Some(AddressAllocation::Pool("spare".to_owned()))
+    );
+    assert_eq!(
+        port(&loaded, "default/dddd", "").load_balancer_allocation,
+        None
+    );
+    // Files as the source: the reader allocates, so there is nothing for an allocator to do.
+    assert!(loaded.address_claims.is_empty());
+}
+
+#[test]
+fn load_balancer_conflicts_are_warned_and_shown_not_refused() {
+    let loaded = ok(&format!(
+        "{POOLS}{}{}",
+        load_balancer("a", "", ", loadBalancerIP: 203.0.113.1"),
+        load_balancer("b", ", annotations: {lb-agent.io/address-pool: nope}", ""),
+    ));
+    assert!(load_balancer_ips(&loaded, "default/a").is_empty());
+    assert!(matches!(
+        &port(&loaded, "default/a", "").load_balancer_allocation,
+        Some(AddressAllocation::Pending(why)) if why.contains("203.0.113.1")
+    ));
+    assert_warned(
+        &loaded,
+        &[
+            "Service default/a",
+            "no load balancer address",
+            "no address pool",
+        ],
+    );
+    assert_warned(&loaded, &["Service default/b", "\"nope\""]);
+}
+
+#[test]
+fn status_addresses_are_served_as_written_and_kept_from_others() {
+    // `a` holds 192.0.2.1 in its status; `b` asks for it and may not take it.
+    let loaded = ok(&format!(
+        "{POOLS}{}status: {{loadBalancer: {{ingress: [{{ip: 192.0.2.1}}]}}}}\n{}",
+        load_balancer("a", "", ""),
+        load_balancer("b", "", ", loadBalancerIP: 192.0.2.1"),
+    ));
+    assert_eq!(load_balancer_ips(&loaded, "default/a"), [ip("192.0.2.1")]);
+    assert_eq!(
+        port(&loaded, "default/a", "").load_balancer_allocation,
+        None
+    );
+    assert!(load_balancer_ips(&loaded, "default/b").is_empty());
+    assert_warned(
+        &loaded,
+        &["Service default/b", "already used by Service default/a"],
+    );
+}
+
+#[test]
+fn the_kubernetes_source_gets_claims_and_serves_only_status() {
+    let text = format!(
+        "{POOLS}{}{}status: {{loadBalancer: {{ingress: [{{ip: 203.0.113.9}}]}}}}\n",
+        load_balancer("a", "", ""),
+        load_balancer("elsewhere", "", ""),
+    );
+    let loaded = read_objects(
+        &[(PathBuf::from("x.yaml"), text)],
+        Vec::new(),
+        NODES,
+        &[],
+        Allocation::ByStatus,
+    )
+    .unwrap();
+    assert!(load_balancer_ips(&loaded, "default/a").is_empty());
+    assert_eq!(
+        loaded.address_claims,
+        [crate::ipam::Claim {
+            service: "default/a".to_owned(),
+            requested: Vec::new(),
+            pool: None,
+            current: Vec::new(),
+        }],
+        "an address outside the pools belongs to another controller"
+    );
+}
+
+#[test]
+fn pools_are_validated_with_their_field() {
+    let problems = problems(
+        "apiVersion: lb-agent/v1alpha1\nkind: AgentSettings\nloadBalancerIPPools:\n\
+         - {name: a, addresses: [192.0.2.0/24]}\n- {name: b, addresses: [192.0.2.5, 10.0.0.1/8]}\n",
+    );
+    let text = lines(&problems);
+    assert!(text.contains("loadBalancerIPPools[0].addresses"), "{text}");
+    assert!(text.contains("overlaps"), "{text}");
+    assert!(
+        text.contains("loadBalancerIPPools[1].addresses[1]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn services_of_another_proxy_and_headless_services_are_skipped() {
+    let loaded = ok(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: other, labels: {service.kubernetes.io/service-proxy-name: foo-proxy}}
+spec: {clusterIP: 10.0.0.10, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless}
+spec: {clusterIP: None, ports: [{port: 80}]}
+"#);
+    assert!(loaded.state.service_ports.is_empty());
+    assert_warned(&loaded, &["Service default/other", "foo-proxy", "skipped"]);
+    assert_warned(
+        &loaded,
+        &["Service default/headless", "headless", "skipped"],
+    );
 }
