@@ -21,7 +21,7 @@ use k8s_openapi::{
     Resource,
     api::{
         apps::v1::{DaemonSet, Deployment},
-        core::v1::{ConfigMap, Container, Endpoints, Service, ServiceAccount},
+        core::v1::{ConfigMap, Container, Endpoints, PodSpec, Service, ServiceAccount},
         discovery::v1::EndpointSlice,
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject},
     },
@@ -150,27 +150,27 @@ fn parse_document(value: Value, place: &str) -> Object {
     let (api_version, kind) = (field("apiVersion"), field("kind"));
     let (v, k) = (api_version.as_str(), kind.as_str());
     if is::<ServiceAccount>(v, k) {
-        Object::ServiceAccount(typed(value, place))
+        Object::ServiceAccount(Box::new(typed(&value, place)))
     } else if is::<ConfigMap>(v, k) {
-        Object::ConfigMap(typed(value, place))
+        Object::ConfigMap(Box::new(typed(&value, place)))
     } else if is::<Service>(v, k) {
-        Object::Service(typed(value, place))
+        Object::Service(Box::new(typed(&value, place)))
     } else if is::<Endpoints>(v, k) {
-        Object::Endpoints(typed(value, place))
+        Object::Endpoints(Box::new(typed(&value, place)))
     } else if is::<EndpointSlice>(v, k) {
-        Object::EndpointSlice(typed(value, place))
+        Object::EndpointSlice(Box::new(typed(&value, place)))
     } else if is::<DaemonSet>(v, k) {
-        Object::DaemonSet(typed(value, place))
+        Object::DaemonSet(Box::new(typed(&value, place)))
     } else if is::<Deployment>(v, k) {
-        Object::Deployment(typed(value, place))
+        Object::Deployment(Box::new(typed(&value, place)))
     } else if is::<ClusterRole>(v, k) {
-        Object::ClusterRole(typed(value, place))
+        Object::ClusterRole(Box::new(typed(&value, place)))
     } else if is::<ClusterRoleBinding>(v, k) {
-        Object::ClusterRoleBinding(typed(value, place))
+        Object::ClusterRoleBinding(Box::new(typed(&value, place)))
     } else if is::<Role>(v, k) {
-        Object::Role(typed(value, place))
+        Object::Role(Box::new(typed(&value, place)))
     } else if is::<RoleBinding>(v, k) {
-        Object::RoleBinding(typed(value, place))
+        Object::RoleBinding(Box::new(typed(&value, place)))
     } else if v == SETTINGS_API_VERSION && k == "AgentSettings" {
         Object::AgentSettings(value)
     } else {
@@ -183,11 +183,11 @@ fn parse_document(value: Value, place: &str) -> Object {
 
 /// `value` as `T`, refusing anything `T` would drop: the parsed object, written back, must be
 /// the document as it was.
-fn typed<T: Resource + DeserializeOwned + Serialize>(value: Value, place: &str) -> Box<T> {
+fn typed<T: Resource + DeserializeOwned + Serialize>(value: &Value, place: &str) -> T {
     let object: T = serde_yaml::from_value(value.clone())
         .unwrap_or_else(|e| panic!("{place}: not a valid {} {}: {e}", T::API_VERSION, T::KIND));
     let back = serde_yaml::to_value(&object).expect("a parsed object serializes");
-    if let Some(path) = first_difference(&value, &back, "") {
+    if let Some(path) = first_difference(value, &back, "") {
         panic!(
             "{place}: {path} does not survive parsing as {} {}: not a field of the type \
              (misspelled or misplaced?), or of another type",
@@ -195,7 +195,7 @@ fn typed<T: Resource + DeserializeOwned + Serialize>(value: Value, place: &str) 
             T::KIND
         );
     }
-    Box::new(object)
+    object
 }
 
 /// The path of the first place where `written` and `parsed` differ.
@@ -323,22 +323,95 @@ fn every_document_under_manifests_parses_as_its_kubernetes_type() {
             "{expected} was not read"
         );
     }
-    // Objects that kubectl apply would put in a namespace say which, except the examples that
-    // go where the user applies them.
+    // Endpoints and slices belong to a Service of the manifests (the agent warns otherwise).
+    let services: BTreeSet<(&str, &str)> = objects!(documents, Service)
+        .into_iter()
+        .map(|(_, service)| (namespace_of(&service.metadata), name_of(&service.metadata)))
+        .collect();
     for document in &documents {
-        if let Object::DaemonSet(object) = &document.object {
-            assert!(object.metadata.namespace.is_some(), "{}", document.place);
+        let owner = match &document.object {
+            Object::EndpointSlice(slice) => Some((
+                namespace_of(&slice.metadata),
+                slice
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|labels| labels.get("kubernetes.io/service-name"))
+                    .map_or_else(
+                        || panic!("{}: no kubernetes.io/service-name", document.place),
+                        String::as_str,
+                    ),
+            )),
+            Object::Endpoints(endpoints) => Some((
+                namespace_of(&endpoints.metadata),
+                name_of(&endpoints.metadata),
+            )),
+            _ => None,
+        };
+        if let Some((namespace, name)) = owner {
+            assert!(
+                services.contains(&(namespace, name)),
+                "{}: no Service {namespace}/{name} in the manifests",
+                document.place
+            );
         }
     }
 }
 
 #[test]
-fn the_daemonset_runs_on_every_node_with_host_network_and_only_the_capabilities_it_needs() {
+fn settings_documents_outside_the_configmap_pass_lb_agent_validate() {
+    // None today (the settings live in the ConfigMap, checked below); an example settings file
+    // added later is checked here.
+    let documents = load("manifests");
+    let scratch = Scratch::new("standalone");
+    for (index, document) in documents.iter().enumerate() {
+        if let Object::AgentSettings(settings) = &document.object {
+            let path = scratch.0.join(format!("{index}.yaml"));
+            fs::write(&path, serde_yaml::to_string(settings).expect("YAML"))
+                .expect("writing the settings");
+            let (ok, stdout, stderr) = validate(&path);
+            assert!(
+                ok,
+                "{}: lb-agent validate refused it:\n{stdout}{stderr}",
+                document.place
+            );
+        }
+    }
+}
+
+/// The pod spec of the agent's `DaemonSet`.
+fn pod_spec(daemonset: &DaemonSet) -> &PodSpec {
+    daemonset
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.template.spec.as_ref())
+        .expect("the DaemonSet has a pod spec")
+}
+
+/// The container that runs `lb-agent`.
+fn agent_container(pod: &PodSpec) -> &Container {
+    pod.containers
+        .iter()
+        .find(|container| container.name == "lb-agent")
+        .expect("a container named lb-agent")
+}
+
+fn agent_args(agent: &Container) -> &[String] {
+    let args = agent.args.as_deref().expect("args");
+    assert_eq!(args.first().map(String::as_str), Some("run"));
+    args
+}
+
+#[test]
+fn the_daemonset_runs_on_every_node_with_host_network() {
     let documents = load(AGENT_MANIFEST);
     let daemonset = single!(documents, DaemonSet);
     assert_eq!(namespace_of(&daemonset.metadata), "kube-system");
-    let spec = daemonset.spec.as_ref().expect("spec");
-    let strategy = spec.update_strategy.as_ref().expect("updateStrategy");
+    let strategy = daemonset
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.update_strategy.as_ref())
+        .expect("updateStrategy");
     assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
     assert_eq!(
         strategy
@@ -347,8 +420,7 @@ fn the_daemonset_runs_on_every_node_with_host_network_and_only_the_capabilities_
             .and_then(|rolling| rolling.max_unavailable.clone()),
         Some(IntOrString::Int(1))
     );
-    let template = &spec.template;
-    let pod = template.spec.as_ref().expect("pod spec");
+    let pod = pod_spec(daemonset);
     assert_eq!(
         pod.host_network,
         Some(true),
@@ -366,8 +438,7 @@ fn the_daemonset_runs_on_every_node_with_host_network_and_only_the_capabilities_
         pod.termination_grace_period_seconds
             .is_some_and(|seconds| seconds > 0)
     );
-    // Every taint tolerated, as kube-proxy: a toleration with operator Exists and no key or
-    // effect.
+    // Every taint tolerated, as kube-proxy: operator Exists with no key and no effect.
     assert!(
         pod.tolerations.iter().flatten().any(|toleration| {
             toleration.operator.as_deref() == Some("Exists")
@@ -376,16 +447,31 @@ fn the_daemonset_runs_on_every_node_with_host_network_and_only_the_capabilities_
         }),
         "tolerations must include {{operator: Exists}}"
     );
-
-    // The service account exists and is the one the bindings name.
+    // The service account exists, in the DaemonSet's namespace.
     let account = single!(documents, ServiceAccount);
     assert_eq!(
         pod.service_account_name.as_deref(),
         account.metadata.name.as_deref()
     );
     assert_eq!(account.metadata.namespace, daemonset.metadata.namespace);
+    assert!(
+        agent_container(pod)
+            .image
+            .as_deref()
+            .is_some_and(|image| !image.is_empty())
+    );
+}
 
+#[test]
+fn the_agent_is_unprivileged_with_only_the_capabilities_it_needs() {
+    let documents = load(AGENT_MANIFEST);
+    let pod = pod_spec(single!(documents, DaemonSet));
     // Only init containers may be privileged; the agent is not, and cannot become so.
+    assert_eq!(
+        pod.containers.len(),
+        1,
+        "the agent is the only long-running container"
+    );
     for container in &pod.containers {
         let security = container
             .security_context
@@ -404,17 +490,7 @@ fn the_daemonset_runs_on_every_node_with_host_network_and_only_the_capabilities_
             container.name
         );
     }
-    let agent = pod
-        .containers
-        .iter()
-        .find(|container| container.name == "lb-agent")
-        .expect("a container named lb-agent");
-    assert_eq!(
-        pod.containers.len(),
-        1,
-        "the agent is the only long-running container"
-    );
-    let capabilities = agent
+    let capabilities = agent_container(pod)
         .security_context
         .as_ref()
         .and_then(|security| security.capabilities.as_ref())
@@ -427,17 +503,15 @@ fn the_daemonset_runs_on_every_node_with_host_network_and_only_the_capabilities_
         .map(String::as_str)
         .collect();
     assert_eq!(added, BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON"]));
-    assert!(
-        agent
-            .image
-            .as_deref()
-            .is_some_and(|image| !image.is_empty())
-    );
+}
 
-    // The command line: the Kubernetes source, the node's name and the lease's namespace from
-    // the downward API, the settings from the ConfigMap, pins on the host's bpffs.
-    let args = agent.args.as_deref().expect("args");
-    assert_eq!(args.first().map(String::as_str), Some("run"));
+#[test]
+fn the_agent_gets_node_name_namespace_and_interface_from_the_downward_api() {
+    let documents = load(AGENT_MANIFEST);
+    let daemonset = single!(documents, DaemonSet);
+    let pod = pod_spec(daemonset);
+    let agent = agent_container(pod);
+    let args = agent_args(agent);
     assert!(args.iter().any(|arg| arg == "--kubernetes"));
     assert_eq!(flag(args, "--node-name"), Some("$(NODE_NAME)"));
     assert_eq!(field_ref(agent, "NODE_NAME"), Some("spec.nodeName"));
@@ -456,22 +530,22 @@ fn the_daemonset_runs_on_every_node_with_host_network_and_only_the_capabilities_
         for name in env_references(arg) {
             assert!(
                 defined.contains(name),
-                "argument {arg:?} refers to $({name}), which the container does not define (\
-                 Kubernetes would pass it literally)"
+                "argument {arg:?} refers to $({name}), which the container does not define \
+                 (Kubernetes would pass it literally)"
             );
         }
     }
-    // The interface: one annotation of the pod template, read by both containers.
-    let iface = flag(args, "--iface").expect("--iface");
-    assert_eq!(iface, "$(LB_IFACE)");
+    // The interface: one annotation of the pod template, read by every container.
+    assert_eq!(flag(args, "--iface"), Some("$(LB_IFACE)"));
     let iface_path = field_ref(agent, "LB_IFACE").expect("LB_IFACE from the downward API");
     let annotation = iface_path
         .strip_prefix("metadata.annotations['")
         .and_then(|rest| rest.strip_suffix("']"))
         .expect("LB_IFACE comes from a pod annotation");
-    let annotations = template
-        .metadata
+    let annotations = daemonset
+        .spec
         .as_ref()
+        .and_then(|spec| spec.template.metadata.as_ref())
         .and_then(|metadata| metadata.annotations.as_ref());
     assert!(
         annotations
@@ -479,16 +553,30 @@ fn the_daemonset_runs_on_every_node_with_host_network_and_only_the_capabilities_
             .is_some_and(|value| !value.trim().is_empty()),
         "the pod template must set the annotation {annotation}"
     );
-    // The API server by its real address: kubelet's default is the kubernetes Service's
+    for init in pod.init_containers.iter().flatten() {
+        assert_eq!(
+            field_ref(init, "LB_IFACE"),
+            Some(iface_path),
+            "{} sets accept_local on the agent's interface",
+            init.name
+        );
+    }
+    // The API server by its real address: the kubelet's default is the kubernetes Service's
     // clusterIP, which the node's own connections do not reach through this data path.
     assert!(
         defined.contains("KUBERNETES_SERVICE_HOST") && defined.contains("KUBERNETES_SERVICE_PORT")
     );
+}
 
-    // The host's bpffs, mounted where --pin-dir points.
-    let volumes = pod.volumes.as_deref().expect("volumes");
-    let bpffs = volumes
+#[test]
+fn the_pins_go_to_the_hosts_bpffs() {
+    let documents = load(AGENT_MANIFEST);
+    let pod = pod_spec(single!(documents, DaemonSet));
+    let agent = agent_container(pod);
+    let bpffs = pod
+        .volumes
         .iter()
+        .flatten()
         .find(|volume| {
             volume
                 .host_path
@@ -504,54 +592,57 @@ fn the_daemonset_runs_on_every_node_with_host_network_and_only_the_capabilities_
         .expect("the agent mounts the bpffs volume");
     assert_eq!(mount.mount_propagation.as_deref(), Some("HostToContainer"));
     assert_ne!(mount.read_only, Some(true));
-    let pin_dir = flag(args, "--pin-dir").expect("--pin-dir");
+    let pin_dir = flag(agent_args(agent), "--pin-dir").expect("--pin-dir");
     assert!(
         Path::new(pin_dir).starts_with(&mount.mount_path) && pin_dir != mount.mount_path,
         "--pin-dir {pin_dir} must be a directory inside the bpffs mount {}",
         mount.mount_path
     );
     // Whoever mounts a bpffs that reaches the host needs Bidirectional, so is privileged, so
-    // is an init container.
+    // is an init container, and mounts nothing else that way.
     for init in pod.init_containers.iter().flatten() {
         for mount in init.volume_mounts.iter().flatten() {
             if mount.mount_propagation.as_deref() == Some("Bidirectional") {
                 assert_eq!(mount.name, bpffs.name, "{}", init.name);
             }
         }
-        assert_eq!(
-            field_ref(init, "LB_IFACE"),
-            Some(iface_path),
-            "{} sets accept_local on the agent's interface",
-            init.name
-        );
     }
+}
 
-    // The settings: --config names the settings document of the ConfigMap volume.
-    let config = flag(args, "--config").expect("--config");
-    let (settings_mount, settings_volume) = agent
+#[test]
+fn config_names_the_settings_of_the_configmap() {
+    let documents = load(AGENT_MANIFEST);
+    let pod = pod_spec(single!(documents, DaemonSet));
+    let agent = agent_container(pod);
+    let config = flag(agent_args(agent), "--config").expect("--config");
+    let (mount, volume) = agent
         .volume_mounts
         .iter()
         .flatten()
         .find_map(|mount| {
-            let volume = volumes.iter().find(|volume| volume.name == mount.name)?;
+            let volume = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|volume| volume.name == mount.name)?;
             let map = volume.config_map.as_ref()?;
             Path::new(config)
                 .starts_with(&mount.mount_path)
                 .then_some((mount, map))
         })
         .expect("--config is inside a ConfigMap volume");
-    assert_eq!(settings_mount.read_only, Some(true));
+    assert_eq!(mount.read_only, Some(true));
     let config_map = single!(documents, ConfigMap);
     assert_eq!(
         config_map.metadata.name.as_deref(),
         Some("lb-agent-settings")
     );
     assert_eq!(
-        Some(settings_volume.name.as_str()),
+        Some(volume.name.as_str()),
         config_map.metadata.name.as_deref()
     );
     let key = Path::new(config)
-        .strip_prefix(&settings_mount.mount_path)
+        .strip_prefix(&mount.mount_path)
         .expect("inside the mount")
         .to_str()
         .expect("UTF-8");
@@ -562,9 +653,13 @@ fn the_daemonset_runs_on_every_node_with_host_network_and_only_the_capabilities_
             .is_some_and(|data| data.contains_key(key)),
         "the ConfigMap has no key {key} for --config {config}"
     );
+}
 
-    // Probes on kube-proxy's health port, which --healthz-addr serves.
-    let healthz_addr = flag(args, "--healthz-addr").unwrap_or("0.0.0.0:10256");
+#[test]
+fn the_probes_ask_the_health_endpoints() {
+    let documents = load(AGENT_MANIFEST);
+    let agent = agent_container(pod_spec(single!(documents, DaemonSet)));
+    let healthz_addr = flag(agent_args(agent), "--healthz-addr").unwrap_or("0.0.0.0:10256");
     assert!(healthz_addr.ends_with(&format!(":{HEALTHZ_PORT}")));
     for (probe, path) in [
         (agent.liveness_probe.as_ref(), "/livez"),
@@ -611,24 +706,28 @@ fn assert_binds_the_agent(place: &str, subjects: Option<&Vec<Subject>>, account:
     assert_eq!(subjects[0].namespace, account.metadata.namespace, "{place}");
 }
 
+fn entry(group: &str, resource: &str, verbs: &[&str]) -> (String, String, Vec<String>) {
+    let mut verbs: Vec<String> = verbs.iter().map(|verb| (*verb).to_owned()).collect();
+    verbs.sort();
+    (group.to_owned(), resource.to_owned(), verbs)
+}
+
 #[test]
-fn rbac_is_least_privilege() {
+fn the_cluster_role_is_least_privilege() {
     let documents = load(AGENT_MANIFEST);
-    let account = single!(documents, ServiceAccount);
     let cluster_role = single!(documents, ClusterRole);
     let rules = cluster_role.rules.as_deref().unwrap_or_default();
     for rule in rules {
-        for list in [
-            &rule.api_groups,
-            &rule.resources,
-            &rule.resource_names,
-            &Some(rule.verbs.clone()),
-        ] {
-            assert!(
-                !list.iter().flatten().any(|item| item.contains('*')),
-                "no wildcard in {rule:?}"
-            );
-        }
+        let names = [&rule.api_groups, &rule.resources, &rule.resource_names];
+        assert!(
+            !names
+                .into_iter()
+                .flatten()
+                .flatten()
+                .chain(&rule.verbs)
+                .any(|item| item.contains('*')),
+            "no wildcard in {rule:?}"
+        );
         assert!(rule.non_resource_urls.is_none(), "{rule:?}");
         for verb in &rule.verbs {
             assert!(
@@ -644,36 +743,14 @@ fn rbac_is_least_privilege() {
             );
         }
     }
-    let read = || vec!["get".to_owned(), "list".to_owned(), "watch".to_owned()];
-    let write = |verbs: &[&str]| {
-        verbs
-            .iter()
-            .map(|verb| (*verb).to_owned())
-            .collect::<Vec<_>>()
-    };
+    let read = ["get", "list", "watch"];
     let expected = BTreeSet::from([
-        (String::new(), "services".to_owned(), read()),
-        (
-            String::new(),
-            "services/status".to_owned(),
-            write(&["patch", "update"]),
-        ),
-        (
-            "discovery.k8s.io".to_owned(),
-            "endpointslices".to_owned(),
-            read(),
-        ),
-        (String::new(), "nodes".to_owned(), read()),
-        (
-            String::new(),
-            "events".to_owned(),
-            write(&["create", "patch"]),
-        ),
-        (
-            "events.k8s.io".to_owned(),
-            "events".to_owned(),
-            write(&["create", "patch"]),
-        ),
+        entry("", "services", &read),
+        entry("", "services/status", &["patch", "update"]),
+        entry("discovery.k8s.io", "endpointslices", &read),
+        entry("", "nodes", &read),
+        entry("", "events", &["create", "patch"]),
+        entry("events.k8s.io", "events", &["create", "patch"]),
     ]);
     assert_eq!(rule_entries(rules), expected, "the ClusterRole's rules");
 
@@ -683,9 +760,14 @@ fn rbac_is_least_privilege() {
         Some(binding.role_ref.name.as_str()),
         cluster_role.metadata.name.as_deref()
     );
+    let account = single!(documents, ServiceAccount);
     assert_binds_the_agent("ClusterRoleBinding", binding.subjects.as_ref(), account);
+}
 
-    // The lease: a Role in the agent's namespace, the lease by name except for create.
+#[test]
+fn the_lease_role_names_its_lease_in_the_agents_namespace() {
+    let documents = load(AGENT_MANIFEST);
+    let account = single!(documents, ServiceAccount);
     let role = single!(documents, Role);
     assert_eq!(role.metadata.namespace, account.metadata.namespace);
     let mut verbs = BTreeSet::new();
@@ -719,14 +801,14 @@ fn rbac_is_least_privilege() {
             .all(|verb| verbs.contains(verb)),
         "{verbs:?}"
     );
-    let role_binding = single!(documents, RoleBinding);
-    assert_eq!(role_binding.metadata.namespace, role.metadata.namespace);
-    assert_eq!(role_binding.role_ref.kind, "Role");
+    let binding = single!(documents, RoleBinding);
+    assert_eq!(binding.metadata.namespace, role.metadata.namespace);
+    assert_eq!(binding.role_ref.kind, "Role");
     assert_eq!(
-        Some(role_binding.role_ref.name.as_str()),
+        Some(binding.role_ref.name.as_str()),
         role.metadata.name.as_deref()
     );
-    assert_binds_the_agent("RoleBinding", role_binding.subjects.as_ref(), account);
+    assert_binds_the_agent("RoleBinding", binding.subjects.as_ref(), account);
 }
 
 /// The example Services by name.
