@@ -554,6 +554,9 @@ pub fn summary(state: &DesiredState) -> Vec<String> {
         if let Some(health) = port.health_check_node_port {
             frontends.push(format!("healthCheckNodePort={health}"));
         }
+        if let Some(allocation) = &port.load_balancer_allocation {
+            frontends.push(format!("(loadBalancer {allocation})"));
+        }
         let endpoints: Vec<String> = port
             .endpoints
             .iter()
