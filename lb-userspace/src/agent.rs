@@ -8,20 +8,24 @@
 
 use std::{
     cell::RefCell,
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     rc::Rc,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
+use tokio::sync::Notify;
 
 use crate::{
     config::{self, AgentSettings},
     dataplane::{DataPlane, XdpModeChoice},
     health::{self, HealthHandle, HealthServers},
     http::Server,
+    ipam,
+    kubernetes::{self, AddressWriter, ApiOptions, ApiStores, LeaseLock},
     maps::{MapContents, NodeConfig},
     metrics::{AgentMetrics, render_prometheus},
     model::{DesiredState, FrontendKind},
@@ -47,6 +51,67 @@ pub struct NodeArgs {
     pub interface_ips: Vec<Ipv4Addr>,
 }
 
+/// Where the Services and settings come from.
+pub enum Source {
+    /// A file or directory of manifests (and the settings).
+    Files(PathBuf),
+    /// The Kubernetes API, plus an optional file or directory with the settings only.
+    Kubernetes {
+        stores: ApiStores,
+        settings: Option<PathBuf>,
+    },
+}
+
+impl Source {
+    /// Reads it whole.
+    pub fn read(&self, args: &NodeArgs) -> anyhow::Result<config::Loaded> {
+        match self {
+            Source::Files(path) => Ok(config::load(path, &args.node_ips, &args.interface_ips)?),
+            Source::Kubernetes { stores, settings } => {
+                let (texts, notes) = match settings {
+                    Some(path) => config::read_files(path)?,
+                    None => (Vec::new(), Vec::new()),
+                };
+                kubernetes::check_settings_only(&texts)?;
+                let mut loaded = stores.read(&texts, &args.node_ips, &args.interface_ips)?;
+                loaded.warnings.splice(0..0, notes);
+                Ok(loaded)
+            }
+        }
+    }
+
+    /// The API's objects, with the Kubernetes source.
+    #[must_use]
+    pub fn stores(&self) -> Option<&ApiStores> {
+        match self {
+            Source::Files(_) => None,
+            Source::Kubernetes { stores, .. } => Some(stores),
+        }
+    }
+
+    /// The file or directory to watch for changes, if any.
+    #[must_use]
+    pub fn files(&self) -> Option<&Path> {
+        match self {
+            Source::Files(path) => Some(path),
+            Source::Kubernetes { settings, .. } => settings.as_deref(),
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Files(path) => write!(f, "{}", path.display()),
+            Source::Kubernetes { settings: None, .. } => f.write_str("the Kubernetes API"),
+            Source::Kubernetes {
+                settings: Some(path),
+                ..
+            } => write!(f, "the Kubernetes API (settings: {})", path.display()),
+        }
+    }
+}
+
 /// A config read and turned into map contents.
 pub struct ReadConfig {
     pub state: DesiredState,
@@ -55,19 +120,20 @@ pub struct ReadConfig {
     /// The addresses `NodePorts` are served on.
     pub node_ips: Vec<Ipv4Addr>,
     pub contents: MapContents,
+    /// For the Kubernetes source's address allocator.
+    pub address_claims: Vec<ipam::Claim>,
+    /// The config's warnings, logged by whoever read it.
+    pub warnings: Vec<String>,
 }
 
-/// Reads the config and turns it into map contents, keeping the ids `previous` gave; logs the
-/// config's warnings. The one path from file to maps, at start, reload and validate.
+/// Reads the config and turns it into map contents, keeping the ids `previous` gave. The one
+/// path from a source to maps, at start, reload and validate.
 pub fn read_config(
-    path: &Path,
+    source: &Source,
     args: &NodeArgs,
     previous: &MapContents,
 ) -> anyhow::Result<ReadConfig> {
-    let loaded = config::load(path, &args.node_ips, &args.interface_ips)?;
-    for warning in &loaded.warnings {
-        log::warn!("{warning}");
-    }
+    let loaded = source.read(args)?;
     let settings = loaded.settings;
     let node = NodeConfig {
         node_name: args.node_name.clone(),
@@ -79,13 +145,15 @@ pub fn read_config(
         max_tables: settings.max_tables,
     };
     let contents = MapContents::from_state(&loaded.state, &node, previous)
-        .with_context(|| format!("{}", path.display()))?;
+        .with_context(|| source.to_string())?;
     Ok(ReadConfig {
         state: loaded.state,
         settings,
         node,
         node_ips: loaded.node_ips,
         contents,
+        address_claims: loaded.address_claims,
+        warnings: loaded.warnings,
     })
 }
 
@@ -128,13 +196,23 @@ pub struct ServeOptions {
     pub healthz_addr: Option<SocketAddr>,
     /// Where `healthCheckNodePort` servers listen (kube-proxy: every address).
     pub health_check_ip: IpAddr,
+    /// With the Kubernetes source: the client and the lease that elects the agent writing load
+    /// balancer addresses.
+    pub api: Option<(kube::Client, ApiOptions)>,
 }
+
+/// What the address allocator works from: the pools and the claims of the last apply.
+pub type AddressInput = (Vec<ipam::Pool>, Vec<ipam::Claim>);
 
 /// The agent between applies: the data plane and what it needs to change it and report on it.
 pub struct Agent {
     dataplane: DataPlane,
-    config: PathBuf,
+    source: Source,
     node_args: NodeArgs,
+    /// The warnings of the last read: only new ones are logged.
+    warnings: BTreeSet<String>,
+    /// The pools and claims of the last apply, for the allocator (Kubernetes source).
+    address_input: tokio::sync::watch::Sender<AddressInput>,
     /// The settings running: the ones that size the maps cannot change without a restart.
     settings: AgentSettings,
     /// What the maps were last filled from.
@@ -157,7 +235,7 @@ impl Agent {
     /// only the difference is written) and attaches to the interfaces.
     pub fn start(
         mut dataplane: DataPlane,
-        config: PathBuf,
+        source: Source,
         node_args: NodeArgs,
         mut read: ReadConfig,
         options: &ServeOptions,
@@ -170,7 +248,7 @@ impl Agent {
             );
             // The pinned maps' ids are kept, so tracked flows and counters keep their meaning.
             read.contents = MapContents::from_state(&read.state, &read.node, dataplane.contents())
-                .with_context(|| format!("{}", config.display()))?;
+                .with_context(|| source.to_string())?;
         }
         let started = Instant::now();
         let writes = dataplane.apply(read.contents)?;
@@ -215,10 +293,14 @@ impl Agent {
         };
         let health = HealthHandle::new(health::DEFAULT_HEALTH_TIMEOUT);
         health.updated(SystemTime::now());
+        let address_input =
+            tokio::sync::watch::Sender::new((read.settings.pools(), read.address_claims));
         let mut agent = Agent {
             dataplane,
-            config,
+            source,
             node_args,
+            warnings: log_new_warnings(&BTreeSet::new(), read.warnings),
+            address_input,
             settings: read.settings,
             state: read.state,
             node: read.node,
@@ -249,12 +331,15 @@ impl Agent {
                 .checked_sub(waited)
                 .unwrap_or(SystemTime::now()),
         );
-        let result = read_config(&self.config, &self.node_args, self.dataplane.contents())
+        let result = read_config(&self.source, &self.node_args, self.dataplane.contents())
             .and_then(|read| {
                 check_restart_settings(&self.settings, &read.settings)?;
                 let changed =
                     read.state != self.state || &read.contents != self.dataplane.contents();
                 let writes = self.dataplane.apply(read.contents)?;
+                self.warnings = log_new_warnings(&self.warnings, read.warnings);
+                self.address_input
+                    .send_replace((read.settings.pools(), read.address_claims));
                 Ok((
                     read.state,
                     read.settings,
@@ -320,7 +405,7 @@ impl Agent {
             ApplyInfo {
                 generation: self.generation,
                 applied_at: SystemTime::now(),
-                config_path: self.config.display().to_string(),
+                config_path: self.source.to_string(),
                 node_addresses: self.node_ips.clone(),
                 interfaces,
             },
@@ -383,22 +468,15 @@ pub async fn serve(agent: Rc<RefCell<Agent>>, options: &ServeOptions) -> anyhow:
     let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut hangup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
-    let (config, has_pods, health) = {
-        let agent = agent.borrow();
-        (
-            agent.config.clone(),
-            !agent.pod_patterns.is_empty(),
-            agent.health.clone(),
-        )
-    };
-    let mut watcher = if options.watch {
-        Some(
-            ConfigWatcher::new(&config)
-                .with_context(|| format!("watching {} for changes", config.display()))?,
-        )
-    } else {
-        None
-    };
+    let (has_pods, health) = (
+        !agent.borrow().pod_patterns.is_empty(),
+        agent.borrow().health.clone(),
+    );
+    let Changes {
+        mut watcher,
+        api: mut api_changes,
+        allocator,
+    } = Changes::start(&agent.borrow(), options)?;
     // Opened before the first scan, so no interface can appear unseen in between.
     let mut links = if has_pods {
         Some(LinkEvents::open().context("watching network interfaces")?)
@@ -417,12 +495,6 @@ pub async fn serve(agent: Rc<RefCell<Agent>>, options: &ServeOptions) -> anyhow:
         }
         sync_health_checks(&agent, &mut health_checks);
     }
-    if let Some(watcher) = &watcher {
-        log::info!(
-            "watching {} for config changes",
-            watcher.directory().display()
-        );
-    }
     log::info!("{READY_LINE} on {}", options.ifaces.join(", "));
 
     let mut stats = tokio::time::interval(Duration::from_secs(options.stats_interval.max(1)));
@@ -436,6 +508,15 @@ pub async fn serve(agent: Rc<RefCell<Agent>>, options: &ServeOptions) -> anyhow:
                 let mut agent = agent.borrow_mut();
                 agent.reload(Instant::now(), "SIGHUP");
                 sync_health_checks(&agent, &mut health_checks);
+            }
+            seen = async { api_changes.as_mut()?.recv().await }, if api_changes.is_some() => {
+                if let Some(seen) = seen {
+                    let mut agent = agent.borrow_mut();
+                    agent.reload(seen, "api");
+                    sync_health_checks(&agent, &mut health_checks);
+                } else {
+                    api_changes = None;
+                }
             }
             seen = async { watcher.as_mut()?.changed().await.ok() }, if watcher.is_some() => {
                 if let Some(seen) = seen {
@@ -474,7 +555,145 @@ pub async fn serve(agent: Rc<RefCell<Agent>>, options: &ServeOptions) -> anyhow:
     }
     // Load balancers probing /healthz take this node out while it goes away.
     health.set_node_eligible(false);
+    if let Some((stop, task)) = allocator {
+        // Gives the lease up, so another agent allocates at once; bounded, the API may be gone.
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+    }
     Ok(())
+}
+
+/// Where changes to apply come from, besides SIGHUP.
+struct Changes {
+    /// The config files (or the settings, with the Kubernetes source).
+    watcher: Option<ConfigWatcher>,
+    /// The API's objects: when a burst of changes began.
+    api: Option<tokio::sync::mpsc::Receiver<Instant>>,
+    /// The address allocator task, and how to stop it.
+    allocator: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+impl Changes {
+    fn start(agent: &Agent, options: &ServeOptions) -> anyhow::Result<Self> {
+        let watcher = match agent.source.files() {
+            Some(files) if options.watch => Some(
+                ConfigWatcher::new(files)
+                    .with_context(|| format!("watching {} for changes", files.display()))?,
+            ),
+            _ => None,
+        };
+        if let Some(watcher) = &watcher {
+            log::info!(
+                "watching {} for config changes",
+                watcher.directory().display()
+            );
+        }
+        let stores = agent.source.stores();
+        let allocator = match (&options.api, stores) {
+            (Some((client, api_options)), Some(stores)) => {
+                let (stop, stopped) = tokio::sync::oneshot::channel();
+                let task = tokio::spawn(allocate_addresses(
+                    client.clone(),
+                    api_options.clone(),
+                    stores.clone(),
+                    agent.address_input.subscribe(),
+                    stopped,
+                ));
+                Some((stop, task))
+            }
+            _ => None,
+        };
+        Ok(Changes {
+            watcher,
+            api: stores.map(|stores| coalesce(&stores.changed)),
+            allocator,
+        })
+    }
+}
+
+/// How long the API must be quiet before its changes are applied, and the longest a change
+/// waits: a burst of updates (a rollout) becomes one apply.
+const API_QUIET: Duration = Duration::from_millis(100);
+const API_MAX_DELAY: Duration = Duration::from_secs(1);
+
+/// Turns the stores' notifications into one message per burst, carrying when the burst began.
+/// A task of its own, so no notification is lost when `serve`'s select picks another branch.
+fn coalesce(changed: &Arc<Notify>) -> tokio::sync::mpsc::Receiver<Instant> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let changed = Arc::clone(changed);
+    tokio::spawn(async move {
+        loop {
+            changed.notified().await;
+            let first = Instant::now();
+            while first.elapsed() < API_MAX_DELAY
+                && tokio::time::timeout(API_QUIET, changed.notified())
+                    .await
+                    .is_ok()
+            {}
+            if tx.send(first).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Holds (or waits for) the lease; while held, allocates load balancer addresses after every
+/// apply and when it is taken. Releases the lease when told to stop.
+async fn allocate_addresses(
+    client: kube::Client,
+    options: ApiOptions,
+    stores: ApiStores,
+    mut input: tokio::sync::watch::Receiver<AddressInput>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut lease = LeaseLock::new(
+        client.clone(),
+        &options.lease_namespace,
+        &options.node_name,
+        options.lease_duration,
+    );
+    let mut writer = AddressWriter::new(client, &options.node_name);
+    // client-go renews at a third of the duration; so does this.
+    let mut renew = tokio::time::interval(options.lease_duration / 3);
+    let mut held = false;
+    loop {
+        let mut reconcile = false;
+        tokio::select! {
+            _ = &mut stop => {
+                lease.release().await;
+                return;
+            }
+            _ = renew.tick() => {
+                let now_held = lease.try_acquire_or_renew().await;
+                if now_held != held {
+                    if now_held {
+                        log::info!(
+                            "holding the lease {}/{}: this agent allocates load balancer addresses",
+                            options.lease_namespace, kubernetes::LEASE_NAME
+                        );
+                    } else {
+                        log::info!("lost the lease {}: no longer allocating", kubernetes::LEASE_NAME);
+                    }
+                    held = now_held;
+                    reconcile = held;
+                }
+            }
+            changed = input.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                reconcile = held;
+            }
+        }
+        if reconcile {
+            let (pools, claims) = input.borrow_and_update().clone();
+            writer.reconcile(&stores, &pools, &claims).await;
+        }
+    }
 }
 
 /// The metrics and `/healthz` servers that were asked for; dropping them stops them.
@@ -518,6 +737,17 @@ fn sync_health_checks(agent: &Agent, servers: &mut HealthServers) {
     for error in servers.sync(health::wanted_service_health(record)) {
         log::warn!("{error}");
     }
+}
+
+/// Logs the warnings not in `logged` (a source read again and again, as the API is, would
+/// repeat them on every apply); returns them all.
+fn log_new_warnings(logged: &BTreeSet<String>, warnings: Vec<String>) -> BTreeSet<String> {
+    for warning in &warnings {
+        if !logged.contains(warning) {
+            log::warn!("{warning}");
+        }
+    }
+    warnings.into_iter().collect()
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of the data path's `bpf_ktime_get_ns`.

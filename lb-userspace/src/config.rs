@@ -354,6 +354,19 @@ pub fn load(
     node_ips: &[Ipv4Addr],
     discovered: &[Ipv4Addr],
 ) -> Result<Loaded, ConfigError> {
+    let (sources, notes) = read_files(path)?;
+    let mut loaded =
+        read_sources(&sources, node_ips, discovered).map_err(|problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })?;
+    loaded.warnings.splice(0..0, notes);
+    Ok(loaded)
+}
+
+/// The texts of the config at `path` (file name, text), and notes on what was not read: see
+/// [`load`].
+pub fn read_files(path: &Path) -> Result<(Sources, Vec<String>), ConfigError> {
     let read_error = |file: &Path| {
         let file = file.to_owned();
         move |source| ConfigError::Read { file, source }
@@ -395,14 +408,11 @@ pub fn load(
         let text = std::fs::read_to_string(path).map_err(read_error(path))?;
         sources.push((path.to_owned(), text));
     }
-    let mut loaded =
-        read_sources(&sources, node_ips, discovered).map_err(|problems| ConfigError::Invalid {
-            path: path.to_owned(),
-            problems,
-        })?;
-    loaded.warnings.splice(0..0, notes);
-    Ok(loaded)
+    Ok((sources, notes))
 }
+
+/// Config texts: (file name, text).
+pub type Sources = Vec<(PathBuf, String)>;
 
 /// The name [`parse`] gives its text in locations.
 pub const INPUT_NAME: &str = "<input>";

@@ -7,6 +7,7 @@ pub mod dataplane;
 pub mod health;
 pub mod http;
 pub mod ipam;
+pub mod kubernetes;
 pub mod logging;
 pub mod maglev;
 pub mod maps;

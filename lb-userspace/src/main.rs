@@ -7,15 +7,16 @@ use std::{
     path::{Path, PathBuf},
     process::ExitCode,
     rc::Rc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use lb_userspace::{
-    agent::{self, Agent, NodeArgs, ServeOptions, read_config, summary},
+    agent::{self, Agent, NodeArgs, ServeOptions, Source, read_config, summary},
     config::ConfigError,
     dataplane::{DataPlane, LoadOptions, XdpModeChoice},
+    kubernetes::{self, ApiOptions, ApiStores},
     logging::{self, LogFormat},
     maps::MapContents,
     netif,
@@ -44,7 +45,7 @@ struct Cli {
 enum Command {
     /// Load the data path, fill it from the config, attach to the interfaces, serve until
     /// SIGINT or SIGTERM, then detach.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// What the data plane serves and counts, read from the maps pinned under --pin-dir (while
     /// the agent runs, or after it stopped and left the data plane forwarding).
     Status {
@@ -79,9 +80,25 @@ enum Command {
 struct RunArgs {
     /// A YAML file, or a directory of them, of v1 Service, discovery.k8s.io/v1
     /// `EndpointSlice`, v1 Endpoints and at most one lb-agent/v1alpha1 `AgentSettings` (Maglev
-    /// table size and seed, SNAT ports, table sizes, node port range).
+    /// table size and seed, SNAT ports, table sizes, node port range, address pools). With
+    /// --kubernetes: only the `AgentSettings` (optional).
+    #[arg(long, required_unless_present = "kubernetes")]
+    config: Option<PathBuf>,
+    /// Watch Services, `EndpointSlices` and this node's Node in the Kubernetes API instead of
+    /// reading them from --config.
     #[arg(long)]
-    config: PathBuf,
+    kubernetes: bool,
+    /// The kubeconfig to reach the API server with; default: the pod's service account
+    /// (in-cluster), else `KUBECONFIG` or ~/.kube/config.
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// Namespace of the lease (`lb-agent-ipam`) that picks the one agent writing load
+    /// balancer addresses: the agent's own (the `DaemonSet` passes it from the downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    lease_namespace: String,
+    /// Seconds a lease holder that stopped renewing keeps the lease (client-go's default).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=300))]
+    lease_duration: u64,
     /// Interface to serve on (repeatable): XDP on ingress, TC on egress.
     #[arg(long = "iface", required = true)]
     ifaces: Vec<String>,
@@ -159,7 +176,7 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     let result = match cli.command {
         Command::Validate { file, node_ips } => validate(&file, &node_ips),
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Cleanup { pin_dir } => cleanup(&pin_dir),
         Command::Status { pin_dir, output } => status(&pin_dir, output),
     };
@@ -183,7 +200,14 @@ fn validate(file: &Path, node_ips: &[Ipv4Addr]) -> anyhow::Result<()> {
         node_ips: node_ips.to_vec(),
         interface_ips: Vec::new(),
     };
-    let read = read_config(file, &args, &MapContents::default())?;
+    let read = read_config(
+        &Source::Files(file.to_owned()),
+        &args,
+        &MapContents::default(),
+    )?;
+    for warning in &read.warnings {
+        log::warn!("{warning}");
+    }
     println!(
         "{}: valid, {} service ports",
         file.display(),
@@ -233,7 +257,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         (None, Some(_)) => OnExit::Keep,
         (None, None) => OnExit::Remove,
     };
-    let node_name = args.node_name.unwrap_or_else(netif::hostname);
+    let node_name = args.node_name.clone().unwrap_or_else(netif::hostname);
     let mut interface_ips = Vec::new();
     if args.node_ips.is_empty() {
         for iface in &args.ifaces {
@@ -245,10 +269,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let node_args = NodeArgs {
         node_name: node_name.clone(),
-        node_ips: args.node_ips,
+        node_ips: args.node_ips.clone(),
         interface_ips,
     };
-    let read = read_config(&args.config, &node_args, &MapContents::default())?;
+    // Built first: the Kubernetes source needs it to list before anything is loaded.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let (source, api) = open_source(&runtime, &args, &node_name)?;
+    let read = read_config(&source, &node_args, &MapContents::default())?;
     if read.node_ips.is_empty() {
         bail!(
             "no IPv4 address on {}; NodePorts need one: pass --node-ip or set nodeAddresses in \
@@ -288,13 +318,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr.0,
         healthz_addr: args.healthz_addr.0,
         health_check_ip: args.health_check_ip,
+        api,
     };
-    let agent = Agent::start(dataplane, args.config, node_args, read, &options)?;
+    let agent = Agent::start(dataplane, source, node_args, read, &options)?;
     let agent = Rc::new(RefCell::new(agent));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     let local = tokio::task::LocalSet::new();
     let served = runtime.block_on(local.run_until(agent::serve(Rc::clone(&agent), &options)));
     // The servers' tasks end with the LocalSet; after that nothing else holds the agent.
@@ -302,6 +329,39 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut agent = agent.borrow_mut();
     let stopped = stop(agent.dataplane_mut(), on_exit);
     served.and(stopped)
+}
+
+/// The config source `run` was given; the Kubernetes source is listed once before this
+/// returns (it waits, retrying, while the API server cannot be reached).
+fn open_source(
+    runtime: &tokio::runtime::Runtime,
+    args: &RunArgs,
+    node_name: &str,
+) -> anyhow::Result<(Source, Option<(kube::Client, ApiOptions)>)> {
+    if !args.kubernetes {
+        let config = args
+            .config
+            .clone()
+            .context("--config is required without --kubernetes")?;
+        return Ok((Source::Files(config), None));
+    }
+    let api_options = ApiOptions {
+        kubeconfig: args.kubeconfig.clone(),
+        node_name: node_name.to_owned(),
+        lease_namespace: args.lease_namespace.clone(),
+        lease_duration: Duration::from_secs(args.lease_duration),
+    };
+    let client = runtime.block_on(kubernetes::connect(&api_options))?;
+    let stores = runtime.block_on(async {
+        let stores = ApiStores::watch(&client, node_name);
+        log::info!("listing Services, EndpointSlices and Node {node_name} from the API server");
+        stores.synced().await.map(|()| stores)
+    })?;
+    let source = Source::Kubernetes {
+        stores,
+        settings: args.config.clone(),
+    };
+    Ok((source, Some((client, api_options))))
 }
 
 /// Leaves the data plane pinned and forwarding, or detaches and unpins it.
