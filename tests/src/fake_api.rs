@@ -201,6 +201,10 @@ pub struct Request {
     pub target: String,
     pub body: String,
     pub user_agent: Option<String>,
+    /// The kubeconfig user the client came as: the bearer token that
+    /// [`FakeApi::write_kubeconfig`] gives each user is its name. kube-rs sends no
+    /// `User-Agent`, so this is how tests tell two agents apart.
+    pub user: Option<String>,
     pub content_type: Option<String>,
     pub remote: SocketAddr,
     /// The status code answered (200 for a watch that started streaming).
@@ -1535,6 +1539,10 @@ fn handle(
         target: request.target.clone(),
         body: String::from_utf8_lossy(&request.body).into_owned(),
         user_agent: request.header("user-agent").map(str::to_owned),
+        user: request
+            .header("authorization")
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .map(|t| t.trim().to_owned()),
         content_type: request.header("content-type").map(str::to_owned),
         remote,
         code: 0,
@@ -1719,6 +1727,9 @@ struct Watch {
     initial_end_bookmark: bool,
     bookmarks: bool,
     timeout: Duration,
+    /// [`FakeApi::expire_watches`] calls seen when the watch was accepted: taken before the
+    /// client sees the response start, so an expiry right after that is never missed.
+    epoch: u64,
 }
 
 impl Watch {
@@ -1756,6 +1767,7 @@ impl Watch {
             initial_end_bookmark: send_initial,
             bookmarks: query.flag("allowWatchBookmarks"),
             timeout,
+            epoch: state.expire_epoch,
         })
     }
 
@@ -1813,7 +1825,6 @@ impl Watch {
         let deadline = started + self.timeout;
         let mut out = Vec::new();
         let mut state = lock(&shared.state);
-        let epoch = state.expire_epoch;
         let interval = state.bookmark_interval;
         let mut next_bookmark = started + interval;
         let mut sent = match self.from {
@@ -1842,7 +1853,7 @@ impl Watch {
                 // Cut, not ended: the client sees the connection go, as when a server dies.
                 return Ok(false);
             }
-            if state.expire_epoch != epoch {
+            if state.expire_epoch != self.epoch {
                 let error = ApiError::expired(sent, state.compacted.max(state.rv));
                 drop(state);
                 write_chunk(stream, &Watch::line("ERROR", &error.to_status()))?;
@@ -1953,13 +1964,14 @@ impl FakeApi {
     }
 
     /// Writes a kubeconfig for this server: one cluster, one context (namespace `default`), and
-    /// a user `user` without credentials (the fake checks none).
+    /// a user `user` whose bearer token is its name. The fake checks no credentials; the token
+    /// only lets [`Request::user`] tell which kubeconfig a request came with.
     pub fn write_kubeconfig(&self, path: &Path, user: &str) -> anyhow::Result<()> {
         let config = json!({
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "fake", "cluster": {"server": self.url()}}],
-            "users": [{"name": user, "user": {}}],
+            "users": [{"name": user, "user": {"token": user}}],
             "contexts": [{
                 "name": "fake",
                 "context": {"cluster": "fake", "user": user, "namespace": "default"},
