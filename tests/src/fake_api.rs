@@ -54,7 +54,7 @@ use serde_json::{Map, Value, json};
 const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a watch without `timeoutSeconds` lasts; real servers pick 30 to 60 minutes, tests
 /// want a bound.
-const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(300);
+const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_mins(5);
 /// Longest a waiting watch sleeps before it looks at its connection and the clock again.
 const WAIT_SLICE: Duration = Duration::from_millis(200);
 /// A client that stops reading must not hold a serving thread for ever.
@@ -693,7 +693,10 @@ enum ReadOutcome {
 /// One line without its CRLF; `None` at end of stream.
 fn read_line(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Result<String, ApiError>>> {
     let mut line = Vec::new();
-    let n = reader.by_ref().take(MAX_LINE).read_until(b'\n', &mut line)?;
+    let n = reader
+        .by_ref()
+        .take(MAX_LINE)
+        .read_until(b'\n', &mut line)?;
     if n == 0 {
         return Ok(None);
     }
@@ -812,7 +815,9 @@ fn read_request(
         }
     } else if let Some(length) = request.header("content-length") {
         let Ok(length) = length.parse::<usize>() else {
-            return Ok(ReadOutcome::Bad(ApiError::bad_request("bad Content-Length")));
+            return Ok(ReadOutcome::Bad(ApiError::bad_request(
+                "bad Content-Length",
+            )));
         };
         if length > MAX_BODY {
             return Ok(ReadOutcome::Bad(ApiError::new(
@@ -889,8 +894,13 @@ struct Route {
 }
 
 fn parse_route(path: &str) -> Result<Route, ApiError> {
-    let not_found =
-        || ApiError::new(404, "NotFound", "the server could not find the requested resource");
+    let not_found = || {
+        ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
+    };
     let segments: Vec<String> = path
         .split('/')
         .filter(|s| !s.is_empty())
@@ -1244,7 +1254,7 @@ impl State {
         object: &mut Value,
         old: Option<&Value>,
     ) -> Result<(), ApiError> {
-        let (used_ips, mut used_ports) = self.service_allocations(namespace, name);
+        let (used_ips, used_ports) = self.service_allocations(namespace, name);
         let old_spec = old.and_then(|o| o.get("spec"));
         let Value::Object(fields) = object else {
             return Ok(());
@@ -1253,7 +1263,9 @@ impl State {
             .entry("spec")
             .or_insert_with(|| Value::Object(Map::new()));
         let Value::Object(spec) = spec else {
-            return Err(ApiError::invalid("Service is invalid: spec: must be an object"));
+            return Err(ApiError::invalid(
+                "Service is invalid: spec: must be an object",
+            ));
         };
         let kind = spec
             .entry("type")
@@ -1275,9 +1287,7 @@ impl State {
                     _ => (10_u32..0xffff)
                         .map(|i| Ipv4Addr::from(0x0a60_0000 | i))
                         .find(|ip| !used_ips.contains(ip))
-                        .ok_or_else(|| {
-                            ApiError::new(500, "InternalError", "no free cluster IP")
-                        })?
+                        .ok_or_else(|| ApiError::new(500, "InternalError", "no free cluster IP"))?
                         .to_string(),
                 },
             };
@@ -1286,80 +1296,18 @@ impl State {
                 .or_insert_with(|| json!([cluster_ip]));
             if cluster_ip != "None" {
                 spec.entry("ipFamilies").or_insert_with(|| json!(["IPv4"]));
-                spec.entry("ipFamilyPolicy")
-                    .or_insert("SingleStack".into());
+                spec.entry("ipFamilyPolicy").or_insert("SingleStack".into());
             }
         }
-        let external = kind == "NodePort" || kind == "LoadBalancer";
-        if kind == "LoadBalancer" {
-            spec.entry("allocateLoadBalancerNodePorts")
-                .or_insert(true.into());
-        }
-        let node_ports = external
-            && spec
-                .get("allocateLoadBalancerNodePorts")
-                .and_then(Value::as_bool)
-                != Some(false);
-        let mut allocate = || {
-            let port = (30000_u16..=32767).find(|p| !used_ports.contains(p));
-            if let Some(p) = port {
-                used_ports.insert(p);
-            }
-            port.ok_or_else(|| ApiError::new(500, "InternalError", "no free node port"))
-        };
-        let old_ports = old_spec
-            .and_then(|s| s.get("ports"))
-            .and_then(Value::as_array);
-        if let Some(Value::Array(ports)) = spec.get_mut("ports") {
-            for port in ports {
-                let Value::Object(port) = port else {
-                    return Err(ApiError::invalid("Service is invalid: spec.ports: objects"));
-                };
-                let Some(number) = port.get("port").and_then(Value::as_u64) else {
-                    return Err(ApiError::invalid(
-                        "Service is invalid: spec.ports.port: Required value",
-                    ));
-                };
-                port.entry("protocol").or_insert("TCP".into());
-                port.entry("targetPort").or_insert(number.into());
-                if node_ports && port.get("nodePort").is_none() {
-                    let same = |o: &&Value| {
-                        o.get("port") == port.get("port")
-                            && o.get("protocol") == port.get("protocol")
-                    };
-                    let kept = old_ports
-                        .and_then(|o| o.iter().find(same))
-                        .and_then(|o| o.get("nodePort"))
-                        .cloned();
-                    let node_port = match kept {
-                        Some(p) => p,
-                        None => allocate()?.into(),
-                    };
-                    port.insert("nodePort".into(), node_port);
-                }
-            }
-        }
-        if external {
-            let policy = spec
-                .entry("externalTrafficPolicy")
-                .or_insert("Cluster".into())
-                .clone();
-            if kind == "LoadBalancer"
-                && policy == "Local"
-                && spec.get("healthCheckNodePort").is_none()
-            {
-                let port = match old_spec.and_then(|s| s.get("healthCheckNodePort")) {
-                    Some(p) => p.clone(),
-                    None => allocate()?.into(),
-                };
-                spec.insert("healthCheckNodePort".into(), port);
-            }
-        }
-        Ok(())
+        default_service_ports(spec, old_spec, &kind, used_ports)
     }
 
     /// The cluster IPs and node ports the other Services hold.
-    fn service_allocations(&self, namespace: &str, name: &str) -> (BTreeSet<Ipv4Addr>, BTreeSet<u16>) {
+    fn service_allocations(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> (BTreeSet<Ipv4Addr>, BTreeSet<u16>) {
         let mut ips = BTreeSet::new();
         let mut ports = BTreeSet::new();
         for ((key, ns, n), service) in &self.objects {
@@ -1390,6 +1338,79 @@ impl State {
         }
         (ips, ports)
     }
+}
+
+/// The port half of `State::default_service`: protocols, target ports, node ports and the
+/// health check node port, each kept from `old_spec` when it had one.
+fn default_service_ports(
+    spec: &mut Map<String, Value>,
+    old_spec: Option<&Value>,
+    kind: &str,
+    mut used_ports: BTreeSet<u16>,
+) -> Result<(), ApiError> {
+    let external = kind == "NodePort" || kind == "LoadBalancer";
+    if kind == "LoadBalancer" {
+        spec.entry("allocateLoadBalancerNodePorts")
+            .or_insert(true.into());
+    }
+    let node_ports = external
+        && spec
+            .get("allocateLoadBalancerNodePorts")
+            .and_then(Value::as_bool)
+            != Some(false);
+    let mut allocate = || {
+        let port = (30000_u16..=32767).find(|p| !used_ports.contains(p));
+        if let Some(p) = port {
+            used_ports.insert(p);
+        }
+        port.ok_or_else(|| ApiError::new(500, "InternalError", "no free node port"))
+    };
+    let old_ports = old_spec
+        .and_then(|s| s.get("ports"))
+        .and_then(Value::as_array);
+    if let Some(Value::Array(ports)) = spec.get_mut("ports") {
+        for port in ports {
+            let Value::Object(port) = port else {
+                return Err(ApiError::invalid("Service is invalid: spec.ports: objects"));
+            };
+            let Some(number) = port.get("port").and_then(Value::as_u64) else {
+                return Err(ApiError::invalid(
+                    "Service is invalid: spec.ports.port: Required value",
+                ));
+            };
+            port.entry("protocol").or_insert("TCP".into());
+            port.entry("targetPort").or_insert(number.into());
+            if node_ports && port.get("nodePort").is_none() {
+                let same = |o: &&Value| {
+                    o.get("port") == port.get("port") && o.get("protocol") == port.get("protocol")
+                };
+                let kept = old_ports
+                    .and_then(|o| o.iter().find(same))
+                    .and_then(|o| o.get("nodePort"))
+                    .cloned();
+                let node_port = match kept {
+                    Some(p) => p,
+                    None => allocate()?.into(),
+                };
+                port.insert("nodePort".into(), node_port);
+            }
+        }
+    }
+    if external {
+        let policy = spec
+            .entry("externalTrafficPolicy")
+            .or_insert("Cluster".into())
+            .clone();
+        if kind == "LoadBalancer" && policy == "Local" && spec.get("healthCheckNodePort").is_none()
+        {
+            let port = match old_spec.and_then(|s| s.get("healthCheckNodePort")) {
+                Some(p) => p.clone(),
+                None => allocate()?.into(),
+            };
+            spec.insert("healthCheckNodePort".into(), port);
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1426,7 +1447,8 @@ impl Shared {
     }
 
     fn close_connections(&self) -> usize {
-        let connections: Vec<Connection> = lock(&self.connections).drain().map(|(_, c)| c).collect();
+        let connections: Vec<Connection> =
+            lock(&self.connections).drain().map(|(_, c)| c).collect();
         for connection in &connections {
             connection.closed.store(true, Ordering::SeqCst);
             let _ = connection.stream.shutdown(Shutdown::Both);
@@ -1484,10 +1506,13 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, running: &AtomicBoo
                 let Ok(registered) = stream.try_clone() else {
                     continue;
                 };
-                lock(&shared.connections).insert(id, Connection {
-                    stream: registered,
-                    closed: closed.clone(),
-                });
+                lock(&shared.connections).insert(
+                    id,
+                    Connection {
+                        stream: registered,
+                        closed: closed.clone(),
+                    },
+                );
                 let shared2 = shared.clone();
                 shared.spawn(move || {
                     serve_connection(&shared2, stream, remote, &closed);
@@ -1499,7 +1524,12 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, running: &AtomicBoo
     }
 }
 
-fn serve_connection(shared: &Shared, mut stream: TcpStream, remote: SocketAddr, closed: &AtomicBool) {
+fn serve_connection(
+    shared: &Shared,
+    mut stream: TcpStream,
+    remote: SocketAddr,
+    closed: &AtomicBool,
+) {
     let setup = stream
         .set_nonblocking(false)
         .and_then(|()| stream.set_nodelay(true))
@@ -1549,7 +1579,9 @@ fn handle(
     };
     {
         let mut state = lock(&shared.state);
-        while state.held && !closed.load(Ordering::SeqCst) && !shared.shutdown.load(Ordering::SeqCst)
+        while state.held
+            && !closed.load(Ordering::SeqCst)
+            && !shared.shutdown.load(Ordering::SeqCst)
         {
             state = shared
                 .changed
@@ -1561,7 +1593,10 @@ fn handle(
     if closed.load(Ordering::SeqCst) || shared.shutdown.load(Ordering::SeqCst) {
         return Ok(false);
     }
-    let (path, query) = request.target.split_once('?').unwrap_or((&request.target, ""));
+    let (path, query) = request
+        .target
+        .split_once('?')
+        .unwrap_or((&request.target, ""));
     let query = Query::parse(query);
     let outcome = parse_route(path).and_then(|route| {
         let watch = route.watch_prefix || query.flag("watch");
@@ -1619,7 +1654,11 @@ fn serve(
 ) -> Result<(u16, Value), ApiError> {
     let resource = route.resource;
     let namespace = resource.store_namespace(route.namespace.as_deref().unwrap_or_default());
-    let part = if route.status { Part::Status } else { Part::Object };
+    let part = if route.status {
+        Part::Status
+    } else {
+        Part::Object
+    };
     match (request.method.as_str(), route.name.as_deref()) {
         ("GET", None) => {
             let selector = Selector::from_query(query)?;
@@ -1713,7 +1752,8 @@ fn patch(
                 .create(resource, route.namespace.as_deref(), object, Part::Object)
                 .map(|o| (201, o));
         }
-        s.patch(resource, namespace, name, &body, part).map(|o| (200, o))
+        s.patch(resource, namespace, name, &body, part)
+            .map(|o| (200, o))
     })
 }
 
@@ -1744,13 +1784,14 @@ impl Watch {
             });
         }
         let send_initial = query.flag("sendInitialEvents");
-        let from = match query.get("resourceVersion") {
-            _ if send_initial => None,
-            None | Some("" | "0") => None,
-            Some(rv) => Some(rv.parse::<u64>().map_err(|_| {
-                ApiError::bad_request(format!("invalid resource version: {rv:?}"))
-            })?),
-        };
+        let from =
+            match query.get("resourceVersion") {
+                _ if send_initial => None,
+                None | Some("" | "0") => None,
+                Some(rv) => Some(rv.parse::<u64>().map_err(|_| {
+                    ApiError::bad_request(format!("invalid resource version: {rv:?}"))
+                })?),
+            };
         let state = lock(&shared.state);
         let timeout = match query.get("timeoutSeconds") {
             Some(t) => Duration::from_secs(
@@ -1772,7 +1813,9 @@ impl Watch {
     }
 
     fn line(kind: &str, object: &Value) -> Vec<u8> {
-        let mut line = json!({"type": kind, "object": object}).to_string().into_bytes();
+        let mut line = json!({"type": kind, "object": object})
+            .to_string()
+            .into_bytes();
         line.push(b'\n');
         line
     }
@@ -1803,12 +1846,10 @@ impl Watch {
             .previous
             .as_ref()
             .is_some_and(|p| self.selector.matches(p));
-        let kind = match change.kind {
-            ChangeKind::Added if now => "ADDED",
-            ChangeKind::Modified if now && before => "MODIFIED",
-            ChangeKind::Modified if now => "ADDED",
-            ChangeKind::Modified if before => "DELETED",
-            ChangeKind::Deleted if before => "DELETED",
+        let kind = match (change.kind, before, now) {
+            (ChangeKind::Added, _, true) | (ChangeKind::Modified, false, true) => "ADDED",
+            (ChangeKind::Modified, true, true) => "MODIFIED",
+            (ChangeKind::Modified | ChangeKind::Deleted, true, _) => "DELETED",
             _ => return None,
         };
         Some(Watch::line(kind, &change.object))
@@ -1816,7 +1857,12 @@ impl Watch {
 
     /// Streams until the timeout, an expiry, or the connection goes; `Ok(true)` when the
     /// response ended cleanly and the connection can serve another request.
-    fn run(&self, shared: &Shared, stream: &mut TcpStream, closed: &AtomicBool) -> io::Result<bool> {
+    fn run(
+        &self,
+        shared: &Shared,
+        stream: &mut TcpStream,
+        closed: &AtomicBool,
+    ) -> io::Result<bool> {
         stream.write_all(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\
               Cache-Control: no-cache, private\r\n\r\n",
@@ -2007,8 +2053,14 @@ impl FakeApi {
             }
             return Ok(stored);
         }
-        let api_version = object.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
-        let kind = object.get("kind").and_then(Value::as_str).unwrap_or_default();
+        let api_version = object
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let kind = object
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let resource = resource_by_kind(api_version, kind)
             .with_context(|| format!("the fake does not serve {api_version}/{kind}"))?;
         let mut object = object;
@@ -2047,8 +2099,16 @@ impl FakeApi {
     ) -> anyhow::Result<Value> {
         let resource = Self::resource(resource)?;
         let namespace = resource.store_namespace(namespace);
+        let mut body = Map::new();
+        body.insert("status".into(), status);
         Ok(self.shared.with_state(|s| {
-            s.update(resource, &namespace, name, json!({"status": status}), Part::Status)
+            s.update(
+                resource,
+                &namespace,
+                name,
+                Value::Object(body),
+                Part::Status,
+            )
         })?)
     }
 
@@ -2179,7 +2239,8 @@ impl FakeApi {
 
     /// How long a watch without `timeoutSeconds` lasts (default 300 s).
     pub fn set_default_watch_timeout(&self, timeout: Duration) {
-        self.shared.with_state(|s| s.default_watch_timeout = timeout);
+        self.shared
+            .with_state(|s| s.default_watch_timeout = timeout);
     }
 
     /// Polls `condition` every 20 ms until it holds or `timeout` passes; returns whether it held.

@@ -13,7 +13,7 @@ use std::{
 
 use futures::StreamExt as _;
 use integration_tests::{
-    fake_api::FakeApi,
+    fake_api::{FakeApi, Request},
     netns::{Netns, unique_prefix},
 };
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Service};
@@ -201,14 +201,21 @@ fn list_then_watch_from_its_resource_version() {
     assert_eq!(list["kind"], "ServiceList");
     assert_eq!(list["apiVersion"], "v1");
     assert!(list["metadata"].get("continue").is_none());
-    let names: Vec<_> = list["items"].as_array().unwrap().iter().map(|i| &i["metadata"]["name"]).collect();
+    let names: Vec<_> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| &i["metadata"]["name"])
+        .collect();
     assert_eq!(names, ["db", "web"]);
     let list_rv = rv(&list);
     assert_eq!(list_rv, api.current_resource_version());
 
     let mut watch = Watch::open(
         api.port(),
-        &format!("/api/v1/services?&watch=true&timeoutSeconds=290&allowWatchBookmarks=true&resourceVersion={list_rv}"),
+        &format!(
+            "/api/v1/services?&watch=true&timeoutSeconds=290&allowWatchBookmarks=true&resourceVersion={list_rv}"
+        ),
     );
     let mut web = api.get("services", "demo", "web").unwrap();
     web["metadata"]["labels"]["tier"] = json!("back");
@@ -224,12 +231,18 @@ fn list_then_watch_from_its_resource_version() {
     assert_eq!(rv(&deleted["object"]), api.current_resource_version());
 
     // From "0", or without a resourceVersion: the current objects first.
-    for target in ["/api/v1/namespaces/demo/services?watch=1&resourceVersion=0", "/api/v1/namespaces/demo/services?watch=true"] {
+    for target in [
+        "/api/v1/namespaces/demo/services?watch=1&resourceVersion=0",
+        "/api/v1/namespaces/demo/services?watch=true",
+    ] {
         let mut watch = Watch::open(api.port(), target);
         assert_eq!(summary(&watch.next_change()), pair("ADDED", "web"));
     }
     // Resuming from an old resourceVersion replays what came after it.
-    let mut watch = Watch::open(api.port(), &format!("/api/v1/namespaces/demo/services?watch=true&resourceVersion={list_rv}"));
+    let mut watch = Watch::open(
+        api.port(),
+        &format!("/api/v1/namespaces/demo/services?watch=true&resourceVersion={list_rv}"),
+    );
     assert_eq!(summary(&watch.next_change()), pair("MODIFIED", "web"));
     assert_eq!(summary(&watch.next_change()), pair("DELETED", "db"));
 }
@@ -258,7 +271,9 @@ fn bookmarks_carry_the_current_resource_version() {
     let started = Instant::now();
     let mut watch = Watch::open(
         api.port(),
-        &format!("/apis/discovery.k8s.io/v1/endpointslices?watch=true&timeoutSeconds=1&resourceVersion={current}"),
+        &format!(
+            "/apis/discovery.k8s.io/v1/endpointslices?watch=true&timeoutSeconds=1&resourceVersion={current}"
+        ),
     );
     assert_eq!(watch.next(), Err(End::Clean));
     assert!(started.elapsed() >= Duration::from_secs(1));
@@ -271,7 +286,10 @@ fn bookmarks_carry_the_current_resource_version() {
     assert_eq!(summary(&watch.next().unwrap()), pair("ADDED", "web"));
     let end = watch.next().unwrap();
     assert_eq!(end["type"], "BOOKMARK");
-    assert_eq!(end["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"], "true");
+    assert_eq!(
+        end["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+        "true"
+    );
 }
 
 #[test]
@@ -293,11 +311,26 @@ fn selectors_filter_lists_and_watches() {
     assert_eq!(names("/api/v1/services?labelSelector=app!%3Dweb"), ["db"]);
     assert_eq!(names("/api/v1/services?labelSelector=tier"), ["web"]);
     assert_eq!(names("/api/v1/services?labelSelector=!tier"), ["db"]);
-    assert_eq!(names("/api/v1/services?labelSelector=app%3Dweb%2Ctier%3Dfront"), ["web"]);
-    assert_eq!(names("/api/v1/services?labelSelector=app+in+(web,db),tier+notin+(x)"), ["db", "web"]);
-    assert_eq!(names("/api/v1/services?fieldSelector=metadata.name%3Ddb"), ["db"]);
-    assert_eq!(names("/api/v1/services?fieldSelector=metadata.namespace%3Dother"), Vec::<String>::new());
-    assert_eq!(names("/api/v1/namespaces/other/services"), Vec::<String>::new());
+    assert_eq!(
+        names("/api/v1/services?labelSelector=app%3Dweb%2Ctier%3Dfront"),
+        ["web"]
+    );
+    assert_eq!(
+        names("/api/v1/services?labelSelector=app+in+(web,db),tier+notin+(x)"),
+        ["db", "web"]
+    );
+    assert_eq!(
+        names("/api/v1/services?fieldSelector=metadata.name%3Ddb"),
+        ["db"]
+    );
+    assert_eq!(
+        names("/api/v1/services?fieldSelector=metadata.namespace%3Dother"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        names("/api/v1/namespaces/other/services"),
+        Vec::<String>::new()
+    );
     let (code, status) = get(api.port(), "/api/v1/services?labelSelector=a+in+x");
     assert_eq!((code, status["kind"].as_str()), (400, Some("Status")));
 
@@ -305,7 +338,9 @@ fn selectors_filter_lists_and_watches() {
     let current = api.current_resource_version();
     let mut watch = Watch::open(
         api.port(),
-        &format!("/api/v1/services?watch=true&labelSelector=tier%3Dfront&resourceVersion={current}"),
+        &format!(
+            "/api/v1/services?watch=true&labelSelector=tier%3Dfront&resourceVersion={current}"
+        ),
     );
     let mut web = api.get("services", "demo", "web").unwrap();
     web["metadata"]["labels"]["tier"] = json!("back");
@@ -328,21 +363,45 @@ fn compaction_expires_old_resource_versions() {
     let old = api.current_resource_version();
     api.delete("services", "demo", "db");
     api.compact();
-    let mut watch = Watch::open(api.port(), &format!("/api/v1/services?watch=true&resourceVersion={old}"));
+    let mut watch = Watch::open(
+        api.port(),
+        &format!("/api/v1/services?watch=true&resourceVersion={old}"),
+    );
     let error = watch.next().unwrap();
     assert_eq!(error["type"], "ERROR");
     assert_eq!(error["object"]["kind"], "Status");
     assert_eq!(error["object"]["status"], "Failure");
     assert_eq!(error["object"]["reason"], "Expired");
     assert_eq!(error["object"]["code"], 410);
-    assert!(error["object"]["message"].as_str().unwrap().starts_with(&format!("too old resource version: {old} (")));
+    assert!(
+        error["object"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("too old resource version: {old} ("))
+    );
     assert_eq!(watch.next(), Err(End::Clean));
     // From the current resourceVersion it works; expire_watches ends it with 410 too.
     let current = api.current_resource_version();
-    let mut watch = Watch::open(api.port(), &format!("/api/v1/services?watch=true&resourceVersion={current}"));
+    let mut watch = Watch::open(
+        api.port(),
+        &format!("/api/v1/services?watch=true&resourceVersion={current}"),
+    );
     api.expire_watches();
     assert_eq!(watch.next().unwrap()["object"]["code"], 410);
     assert_eq!(watch.next(), Err(End::Clean));
+}
+
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases";
+const WEB: &str = "/api/v1/namespaces/demo/services/web";
+const MERGE: &str = "application/merge-patch+json";
+
+/// A request with a JSON body of the given type.
+fn send(port: u16, method: &str, target: &str, content_type: &str, body: &Value) -> (u16, Value) {
+    http(port, method, target, Some((content_type, body)))
+}
+
+fn reason(answer: &(u16, Value)) -> (u16, &str) {
+    (answer.0, answer.1["reason"].as_str().unwrap_or_default())
 }
 
 #[test]
@@ -350,50 +409,92 @@ fn create_and_replace_are_checked() {
     let api = start();
     let port = api.port();
     let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "lb"}, "spec": {"holderIdentity": "a"}});
-    let (code, created) = http(port, "POST", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases", Some(("application/json", &lease)));
+    let (code, created) = send(port, "POST", LEASES, "application/json", &lease);
     assert_eq!(code, 201, "{created}");
     assert_eq!(created["metadata"]["namespace"], "kube-system");
     assert!(created["metadata"]["uid"].is_string());
-    assert!(created["metadata"]["creationTimestamp"].as_str().unwrap().ends_with('Z'));
-    let (code, status) = http(port, "POST", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases", Some(("application/json", &lease)));
-    assert_eq!((code, &status["reason"]), (409, &json!("AlreadyExists")));
+    let created_at = created["metadata"]["creationTimestamp"].as_str().unwrap();
+    assert!(
+        created_at.len() == 20 && created_at.ends_with('Z'),
+        "{created_at}"
+    );
+    let again = send(port, "POST", LEASES, "application/json", &lease);
+    assert_eq!(reason(&again), (409, "AlreadyExists"));
 
     // Replace with the current resourceVersion works, with a stale one conflicts.
+    let item = format!("{LEASES}/lb");
     let mut update = created.clone();
     update["spec"]["holderIdentity"] = json!("b");
-    let (code, replaced) = http(port, "PUT", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/lb", Some(("application/json", &update)));
+    let (code, replaced) = send(port, "PUT", &item, "application/json", &update);
     assert_eq!(code, 200, "{replaced}");
     assert_eq!(replaced["spec"]["holderIdentity"], "b");
     assert_eq!(replaced["metadata"]["uid"], created["metadata"]["uid"]);
     assert!(rv(&replaced) > rv(&created));
     update["spec"]["holderIdentity"] = json!("c");
-    let (code, status) = http(port, "PUT", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/lb", Some(("application/json", &update)));
-    assert_eq!((code, &status["reason"], &status["kind"]), (409, &json!("Conflict"), &json!("Status")));
-    let (code, got) = get(port, "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/lb");
+    let stale = send(port, "PUT", &item, "application/json", &update);
+    assert_eq!(reason(&stale), (409, "Conflict"));
+    assert_eq!(stale.1["kind"], "Status");
+    let (code, got) = get(port, &item);
     assert_eq!((code, &got["spec"]["holderIdentity"]), (200, &json!("b")));
-    // Missing objects, unknown paths and methods, bad bodies: Status answers.
-    let (code, status) = http(port, "PUT", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/other", Some(("application/json", &update)));
-    assert_eq!((code, &status["reason"]), (400, &json!("BadRequest")), "name mismatch");
-    let missing = json!({"metadata": {"name": "other"}});
-    let (code, status) = http(port, "PUT", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/other", Some(("application/json", &missing)));
-    assert_eq!((code, &status["reason"]), (404, &json!("NotFound")));
-    assert_eq!(status["message"], "leases.coordination.k8s.io \"other\" not found");
-    assert_eq!(get(port, "/api/v1/namespaces/x/pods").0, 404);
+    // DELETE answers the object; afterwards it is gone.
+    let (code, deleted) = http(port, "DELETE", &item, None);
+    assert_eq!((code, &deleted["kind"]), (200, &json!("Lease")));
+    assert_eq!(
+        reason(&http(port, "DELETE", &item, None)),
+        (404, "NotFound")
+    );
+}
+
+#[test]
+fn bad_requests_get_status_answers() {
+    let api = start();
+    let port = api.port();
+    let other = format!("{LEASES}/other");
+    let named = json!({"metadata": {"name": "lb"}});
+    let mismatch = send(port, "PUT", &other, "application/json", &named);
+    assert_eq!(reason(&mismatch), (400, "BadRequest"));
+    let missing = send(port, "PUT", &other, "application/json", &json!({}));
+    assert_eq!(reason(&missing), (404, "NotFound"));
+    assert_eq!(
+        missing.1["message"],
+        "leases.coordination.k8s.io \"other\" not found"
+    );
+    assert_eq!(missing.1["status"], "Failure");
+    assert_eq!(missing.1["apiVersion"], "v1");
+    assert_eq!(
+        reason(&get(port, "/api/v1/namespaces/x/pods")),
+        (404, "NotFound")
+    );
     assert_eq!(get(port, "/nope").0, 404);
-    assert_eq!(http(port, "DELETE", "/api/v1/services", None).0, 405);
-    let (code, status) = http(port, "POST", "/api/v1/namespaces/default/services", Some(("application/json", &json!("x"))));
-    assert_eq!((code, &status["kind"]), (400, &json!("Status")));
+    assert_eq!(get(port, "/api/v1/namespaces/default/nodes/x").0, 404);
+    let method = http(port, "DELETE", "/api/v1/services", None);
+    assert_eq!(reason(&method), (405, "MethodNotAllowed"));
+    let not_object = send(
+        port,
+        "POST",
+        "/api/v1/namespaces/default/services",
+        "application/json",
+        &json!("x"),
+    );
+    assert_eq!(reason(&not_object), (400, "BadRequest"));
+    let wrong_kind = send(
+        port,
+        "POST",
+        LEASES,
+        "application/json",
+        &json!({"kind": "Service", "apiVersion": "v1", "metadata": {"name": "x"}}),
+    );
+    assert_eq!(reason(&wrong_kind), (400, "BadRequest"));
+    let nameless = send(port, "POST", LEASES, "application/json", &json!({}));
+    assert_eq!(reason(&nameless), (422, "Invalid"));
     let mut raw = connect(port);
     raw.write_all(b"garbage\r\n\r\n").unwrap();
     let mut answer = String::new();
     raw.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"kind\":\"Status\""), "{answer}");
     // The server still serves.
     assert_eq!(get(port, "/api/v1/services").0, 200);
-    // DELETE answers the object; afterwards it is gone.
-    let (code, deleted) = http(port, "DELETE", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/lb", None);
-    assert_eq!((code, &deleted["kind"]), (200, &json!("Lease")));
-    assert_eq!(http(port, "DELETE", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/lb", None).0, 404);
 }
 
 #[test]
@@ -401,23 +502,40 @@ fn status_is_a_subresource() {
     let api = start();
     api.apply_yaml(SERVICES).unwrap();
     let port = api.port();
+    let status = format!("{WEB}/status");
     let ingress = json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}}, "spec": {"type": "ClusterIP"}});
-    let (code, patched) = http(port, "PATCH", "/api/v1/namespaces/demo/services/web/status", Some(("application/merge-patch+json", &ingress)));
+    let (code, patched) = send(port, "PATCH", &status, MERGE, &ingress);
     assert_eq!(code, 200, "{patched}");
-    assert_eq!(patched["status"]["loadBalancer"]["ingress"][0]["ip"], "192.0.2.10");
-    assert_eq!(patched["spec"]["type"], "NodePort", "a status write changes only the status");
+    assert_eq!(
+        patched["status"]["loadBalancer"]["ingress"][0]["ip"],
+        "192.0.2.10"
+    );
+    assert_eq!(
+        patched["spec"]["type"], "NodePort",
+        "a status write changes only the status"
+    );
     // The same patch again changes nothing, so no new resourceVersion.
-    let (_, again) = http(port, "PATCH", "/api/v1/namespaces/demo/services/web/status", Some(("application/strategic-merge-patch+json", &ingress)));
-    assert_eq!(again["metadata"]["resourceVersion"], patched["metadata"]["resourceVersion"]);
+    let (_, again) = send(
+        port,
+        "PATCH",
+        &status,
+        "application/strategic-merge-patch+json",
+        &ingress,
+    );
+    assert_eq!(rv(&again), rv(&patched));
     // A write to the object keeps the status.
-    let (code, main) = http(port, "PATCH", "/api/v1/namespaces/demo/services/web", Some(("application/merge-patch+json", &json!({"status": null, "metadata": {"labels": {"x": "y"}}}))));
+    let labels = json!({"status": null, "metadata": {"labels": {"x": "y"}}});
+    let (code, main) = send(port, "PATCH", WEB, MERGE, &labels);
     assert_eq!(code, 200);
-    assert_eq!(main["metadata"]["labels"], json!({"app": "web", "tier": "front", "x": "y"}));
+    assert_eq!(
+        main["metadata"]["labels"],
+        json!({"app": "web", "tier": "front", "x": "y"})
+    );
     assert_eq!(main["status"], patched["status"]);
     let mut replace = main.clone();
     replace["status"] = json!({});
     replace["spec"]["sessionAffinity"] = json!("ClientIP");
-    let (code, put) = http(port, "PUT", "/api/v1/namespaces/demo/services/web", Some(("application/json", &replace)));
+    let (code, put) = send(port, "PUT", WEB, "application/json", &replace);
     assert_eq!(code, 200);
     assert_eq!(put["spec"]["sessionAffinity"], "ClientIP");
     assert_eq!(put["status"], patched["status"]);
@@ -425,29 +543,90 @@ fn status_is_a_subresource() {
     let mut replace = put.clone();
     replace["status"] = json!({"loadBalancer": {}});
     replace["spec"]["sessionAffinity"] = json!("None");
-    let (code, put) = http(port, "PUT", "/api/v1/namespaces/demo/services/web/status", Some(("application/json", &replace)));
+    let (code, put) = send(port, "PUT", &status, "application/json", &replace);
     assert_eq!(code, 200);
     assert_eq!(put["status"], json!({"loadBalancer": {}}));
     assert_eq!(put["spec"]["sessionAffinity"], "ClientIP");
+    // The control API can set a status.
+    api.set_status(
+        "services",
+        "demo",
+        "db",
+        json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.11"}]}}),
+    )
+    .unwrap();
+    let db = api.get("services", "demo", "db").unwrap();
+    assert_eq!(
+        db["status"]["loadBalancer"]["ingress"][0]["ip"],
+        "192.0.2.11"
+    );
+}
+
+#[test]
+fn patches_are_checked_and_recorded() {
+    let api = start();
+    api.apply_yaml(SERVICES).unwrap();
+    let port = api.port();
+    let status = format!("{WEB}/status");
+    let ingress = json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}}});
+    assert_eq!(send(port, "PATCH", &status, MERGE, &ingress).0, 200);
     // A patch naming a stale resourceVersion conflicts; JSON patch is not supported.
     let stale = json!({"metadata": {"resourceVersion": "1"}, "status": {}});
-    assert_eq!(http(port, "PATCH", "/api/v1/namespaces/demo/services/web/status", Some(("application/merge-patch+json", &stale))).0, 409);
-    assert_eq!(http(port, "PATCH", "/api/v1/namespaces/demo/services/web", Some(("application/json-patch+json", &json!([])))).0, 415);
-    assert_eq!(http(port, "PATCH", "/api/v1/namespaces/demo/services/nope/status", Some(("application/merge-patch+json", &ingress))).0, 404);
+    assert_eq!(
+        reason(&send(port, "PATCH", &status, MERGE, &stale)),
+        (409, "Conflict")
+    );
+    let json_patch = send(
+        port,
+        "PATCH",
+        WEB,
+        "application/json-patch+json",
+        &json!([]),
+    );
+    assert_eq!(reason(&json_patch), (415, "UnsupportedMediaType"));
+    let missing = "/api/v1/namespaces/demo/services/nope/status";
+    assert_eq!(send(port, "PATCH", missing, MERGE, &ingress).0, 404);
     // Leases have no status subresource.
-    assert_eq!(http(port, "PATCH", "/apis/coordination.k8s.io/v1/namespaces/demo/leases/x/status", Some(("application/merge-patch+json", &ingress))).0, 404);
-    // The control API can set a status.
-    api.set_status("services", "demo", "db", json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.11"}]}})).unwrap();
-    assert_eq!(api.get("services", "demo", "db").unwrap()["status"]["loadBalancer"]["ingress"][0]["ip"], "192.0.2.11");
-    // And the recorded requests tell who wrote what.
-    let writes: Vec<_> = api.requests().into_iter().filter(|r| r.is_write()).collect();
-    assert!(writes.iter().all(|r| r.user_agent.as_deref() == Some("plain-test")));
+    assert_eq!(
+        send(
+            port,
+            "PATCH",
+            &format!("{LEASES}/x/status"),
+            MERGE,
+            &ingress
+        )
+        .0,
+        404
+    );
+    // Server-side apply creates what is missing.
+    let apply = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "spec": {"holderIdentity": "a"}});
+    let (code, created) = send(
+        port,
+        "PATCH",
+        &format!("{LEASES}/new?fieldManager=t"),
+        "application/apply-patch+yaml",
+        &apply,
+    );
+    assert_eq!((code, &created["metadata"]["name"]), (201, &json!("new")));
+    // The recorded requests tell who wrote what.
+    let writes: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(Request::is_write)
+        .collect();
+    assert_eq!(writes.len(), 6);
+    assert!(
+        writes
+            .iter()
+            .all(|r| r.user_agent.as_deref() == Some("plain-test"))
+    );
     assert_eq!(writes[0].method, "PATCH");
-    assert_eq!(writes[0].path(), "/api/v1/namespaces/demo/services/web/status");
-    assert_eq!(writes[0].content_type.as_deref(), Some("application/merge-patch+json"));
+    assert_eq!(writes[0].path(), status);
+    assert_eq!(writes[0].content_type.as_deref(), Some(MERGE));
     assert_eq!(writes[0].code, 200);
     assert!(writes[0].body.contains("192.0.2.10"));
     assert!(writes[0].remote.ip().is_loopback());
+    assert_eq!(writes[1].code, 409);
 }
 
 #[test]
@@ -497,9 +676,16 @@ spec:
     assert_eq!(spec["ports"][0]["targetPort"], "http");
     assert_eq!(spec["ports"][1]["protocol"], "UDP");
     assert_eq!(spec["ports"][1]["targetPort"], 53);
-    let node_ports: Vec<u64> = (0..2).map(|i| spec["ports"][i]["nodePort"].as_u64().unwrap()).collect();
+    let node_ports: Vec<u64> = (0..2)
+        .map(|i| spec["ports"][i]["nodePort"].as_u64().unwrap())
+        .collect();
     let health = spec["healthCheckNodePort"].as_u64().unwrap();
-    assert!(node_ports.iter().chain([&health]).all(|p| (30000..=32767).contains(p)));
+    assert!(
+        node_ports
+            .iter()
+            .chain([&health])
+            .all(|p| (30000..=32767).contains(p))
+    );
     assert!(node_ports[0] != node_ports[1] && !node_ports.contains(&health));
     assert_eq!(stored[1]["spec"]["clusterIP"], "None");
     assert_eq!(stored[1]["spec"]["type"], "ClusterIP");
@@ -510,11 +696,27 @@ spec:
     // Re-applying the same document keeps what was allocated.
     let again = api.apply_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: lb}\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  ports: [{port: 80, targetPort: http}, {port: 53, protocol: UDP}]\n").unwrap();
     assert_eq!(again[0]["spec"], *spec);
-    assert_eq!(again[0]["metadata"]["resourceVersion"], lb["metadata"]["resourceVersion"]);
+    assert_eq!(
+        again[0]["metadata"]["resourceVersion"],
+        lb["metadata"]["resourceVersion"]
+    );
     // A POSTed Service is defaulted the same way and loses any status.
-    let (code, created) = http(api.port(), "POST", "/api/v1/namespaces/default/services", Some(("application/json", &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"generateName": "gen-"}, "spec": {"type": "NodePort", "ports": [{"port": 1}]}, "status": {"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}]}}}))));
+    let (code, created) = http(
+        api.port(),
+        "POST",
+        "/api/v1/namespaces/default/services",
+        Some((
+            "application/json",
+            &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"generateName": "gen-"}, "spec": {"type": "NodePort", "ports": [{"port": 1}]}, "status": {"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}]}}}),
+        )),
+    );
     assert_eq!(code, 201);
-    assert!(created["metadata"]["name"].as_str().unwrap().starts_with("gen-"));
+    assert!(
+        created["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("gen-")
+    );
     assert!(created.get("status").is_none());
     assert!(created["spec"]["ports"][0]["nodePort"].as_u64().is_some());
     assert_eq!(created["spec"]["externalTrafficPolicy"], "Cluster");
@@ -524,12 +726,33 @@ spec:
 fn events_and_nodes() {
     let api = start();
     let port = api.port();
-    let core = json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": "web.1", "namespace": "demo"}, "reason": "IPAllocated", "involvedObject": {"kind": "Service", "name": "web"}});
-    assert_eq!(http(port, "POST", "/api/v1/namespaces/demo/events", Some(("application/json", &core))).0, 201);
-    let new = json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "web.2"}, "reason": "Synced", "regarding": {"kind": "Service", "name": "web"}});
-    assert_eq!(http(port, "POST", "/apis/events.k8s.io/v1/namespaces/demo/events", Some(("application/json", &new))).0, 201);
+    let core_event = json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": "web.1", "namespace": "demo"}, "reason": "IPAllocated", "involvedObject": {"kind": "Service", "name": "web"}});
+    assert_eq!(
+        http(
+            port,
+            "POST",
+            "/api/v1/namespaces/demo/events",
+            Some(("application/json", &core_event))
+        )
+        .0,
+        201
+    );
+    let new_event = json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "web.2"}, "reason": "Synced", "regarding": {"kind": "Service", "name": "web"}});
+    assert_eq!(
+        http(
+            port,
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/demo/events",
+            Some(("application/json", &new_event))
+        )
+        .0,
+        201
+    );
     let events = api.events();
-    let reasons: Vec<_> = events.iter().map(|e| e["reason"].as_str().unwrap()).collect();
+    let reasons: Vec<_> = events
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
     assert_eq!(reasons, ["IPAllocated", "Synced"]);
     assert_eq!(events[1]["apiVersion"], "events.k8s.io/v1");
     // Nodes are cluster-scoped.
@@ -541,7 +764,10 @@ fn events_and_nodes() {
     let (_, list) = get(port, "/api/v1/nodes");
     assert_eq!(list["kind"], "NodeList");
     assert_eq!(get(port, "/api/v1/namespaces/default/nodes/node-a").0, 404);
-    let mut watch = Watch::open(port, "/api/v1/nodes?watch=true&fieldSelector=metadata.name%3Dnode-a");
+    let mut watch = Watch::open(
+        port,
+        "/api/v1/nodes?watch=true&fieldSelector=metadata.name%3Dnode-a",
+    );
     assert_eq!(summary(&watch.next_change()), pair("ADDED", "node-a"));
 }
 
@@ -563,7 +789,10 @@ fn stop_and_restart_keep_the_state() {
     api.apply_yaml(SERVICES).unwrap();
     let port = api.port();
     let rv_before = api.current_resource_version();
-    let mut watch = Watch::open(port, &format!("/api/v1/services?watch=true&resourceVersion={rv_before}"));
+    let mut watch = Watch::open(
+        port,
+        &format!("/api/v1/services?watch=true&resourceVersion={rv_before}"),
+    );
     api.stop();
     assert!(!api.is_listening());
     assert_eq!(watch.next(), Err(End::Cut));
@@ -572,7 +801,10 @@ fn stop_and_restart_keep_the_state() {
     api.delete("services", "demo", "db");
     api.restart().unwrap();
     assert_eq!(api.port(), port);
-    let mut watch = Watch::open(port, &format!("/api/v1/services?watch=true&resourceVersion={rv_before}"));
+    let mut watch = Watch::open(
+        port,
+        &format!("/api/v1/services?watch=true&resourceVersion={rv_before}"),
+    );
     assert_eq!(summary(&watch.next_change()), pair("DELETED", "db"));
     assert_eq!(get(port, "/api/v1/namespaces/demo/services/web").0, 200);
 }
@@ -585,7 +817,9 @@ fn held_requests_wait() {
     let answered = Arc::new(Mutex::new(None));
     let thread = {
         let answered = answered.clone();
-        std::thread::spawn(move || *answered.lock().unwrap() = Some(get(port, "/api/v1/services").0))
+        std::thread::spawn(move || {
+            *answered.lock().unwrap() = Some(get(port, "/api/v1/services").0);
+        })
     };
     std::thread::sleep(Duration::from_millis(300));
     assert!(answered.lock().unwrap().is_none());
@@ -606,19 +840,34 @@ fn curl_can_talk_to_it() {
         eprintln!("no curl; skipped");
         return;
     };
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let service: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(service["metadata"]["name"], "web");
     // A watch through curl, ended by timeoutSeconds.
     let output = Command::new("curl")
         .args(["-sS", "--max-time", "5"])
-        .arg(format!("{}/api/v1/services?watch=true&timeoutSeconds=1", api.url()))
+        .arg(format!(
+            "{}/api/v1/services?watch=true&timeoutSeconds=1",
+            api.url()
+        ))
         .output()
         .unwrap();
     assert!(output.status.success());
-    let lines: Vec<Value> = output.stdout.lines().map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect();
+    let lines: Vec<Value> = output
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
-    assert!(api.requests().iter().any(|r| r.user_agent.as_deref() == Some("curl-test")));
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.user_agent.as_deref() == Some("curl-test"))
+    );
 }
 
 #[test]
@@ -631,13 +880,26 @@ fn serves_inside_a_network_namespace() {
     let api = FakeApi::start_in_netns(netns.name(), "127.0.0.1:0".parse().unwrap()).unwrap();
     api.apply_yaml(SERVICES).unwrap();
     let url = format!("{}/api/v1/namespaces/demo/services/db", api.url());
-    let curl = || netns.command("curl").args(["-sS", "--max-time", "5", &url]).output().unwrap();
+    let curl = || {
+        netns
+            .command("curl")
+            .args(["-sS", "--max-time", "5", &url])
+            .output()
+            .unwrap()
+    };
     let output = curl();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let service: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(service["metadata"]["name"], "db");
     // Not in this namespace (nothing listens on the port here, or something else does).
-    let here = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], api.port())), Duration::from_millis(200));
+    let here = TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], api.port())),
+        Duration::from_millis(200),
+    );
     assert!(here.is_err() || api.requests().len() == 1);
     api.stop();
     api.restart().unwrap();
@@ -665,14 +927,22 @@ type Seen = Arc<Mutex<Vec<(String, String)>>>;
 
 fn print_requests(api: &FakeApi) {
     for r in api.requests() {
-        eprintln!("{} {} -> {} user={:?} agent={:?} {:?}", r.method, r.target, r.code, r.user, r.user_agent, r.content_type);
+        eprintln!(
+            "{} {} -> {} user={:?} agent={:?} {:?}",
+            r.method, r.target, r.code, r.user, r.user_agent, r.content_type
+        );
     }
 }
 
 async fn wait_for(seen: &Seen, expected: (&str, &str)) {
     let deadline = Instant::now() + TIMEOUT;
     while Instant::now() < deadline {
-        if seen.lock().unwrap().iter().any(|(k, n)| k == expected.0 && n == expected.1) {
+        if seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(k, n)| k == expected.0 && n == expected.1)
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -696,10 +966,14 @@ async fn kube_watcher_follows_changes_and_recovers() {
                     Some(Ok(event)) => {
                         let entry = match event {
                             watcher::Event::Init => ("Init".into(), String::new()),
-                            watcher::Event::InitApply(s) => ("InitApply".into(), s.metadata.name.unwrap()),
+                            watcher::Event::InitApply(s) => {
+                                ("InitApply".into(), s.metadata.name.unwrap())
+                            }
                             watcher::Event::InitDone => ("InitDone".into(), String::new()),
                             watcher::Event::Apply(s) => ("Apply".into(), s.metadata.name.unwrap()),
-                            watcher::Event::Delete(s) => ("Delete".into(), s.metadata.name.unwrap()),
+                            watcher::Event::Delete(s) => {
+                                ("Delete".into(), s.metadata.name.unwrap())
+                            }
                         };
                         seen.lock().unwrap().push(entry);
                     }
@@ -716,7 +990,13 @@ async fn kube_watcher_follows_changes_and_recovers() {
     assert!(seen.lock().unwrap().contains(&pair("InitApply", "web")));
     api.apply_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: new, namespace: demo}\nspec: {ports: [{port: 1}]}\n").unwrap();
     wait_for(&seen, ("Apply", "new")).await;
-    api.set_status("services", "demo", "new", json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}})).unwrap();
+    api.set_status(
+        "services",
+        "demo",
+        "new",
+        json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}}),
+    )
+    .unwrap();
     api.delete("services", "demo", "db");
     wait_for(&seen, ("Delete", "db")).await;
 
@@ -728,7 +1008,13 @@ async fn kube_watcher_follows_changes_and_recovers() {
     assert!(api.requests().iter().filter(|r| r.is_watch()).count() > watches);
 
     // Compacted and expired: the watcher lists again.
-    let inits = |seen: &Seen| seen.lock().unwrap().iter().filter(|(k, _)| k == "InitDone").count();
+    let inits = |seen: &Seen| {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k == "InitDone")
+            .count()
+    };
     assert_eq!(inits(&seen), 1);
     api.apply_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: after, namespace: demo}\nspec: {ports: [{port: 2}]}\n").unwrap();
     wait_for(&seen, ("Apply", "after")).await;
@@ -749,7 +1035,13 @@ async fn kube_watcher_follows_changes_and_recovers() {
     task.abort();
     print_requests(&api);
     // No discovery, no /version: typed Apis need nothing else from the server.
-    assert!(api.requests().iter().all(|r| r.path().starts_with("/api/v1/services")), "{:?}", api.requests());
+    assert!(
+        api.requests()
+            .iter()
+            .all(|r| r.path().starts_with("/api/v1/services")),
+        "{:?}",
+        api.requests()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -759,31 +1051,73 @@ async fn kube_writes_status_and_leases() {
     let client = kube_client(&api, "writer").await;
     let services: Api<Service> = Api::namespaced(client.clone(), "demo");
     let patch = json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.20"}]}}});
-    let patched = services.patch_status("web", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    assert_eq!(patched.status.unwrap().load_balancer.unwrap().ingress.unwrap()[0].ip.as_deref(), Some("192.0.2.20"));
+    let patched = services
+        .patch_status("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    assert_eq!(
+        patched
+            .status
+            .unwrap()
+            .load_balancer
+            .unwrap()
+            .ingress
+            .unwrap()[0]
+            .ip
+            .as_deref(),
+        Some("192.0.2.20")
+    );
     let applied = services
         .patch_status("db", &PatchParams::apply("lb-agent").force(), &Patch::Apply(&json!({"apiVersion": "v1", "kind": "Service", "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.21"}]}}})))
         .await
         .unwrap();
     assert!(applied.status.is_some());
     let err = services.get("nope").await.unwrap_err();
-    assert!(matches!(err, kube::Error::Api(ref s) if s.code == 404), "{err:?}");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 404),
+        "{err:?}"
+    );
 
     let leases: Api<Lease> = Api::namespaced(client, "kube-system");
     assert!(leases.get_opt("lb-agent").await.unwrap().is_none());
     let mut lease: Lease = serde_json::from_value(json!({"metadata": {"name": "lb-agent"}, "spec": {"holderIdentity": "node-a", "leaseDurationSeconds": 15}})).unwrap();
     let created = leases.create(&PostParams::default(), &lease).await.unwrap();
-    let err = leases.create(&PostParams::default(), &lease).await.unwrap_err();
-    assert!(matches!(err, kube::Error::Api(ref s) if s.code == 409 && s.reason == "AlreadyExists"), "{err:?}");
+    let err = leases
+        .create(&PostParams::default(), &lease)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 409 && s.reason == "AlreadyExists"),
+        "{err:?}"
+    );
     lease = created.clone();
     lease.spec.as_mut().unwrap().holder_identity = Some("node-b".into());
-    let replaced = leases.replace("lb-agent", &PostParams::default(), &lease).await.unwrap();
-    assert_eq!(replaced.spec.unwrap().holder_identity.as_deref(), Some("node-b"));
+    let replaced = leases
+        .replace("lb-agent", &PostParams::default(), &lease)
+        .await
+        .unwrap();
+    assert_eq!(
+        replaced.spec.unwrap().holder_identity.as_deref(),
+        Some("node-b")
+    );
     // The old resourceVersion again: someone else won.
-    let err = leases.replace("lb-agent", &PostParams::default(), &lease).await.unwrap_err();
-    assert!(matches!(err, kube::Error::Api(ref s) if s.code == 409 && s.reason == "Conflict"), "{err:?}");
+    let err = leases
+        .replace("lb-agent", &PostParams::default(), &lease)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 409 && s.reason == "Conflict"),
+        "{err:?}"
+    );
     print_requests(&api);
-    let writes: Vec<_> = api.requests().into_iter().filter(|r| r.is_write()).collect();
+    let writes: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(Request::is_write)
+        .collect();
     // kube-rs sends no User-Agent; the kubeconfig user's token tells who wrote.
-    assert!(writes.iter().all(|r| r.user.as_deref() == Some("writer")), "{writes:?}");
+    assert!(
+        writes.iter().all(|r| r.user.as_deref() == Some("writer")),
+        "{writes:?}"
+    );
 }
