@@ -1121,3 +1121,83 @@ async fn kube_writes_status_and_leases() {
         "{writes:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_reads_every_resource_and_records_events() {
+    use k8s_openapi::api::{
+        core::v1::{Event as CoreEvent, Node, ObjectReference},
+        discovery::v1::EndpointSlice,
+    };
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+
+    let api = start();
+    api.apply_yaml(SERVICES).unwrap();
+    api.apply_yaml(
+        r"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: demo
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.10], conditions: {ready: true}}]
+ports: [{name: http, port: 8080, protocol: TCP}]
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status:
+  addresses: [{type: InternalIP, address: 172.30.0.1}]
+",
+    )
+    .unwrap();
+    let client = kube_client(&api, "reader").await;
+    let slices: Api<EndpointSlice> = Api::all(client.clone());
+    let list = slices
+        .list(&kube::api::ListParams::default().labels("kubernetes.io/service-name=web"))
+        .await
+        .unwrap();
+    assert_eq!(list.items.len(), 1);
+    assert_eq!(list.items[0].endpoints[0].addresses, ["10.244.1.10"]);
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node = nodes.get("node-a").await.unwrap();
+    assert_eq!(
+        node.status.unwrap().addresses.unwrap()[0].address,
+        "172.30.0.1"
+    );
+
+    // core/v1 Events, created directly.
+    let events: Api<CoreEvent> = Api::namespaced(client.clone(), "demo");
+    let event: CoreEvent = serde_json::from_value(json!({
+        "metadata": {"generateName": "web."},
+        "involvedObject": {"kind": "Service", "namespace": "demo", "name": "web"},
+        "reason": "LoadBalancerAssigned",
+        "message": "192.0.2.1",
+        "type": "Normal",
+    }))
+    .unwrap();
+    let created = events.create(&PostParams::default(), &event).await.unwrap();
+    assert!(created.metadata.name.unwrap().starts_with("web."));
+    // events.k8s.io/v1 Events through kube-runtime's recorder: a repeat becomes a PATCH.
+    let recorder = Recorder::new(client, Reporter::from("lb-agent".to_owned()));
+    let reference: ObjectReference = serde_json::from_value(
+        json!({"apiVersion": "v1", "kind": "Service", "namespace": "demo", "name": "web"}),
+    )
+    .unwrap();
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "Synced".into(),
+        note: Some("programmed".into()),
+        action: "Sync".into(),
+        secondary: None,
+    };
+    recorder.publish(&event, &reference).await.unwrap();
+    recorder.publish(&event, &reference).await.unwrap();
+    print_requests(&api);
+    let recorded = api.events();
+    assert_eq!(recorded.len(), 2, "{recorded:?}");
+    assert_eq!(recorded[0]["reason"], "LoadBalancerAssigned");
+    assert_eq!(recorded[1]["apiVersion"], "events.k8s.io/v1");
+    assert_eq!(recorded[1]["series"]["count"], 2);
+}
