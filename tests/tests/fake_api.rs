@@ -1195,9 +1195,9 @@ status:
     recorder.publish(&event, &reference).await.unwrap();
     recorder.publish(&event, &reference).await.unwrap();
     print_requests(&api);
-    let recorded = api.events();
-    assert_eq!(recorded.len(), 2, "{recorded:?}");
-    assert_eq!(recorded[0]["reason"], "LoadBalancerAssigned");
-    assert_eq!(recorded[1]["apiVersion"], "events.k8s.io/v1");
-    assert_eq!(recorded[1]["series"]["count"], 2);
+    let stored = api.events();
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert_eq!(stored[0]["reason"], "LoadBalancerAssigned");
+    assert_eq!(stored[1]["apiVersion"], "events.k8s.io/v1");
+    assert_eq!(stored[1]["series"]["count"], 2);
 }
