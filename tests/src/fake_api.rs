@@ -1036,7 +1036,7 @@ impl State {
 
     /// The namespace and name a new object gets: from the body, checked against the path.
     fn identity(
-        &mut self,
+        &self,
         resource: &ResourceInfo,
         path_namespace: Option<&str>,
         object: &Value,
@@ -1110,8 +1110,9 @@ impl State {
         if self.get(resource, &namespace, &name).is_some() {
             return Err(ApiError::already_exists(resource, &name));
         }
-        if part != Part::Everything && resource.status_subresource {
-            // Like the real server: a client creates the object, the status is written later.
+        if part != Part::Everything && resource.key == "services" {
+            // Like the real server: a client creates a Service, its status is written later
+            // (Nodes keep theirs: kubelets register with one).
             if let Value::Object(fields) = &mut object {
                 fields.remove("status");
             }
@@ -1244,7 +1245,8 @@ impl State {
     ///   protocol), except for a `LoadBalancer` with `allocateLoadBalancerNodePorts: false`;
     /// - `NodePort`/`LoadBalancer`: `externalTrafficPolicy` `Cluster`; `LoadBalancer`:
     ///   `allocateLoadBalancerNodePorts` `true`, and with `externalTrafficPolicy: Local` a
-    ///   `healthCheckNodePort`.
+    ///   `healthCheckNodePort`;
+    /// - `status` `{"loadBalancer": {}}` when it has none.
     ///
     /// Conflicting explicit addresses or ports are not rejected.
     fn default_service(
@@ -1259,6 +1261,9 @@ impl State {
         let Value::Object(fields) = object else {
             return Ok(());
         };
+        fields
+            .entry("status")
+            .or_insert_with(|| json!({"loadBalancer": {}}));
         let spec = fields
             .entry("spec")
             .or_insert_with(|| Value::Object(Map::new()));

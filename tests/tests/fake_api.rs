@@ -717,7 +717,7 @@ spec:
             .unwrap()
             .starts_with("gen-")
     );
-    assert!(created.get("status").is_none());
+    assert_eq!(created["status"], json!({"loadBalancer": {}}));
     assert!(created["spec"]["ports"][0]["nodePort"].as_u64().is_some());
     assert_eq!(created["spec"]["externalTrafficPolicy"], "Cluster");
 }
