@@ -207,8 +207,12 @@ pub struct Request {
     pub user: Option<String>,
     pub content_type: Option<String>,
     pub remote: SocketAddr,
-    /// The status code answered (200 for a watch that started streaming).
+    /// The status code answered (200 for a watch that started streaming); 0 while the request
+    /// is being served (it is recorded when it arrives, so a test that sees its effect also
+    /// finds it here).
     pub code: u16,
+    /// Counts requests from 0 in the order they arrived.
+    pub seq: u64,
 }
 
 impl Request {
@@ -1432,6 +1436,7 @@ struct Shared {
     changed: Condvar,
     connections: Mutex<HashMap<u64, Connection>>,
     next_connection: AtomicU64,
+    next_request: AtomicU64,
     /// Set when the handle drops: every thread ends.
     shutdown: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -1569,7 +1574,7 @@ fn handle(
     remote: SocketAddr,
     closed: &AtomicBool,
 ) -> io::Result<bool> {
-    let mut record = Request {
+    let record = Request {
         method: request.method.clone(),
         target: request.target.clone(),
         body: String::from_utf8_lossy(&request.body).into_owned(),
@@ -1581,9 +1586,18 @@ fn handle(
         content_type: request.header("content-type").map(str::to_owned),
         remote,
         code: 0,
+        seq: shared.next_request.fetch_add(1, Ordering::SeqCst),
+    };
+    let seq = record.seq;
+    let answered = |code: u16| {
+        let mut state = lock(&shared.state);
+        if let Some(r) = state.requests.iter_mut().rev().find(|r| r.seq == seq) {
+            r.code = code;
+        }
     };
     {
         let mut state = lock(&shared.state);
+        state.requests.push(record);
         while state.held
             && !closed.load(Ordering::SeqCst)
             && !shared.shutdown.load(Ordering::SeqCst)
@@ -1614,19 +1628,16 @@ fn handle(
     });
     match outcome {
         Ok(Answer::Watch(watch)) => {
-            record.code = 200;
-            lock(&shared.state).requests.push(record);
+            answered(200);
             watch.run(shared, stream, closed)
         }
         Ok(Answer::Object(code, body)) => {
-            record.code = code;
-            lock(&shared.state).requests.push(record);
+            answered(code);
             write_response(stream, code, &body, request.keep_alive)?;
             Ok(true)
         }
         Err(e) => {
-            record.code = e.code;
-            lock(&shared.state).requests.push(record);
+            answered(e.code);
             write_response(stream, e.code, &e.to_status(), request.keep_alive)?;
             Ok(true)
         }
@@ -1972,6 +1983,7 @@ impl FakeApi {
                 changed: Condvar::new(),
                 connections: Mutex::new(HashMap::new()),
                 next_connection: AtomicU64::new(0),
+                next_request: AtomicU64::new(0),
                 shutdown: AtomicBool::new(false),
                 threads: Mutex::new(Vec::new()),
             }),
