@@ -10,8 +10,8 @@
 //!   Objects are stored as JSON, keyed by (resource, namespace, name); nothing validates them
 //!   beyond what the routes need.
 //! - One global resourceVersion counter, like etcd's revision: every write bumps it and is kept
-//!   in a history, from which watches resume. [`FakeApi::compact`] forgets the history, so a
-//!   watch resuming from before it gets `410 Expired` the way real API servers answer.
+//!   in a history, from which watches resume. [`FakeApi::compact`] moves the compaction point,
+//!   so a watch starting from before it gets `410 Expired` the way real API servers answer.
 //! - LIST ignores `limit`, `continue` and `resourceVersion` and always answers the whole current
 //!   state in one page (clients must accept that: a server may ignore `limit`).
 //! - WATCH streams one JSON event per line, chunked; initial `ADDED` events when started without
@@ -2188,13 +2188,11 @@ impl FakeApi {
         lock(&self.shared.state).rv
     }
 
-    /// Forgets the history: watches resuming from an older resourceVersion get 410 Expired.
-    /// Open watches go on (see [`FakeApi::expire_watches`]).
+    /// Moves the compaction point to the current resourceVersion: watches that start from an
+    /// older one get 410 Expired. Open watches go on and miss nothing, as with etcd (see
+    /// [`FakeApi::expire_watches`] to end them); for that the history itself is kept.
     pub fn compact(&self) {
-        self.shared.with_state(|s| {
-            s.compacted = s.rv;
-            s.history.clear();
-        });
+        self.shared.with_state(|s| s.compacted = s.rv);
     }
 
     /// Ends every open watch with an `ERROR` 410 Expired event, as a real server does when its
