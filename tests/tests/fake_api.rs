@@ -1207,3 +1207,39 @@ status:
     assert_eq!(stored[1]["apiVersion"], "events.k8s.io/v1");
     assert_eq!(stored[1]["series"]["count"], 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_streaming_list_watcher() {
+    let api = start();
+    api.apply_yaml(SERVICES).unwrap();
+    let client = kube_client(&api, "streamer").await;
+    let services: Api<Service> = Api::namespaced(client, "demo");
+    let config = watcher::Config::default()
+        .streaming_lists()
+        .labels("app=web");
+    let mut stream = watcher(services, config).boxed();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        let event = tokio::time::timeout(TIMEOUT, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match event {
+            watcher::Event::InitApply(s) => seen.push(s.metadata.name.unwrap()),
+            watcher::Event::InitDone => {
+                api.delete("services", "demo", "web");
+            }
+            watcher::Event::Delete(s) => {
+                seen.push(format!("deleted {}", s.metadata.name.unwrap()));
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(seen, ["web", "deleted web"]);
+    print_requests(&api);
+    let watch = &api.requests()[0];
+    assert!(watch.target.contains("sendInitialEvents=true"), "{watch:?}");
+}
