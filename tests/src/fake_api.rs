@@ -207,6 +207,9 @@ pub struct Request {
     pub user: Option<String>,
     pub content_type: Option<String>,
     pub remote: SocketAddr,
+    /// The network namespace of the listener it came through (`None`: the tests' own), which
+    /// tells agents in different namespaces apart (see [`FakeApi::listen_also_in_netns`]).
+    pub netns: Option<String>,
     /// The status code answered (200 for a watch that started streaming); 0 while the request
     /// is being served (it is recorded when it arrives, so a test that sees its effect also
     /// finds it here).
@@ -1475,14 +1478,22 @@ struct Listener {
     thread: JoinHandle<()>,
 }
 
-/// The fake API server. Cheap to share between threads (`&self` everywhere); dropping it closes
-/// the listener and every connection.
-pub struct FakeApi {
-    shared: Arc<Shared>,
-    /// The bound address (with the port the first bind got), reused by [`FakeApi::restart`].
+/// Where the fake listens: an address in a network namespace (`None`: the tests' own).
+#[derive(Clone)]
+struct Endpoint {
     addr: SocketAddr,
     netns: Option<String>,
-    listener: Mutex<Option<Listener>>,
+}
+
+/// The fake API server. Cheap to share between threads (`&self` everywhere); dropping it closes
+/// the listeners and every connection.
+pub struct FakeApi {
+    shared: Arc<Shared>,
+    /// The first endpoint's address (with the port its bind got).
+    addr: SocketAddr,
+    /// Every endpoint, bound again by [`FakeApi::restart`].
+    endpoints: Mutex<Vec<Endpoint>>,
+    listeners: Mutex<Vec<Listener>>,
 }
 
 /// Binds `addr`, inside the named network namespace if given: a thread enters the namespace,
@@ -1506,7 +1517,12 @@ fn bind(addr: SocketAddr, netns: Option<&str>) -> anyhow::Result<TcpListener> {
     .map_err(|_| anyhow!("the thread binding in {netns} panicked"))?
 }
 
-fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, running: &AtomicBool) {
+fn accept_loop(
+    shared: &Arc<Shared>,
+    listener: &TcpListener,
+    netns: Option<&str>,
+    running: &AtomicBool,
+) {
     // Non-blocking accept polled every few milliseconds: stopping needs no wake-up trick.
     while running.load(Ordering::SeqCst) && !shared.shutdown.load(Ordering::SeqCst) {
         match listener.accept() {
@@ -1524,8 +1540,9 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, running: &AtomicBoo
                     },
                 );
                 let shared2 = shared.clone();
+                let netns = netns.map(str::to_owned);
                 shared.spawn(move || {
-                    serve_connection(&shared2, stream, remote, &closed);
+                    serve_connection(&shared2, stream, remote, netns.as_deref(), &closed);
                     lock(&shared2.connections).remove(&id);
                 });
             }
@@ -1538,6 +1555,7 @@ fn serve_connection(
     shared: &Shared,
     mut stream: TcpStream,
     remote: SocketAddr,
+    netns: Option<&str>,
     closed: &AtomicBool,
 ) {
     let setup = stream
@@ -1558,7 +1576,7 @@ fn serve_connection(
             }
             Ok(ReadOutcome::Closed) | Err(_) => break,
         };
-        match handle(shared, &mut stream, &request, remote, closed) {
+        match handle(shared, &mut stream, &request, (remote, netns), closed) {
             Ok(true) if request.keep_alive => {}
             _ => break,
         }
@@ -1571,7 +1589,7 @@ fn handle(
     shared: &Shared,
     stream: &mut TcpStream,
     request: &HttpRequest,
-    remote: SocketAddr,
+    (remote, netns): (SocketAddr, Option<&str>),
     closed: &AtomicBool,
 ) -> io::Result<bool> {
     let record = Request {
@@ -1585,6 +1603,7 @@ fn handle(
             .map(|t| t.trim().to_owned()),
         content_type: request.header("content-type").map(str::to_owned),
         remote,
+        netns: netns.map(str::to_owned),
         code: 0,
         seq: shared.next_request.fetch_add(1, Ordering::SeqCst),
     };
@@ -1988,20 +2007,40 @@ impl FakeApi {
                 threads: Mutex::new(Vec::new()),
             }),
             addr,
-            netns,
-            listener: Mutex::new(None),
+            endpoints: Mutex::new(vec![Endpoint { addr, netns }]),
+            listeners: Mutex::new(Vec::new()),
         };
-        api.listen(listener)?;
+        api.listen(listener, api.endpoints()[0].netns.clone())?;
         Ok(api)
     }
 
-    fn listen(&self, listener: TcpListener) -> anyhow::Result<()> {
+    fn endpoints(&self) -> Vec<Endpoint> {
+        lock(&self.endpoints).clone()
+    }
+
+    fn listen(&self, listener: TcpListener, netns: Option<String>) -> anyhow::Result<()> {
         listener.set_nonblocking(true)?;
         let running = Arc::new(AtomicBool::new(true));
         let shared = self.shared.clone();
         let flag = running.clone();
-        let thread = thread::spawn(move || accept_loop(&shared, &listener, &flag));
-        *lock(&self.listener) = Some(Listener { running, thread });
+        let thread =
+            thread::spawn(move || accept_loop(&shared, &listener, netns.as_deref(), &flag));
+        lock(&self.listeners).push(Listener { running, thread });
+        Ok(())
+    }
+
+    /// Listens also on the same address and port inside another network namespace (needs
+    /// root): agents in several namespaces then reach one store through their own loopback, with
+    /// one kubeconfig, and [`Request::netns`] tells them apart. [`FakeApi::stop`] and
+    /// [`FakeApi::restart`] act on every listener.
+    pub fn listen_also_in_netns(&self, netns: &str) -> anyhow::Result<()> {
+        let endpoint = Endpoint {
+            addr: self.addr,
+            netns: Some(netns.to_owned()),
+        };
+        let listener = bind(endpoint.addr, endpoint.netns.as_deref())?;
+        self.listen(listener, endpoint.netns.clone())?;
+        lock(&self.endpoints).push(endpoint);
         Ok(())
     }
 
@@ -2030,10 +2069,20 @@ impl FakeApi {
     /// a user `user` whose bearer token is its name. The fake checks no credentials; the token
     /// only lets [`Request::user`] tell which kubeconfig a request came with.
     pub fn write_kubeconfig(&self, path: &Path, user: &str) -> anyhow::Result<()> {
+        Self::write_kubeconfig_with_server(path, user, &self.url())
+    }
+
+    /// [`FakeApi::write_kubeconfig`] with another server URL, for clients that reach the fake
+    /// through a routed address (`http://ADDR:PORT`).
+    pub fn write_kubeconfig_with_server(
+        path: &Path,
+        user: &str,
+        server: &str,
+    ) -> anyhow::Result<()> {
         let config = json!({
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url()}}],
+            "clusters": [{"name": "fake", "cluster": {"server": server}}],
             "users": [{"name": user, "user": {"token": user}}],
             "contexts": [{
                 "name": "fake",
@@ -2207,38 +2256,45 @@ impl FakeApi {
         self.shared.close_connections()
     }
 
-    /// Closes the listener and every connection, keeping all state: the API goes away until
+    /// Closes the listeners and every connection, keeping all state: the API goes away until
     /// [`FakeApi::restart`].
     pub fn stop(&self) {
-        if let Some(listener) = lock(&self.listener).take() {
+        let listeners: Vec<Listener> = lock(&self.listeners).drain(..).collect();
+        for listener in &listeners {
             listener.running.store(false, Ordering::SeqCst);
+        }
+        for listener in listeners {
             // The accept loop polls, so this returns within milliseconds.
             let _ = listener.thread.join();
         }
         self.shared.close_connections();
     }
 
-    /// Listens again on the same address (and namespace) after [`FakeApi::stop`]; does nothing
-    /// while it listens.
+    /// Listens again on the same addresses (and namespaces) after [`FakeApi::stop`]; does
+    /// nothing while it listens.
     pub fn restart(&self) -> anyhow::Result<()> {
-        if lock(&self.listener).is_some() {
+        if self.is_listening() {
             return Ok(());
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let listener = loop {
-            match bind(self.addr, self.netns.as_deref()) {
-                Ok(l) => break l,
-                Err(e) if Instant::now() >= deadline => return Err(e),
-                Err(_) => thread::sleep(Duration::from_millis(50)),
-            }
-        };
-        self.listen(listener)
+        for endpoint in self.endpoints() {
+            // The port is ours, but give a racing bind elsewhere a moment to fail.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let listener = loop {
+                match bind(endpoint.addr, endpoint.netns.as_deref()) {
+                    Ok(l) => break l,
+                    Err(e) if Instant::now() >= deadline => return Err(e),
+                    Err(_) => thread::sleep(Duration::from_millis(50)),
+                }
+            };
+            self.listen(listener, endpoint.netns)?;
+        }
+        Ok(())
     }
 
     /// Whether it listens (between [`FakeApi::stop`] and [`FakeApi::restart`] it does not).
     #[must_use]
     pub fn is_listening(&self) -> bool {
-        lock(&self.listener).is_some()
+        !lock(&self.listeners).is_empty()
     }
 
     /// While held, requests are read but not answered (watches already streaming go on); for
