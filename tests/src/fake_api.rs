@@ -55,6 +55,8 @@ const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a watch without `timeoutSeconds` lasts; real servers pick 30 to 60 minutes, tests
 /// want a bound.
 const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_mins(5);
+/// Longest `timeoutSeconds` honoured (a day): no test watches longer.
+const MAX_WATCH_TIMEOUT_SECS: u64 = 86_400;
 /// Longest a waiting watch sleeps before it looks at its connection and the clock again.
 const WAIT_SLICE: Duration = Duration::from_millis(200);
 /// A client that stops reading must not hold a serving thread for ever.
@@ -733,7 +735,7 @@ fn read_chunked(reader: &mut BufReader<TcpStream>) -> io::Result<Result<Vec<u8>,
         let Ok(size) = usize::from_str_radix(size, 16) else {
             return Ok(Err(ApiError::bad_request("bad chunk size")));
         };
-        if body.len() + size > MAX_BODY {
+        if size > MAX_BODY - body.len() {
             return Ok(Err(ApiError::new(
                 413,
                 "RequestEntityTooLarge",
@@ -1829,9 +1831,11 @@ impl Watch {
             };
         let state = lock(&shared.state);
         let timeout = match query.get("timeoutSeconds") {
+            // Capped so that the deadline stays representable.
             Some(t) => Duration::from_secs(
-                t.parse()
-                    .map_err(|_| ApiError::bad_request(format!("invalid timeoutSeconds: {t:?}")))?,
+                t.parse::<u64>()
+                    .map_err(|_| ApiError::bad_request(format!("invalid timeoutSeconds: {t:?}")))?
+                    .min(MAX_WATCH_TIMEOUT_SECS),
             ),
             None => state.default_watch_timeout,
         };
@@ -2305,11 +2309,17 @@ impl FakeApi {
 
     /// How often watches that allow bookmarks get one (default 1 s).
     pub fn set_bookmark_interval(&self, interval: Duration) {
+        // Bounded both ways: no busy loop, and a deadline that stays representable.
+        let interval = interval.clamp(
+            Duration::from_millis(10),
+            Duration::from_secs(MAX_WATCH_TIMEOUT_SECS),
+        );
         self.shared.with_state(|s| s.bookmark_interval = interval);
     }
 
     /// How long a watch without `timeoutSeconds` lasts (default 300 s).
     pub fn set_default_watch_timeout(&self, timeout: Duration) {
+        let timeout = timeout.min(Duration::from_secs(MAX_WATCH_TIMEOUT_SECS));
         self.shared
             .with_state(|s| s.default_watch_timeout = timeout);
     }

@@ -499,6 +499,23 @@ fn bad_requests_get_status_answers() {
     raw.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("\"kind\":\"Status\""), "{answer}");
+    // Absurd sizes and timeouts are refused or capped, never a crash.
+    for request in [
+        "POST /api/v1/namespaces/default/services HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n",
+        "POST /api/v1/namespaces/default/services HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n",
+        "POST /api/v1/namespaces/default/services HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+    ] {
+        let mut raw = connect(port);
+        raw.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        raw.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 4"), "{request:?}: {answer}");
+    }
+    let mut watch = Watch::open(
+        port,
+        "/api/v1/services?watch=true&timeoutSeconds=18446744073709551615&allowWatchBookmarks=true",
+    );
+    assert_eq!(watch.next().unwrap()["type"], "BOOKMARK");
     // The server still serves.
     assert_eq!(get(port, "/api/v1/services").0, 200);
 }
