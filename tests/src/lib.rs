@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod demo;
+pub mod fake_api;
 pub mod frame;
 pub mod netns;
 pub mod probe;
