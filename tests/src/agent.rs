@@ -141,6 +141,23 @@ impl Agent {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// Waits at most `timeout` until the log has more `line`s than `before` had; an error
+    /// carrying the log otherwise.
+    pub fn wait_for_log(&self, before: &str, line: &str, timeout: Duration) -> anyhow::Result<()> {
+        let count = |log: &str| log.matches(line).count();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if count(&self.log()) > count(before) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "the agent did not log {line:?} within {timeout:?}:\n{}",
+            self.log()
+        )
+    }
+
     /// Sends SIGHUP (re-read the config file) and waits at most `timeout` until the agent says it
     /// applied it. A refused config, an exit or silence is an error that carries the log.
     pub fn reload(&mut self, timeout: Duration) -> anyhow::Result<()> {

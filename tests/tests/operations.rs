@@ -9,7 +9,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use integration_tests::{
@@ -121,21 +121,11 @@ fn start_agent(cluster: &Cluster, node: u8, config: &Path) -> Agent {
         .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// Waits (bounded) until the agent's log has one more `line` than it had in `before`; panics
-/// with the log if it says `refused` instead, or nothing within 10 s.
+/// Waits (bounded) until the agent's log has one more `line` than it had in `before`.
 fn wait_for_log(agent: &Agent, before: &str, line: &str) {
-    let count = |log: &str| log.matches(line).count();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if count(&agent.log()) > count(before) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!(
-        "the agent did not log {line:?} within 10 s:\n{}",
-        agent.log()
-    );
+    agent
+        .wait_for_log(before, line, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 fn requests(ns: &Netns, kind: &str, target: SocketAddr, count: u32) -> Batch {
