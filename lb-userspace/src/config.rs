@@ -33,7 +33,12 @@
 //!   Service port's name wins; else, for a named `targetPort`, the endpoint port of that name;
 //!   an `EndpointSlice` or `Endpoints` subset that lists no ports serves a numeric `targetPort`.
 //!   A named `targetPort` that nothing resolves leaves the port without endpoints (a warning).
-//! - Service `status.loadBalancer.ingress[].ip`.
+//! - Service `status.loadBalancer.ingress[].ip`, and for `type: LoadBalancer` of lb-agent's class
+//!   (`spec.loadBalancerClass` unset or `lb-agent.io/lb`) what it asks of the address pools:
+//!   `spec.loadBalancerIP` and the annotations `lb-agent.io/load-balancer-ips` and
+//!   `lb-agent.io/address-pool` ([`crate::ipam`]).
+//! - Skipped as kube-proxy skips them: Services labelled `service.kubernetes.io/service-proxy-name`
+//!   (another proxy's) and headless Services (`clusterIP: None`), with their endpoints.
 //! - `EndpointSlice`: `metadata.labels[kubernetes.io/service-name]`, `addressType`, `ports[]`
 //!   and `endpoints[]`: the first of `addresses`, `nodeName`, `targetRef.name` and `conditions`
 //!   (`ready`, `serving`, `terminating`), read as kube-proxy reads them.
