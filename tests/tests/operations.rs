@@ -357,8 +357,25 @@ fn status_and_metrics_count_known_traffic_while_running_and_after_the_agent_stop
     let _backends = cluster
         .start_backends(&probe_bin())
         .unwrap_or_else(|e| panic!("{e:#}"));
+    // Besides `echo`, a LoadBalancer Service with no address in its status: from the files,
+    // the agent allocates one of the pool, serves it and shows it in `status`.
+    let pending_lb = echo(&endpoints(&cluster, &["a"], true))
+        .replace("name: echo", "name: echo-lb")
+        .replace("echo-abcde", "echo-lb-abcde")
+        .replace("service-name: echo}", "service-name: echo-lb}")
+        .replace("type: NodePort", "type: LoadBalancer")
+        .replace("clusterIP: 10.96.0.53", "clusterIP: 10.96.0.54")
+        .replace(
+            &format!(", nodePort: {ECHO_NODE_PORT}"),
+            ", nodePort: 30054",
+        );
+    let pool = "apiVersion: lb-agent/v1alpha1\nkind: AgentSettings\nloadBalancerIPPools:\n- \
+                {name: test, addresses: [198.51.100.32/29]}\n---\n";
     let config = cluster
-        .write_config(&echo(&endpoints(&cluster, &["a"], true)))
+        .write_config(&format!(
+            "{pool}{}{pending_lb}",
+            echo(&endpoints(&cluster, &["a"], true))
+        ))
         .unwrap_or_else(|e| panic!("{e:#}"));
     let pins = PinDir::new();
     let agent = start_pinned_agent(&cluster, &config, &pins);
@@ -372,6 +389,20 @@ fn status_and_metrics_count_known_traffic_while_running_and_after_the_agent_stop
     assert!(batch.failures.is_empty(), "{:?}", batch.failures);
 
     check_echo_status(&status_json(&pins), "while the agent runs");
+    let status = status_json(&pins);
+    let lb_port = &status["services"][1]["ports"][0];
+    assert_eq!(
+        lb_port["loadBalancerAllocation"], "allocated from pool test",
+        "{status:#}"
+    );
+    let allocated: std::net::Ipv4Addr = lb_port["frontends"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["kind"] == "loadBalancer"))
+        .and_then(|f| f["addr"].as_str()?.parse().ok())
+        .unwrap_or_else(|| panic!("no loadBalancer frontend: {status:#}"));
+    assert!(allocated.octets()[..3] == [198, 51, 100] && (32..40).contains(&allocated.octets()[3]));
+    let via_pool = requests(&cluster.client, "udp", SocketAddr::from((allocated, 53)), 3);
+    assert!(via_pool.failures.is_empty(), "{:?}", via_pool.failures);
 
     let scraped = metrics(&cluster.node(1).ns);
     let labels = |direction: &str| {
@@ -413,7 +444,8 @@ fn status_and_metrics_count_known_traffic_while_running_and_after_the_agent_stop
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
         text.contains("ops/echo")
-            && text.contains(&cluster.pod("a").expect("pod a").addr.to_string()),
+            && text.contains(&cluster.pod("a").expect("pod a").addr.to_string())
+            && text.contains("loadBalancer allocated from pool test"),
         "status text:\n{text}"
     );
 }
