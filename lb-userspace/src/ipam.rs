@@ -71,6 +71,16 @@ impl Pool {
     }
 }
 
+/// `a, b, c`: addresses as logs and Events list them.
+#[must_use]
+pub fn join_addrs(addrs: &[Ipv4Addr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Parses one pool entry: `192.0.2.0/28`, `192.0.2.10-192.0.2.20` or one address.
 pub fn parse_range(text: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> {
     let text = text.trim();
@@ -130,8 +140,7 @@ impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Outcome::Addresses { pool, addrs } => {
-                let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-                write!(f, "{} from pool {pool}", addrs.join(", "))
+                write!(f, "{} from pool {pool}", join_addrs(addrs))
             }
             Outcome::Conflict(why) => f.write_str(why),
         }

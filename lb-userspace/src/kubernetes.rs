@@ -537,7 +537,10 @@ impl AddressWriter {
                     };
                     (
                         "AddressAllocated",
-                        format!("load balancer address {} from pool {pool}", join(&wanted)),
+                        format!(
+                            "load balancer address {} from pool {pool}",
+                            ipam::join_addrs(&wanted)
+                        ),
                     )
                 };
                 log::info!(service = key.as_str(); "{message}");
@@ -637,12 +640,4 @@ fn status_addresses(service: &Service) -> Vec<Ipv4Addr> {
         .flatten()
         .filter_map(|ingress| ingress.ip.as_deref()?.parse().ok())
         .collect()
-}
-
-fn join(addrs: &[Ipv4Addr]) -> String {
-    addrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
 }

@@ -294,7 +294,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     log::info!(
         node = node_name.as_str(),
-        node_addresses = join(&read.node_ips).as_str(),
+        node_addresses = lb_userspace::ipam::join_addrs(&read.node_ips).as_str(),
         snat = read.node.snat_addr.map_or("off".to_owned(), |a| format!(
             "{a}:{}-{}",
             read.node.snat_ports.0, read.node.snat_ports.1
@@ -383,12 +383,4 @@ fn stop(dataplane: &mut DataPlane, on_exit: OnExit) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn join(addrs: &[Ipv4Addr]) -> String {
-    addrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
 }

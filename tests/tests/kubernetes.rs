@@ -17,7 +17,7 @@ use integration_tests::{
     agent::{Agent, agent_bin},
     cluster::{Cluster, NODE_IFACE, node_addr, node_name},
     fake_api::FakeApi,
-    netns::unique_prefix,
+    netns::{Process, unique_prefix},
     probe::{self, Batch, Hold},
 };
 use serde_json::Value;
@@ -207,10 +207,11 @@ fn events_for(api: &FakeApi, name: &str, reason: &str) -> Vec<Value> {
         .collect()
 }
 
-#[test]
-fn services_and_endpoints_follow_the_api_while_traffic_flows() {
-    let cluster = cluster(&[&["a", "b", "c"]]);
-    let _backends = cluster
+/// One node with `pods` (serving), and in the API the `NodePort` Service `web/shop` on
+/// `WEB_NODE_PORT` with the endpoints `ready`.
+fn shop(pods: &[&str], ready: &[&str]) -> (Cluster, Vec<Process>, FakeApi) {
+    let cluster = cluster(&[pods]);
+    let backends = cluster
         .start_backends(&probe_bin())
         .unwrap_or_else(|e| panic!("{e:#}"));
     let api = api(&cluster);
@@ -218,7 +219,13 @@ fn services_and_endpoints_follow_the_api_while_traffic_flows() {
         &api,
         &service("shop", "NodePort", &format!(", nodePort: {WEB_NODE_PORT}")),
     );
-    apply(&api, &slice(&cluster, "shop", &["a", "b"]));
+    apply(&api, &slice(&cluster, "shop", ready));
+    (cluster, backends, api)
+}
+
+#[test]
+fn services_and_endpoints_follow_the_api_while_traffic_flows() {
+    let (cluster, _backends, api) = shop(&["a", "b", "c"], &["a", "b"]);
     // What kube-proxy leaves alone: another proxy's Service, a headless one.
     apply(
         &api,
@@ -295,16 +302,7 @@ fn services_and_endpoints_follow_the_api_while_traffic_flows() {
 
 #[test]
 fn the_data_plane_keeps_serving_while_the_api_is_away_and_resyncs_after() {
-    let cluster = cluster(&[&["a", "b"]]);
-    let _backends = cluster
-        .start_backends(&probe_bin())
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let api = api(&cluster);
-    apply(
-        &api,
-        &service("shop", "NodePort", &format!(", nodePort: {WEB_NODE_PORT}")),
-    );
-    apply(&api, &slice(&cluster, "shop", &["a"]));
+    let (cluster, _backends, api) = shop(&["a", "b"], &["a"]);
     let agent = start_agent(&cluster, &api, 1, &settings(false));
     let target = SocketAddr::from((node_addr(1), WEB_NODE_PORT));
     wait_for_backends(&cluster, target, &["a"]);
