@@ -491,7 +491,8 @@ impl AddressWriter {
         claims: &[ipam::Claim],
     ) -> usize {
         let outcomes = ipam::allocate(pools, claims);
-        self.reported.retain(|service, _| outcomes.contains_key(service));
+        self.reported
+            .retain(|service, _| outcomes.contains_key(service));
         let mut writes = 0;
         let claimed: BTreeSet<&str> = claims.iter().map(|c| c.service.as_str()).collect();
         for service in stores.services() {

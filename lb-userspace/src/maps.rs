@@ -99,6 +99,50 @@ pub struct MapContents {
     pub udp_services: BTreeSet<u32>,
 }
 
+/// A Maglev table over `set` (whose backend ids are `set_ids`), as backend ids.
+fn maglev_table(
+    set: &[&Endpoint],
+    set_ids: &[u32],
+    node: &NodeConfig,
+) -> Result<Vec<u32>, CapacityError> {
+    let identities: Vec<String> = set
+        .iter()
+        .map(|e| format!("{}:{}", e.addr, e.port))
+        .collect();
+    let identity_bytes: Vec<&[u8]> = identities.iter().map(String::as_bytes).collect();
+    let indices = maglev::build_table(&identity_bytes, node.maglev_table_size, node.maglev_seed)?;
+    Ok(indices.iter().map(|&i| set_ids[i as usize]).collect())
+}
+
+impl MapContents {
+    /// The table this build had for `key`, if a new one would be the same: the same M and
+    /// seed and the same backend ids. An id names one (service, address, port) for as long as
+    /// it is in use (a new endpoint never gets an id the previous build used), and Maglev fills
+    /// every backend into a table, so the distinct ids of a table are its backend set. Without
+    /// this every table of every Service was rebuilt on every change: most of an apply's time
+    /// with thousands of Services.
+    fn unchanged_table(
+        &self,
+        key: TableKey,
+        set_ids: &[u32],
+        settings: &Settings,
+    ) -> Option<&Vec<u32>> {
+        if self.settings.maglev_table_size != settings.maglev_table_size
+            || self.settings.hash_seed != settings.hash_seed
+        {
+            return None;
+        }
+        let table = self.tables.get(&key)?;
+        let mut wanted = set_ids.to_vec();
+        wanted.sort_unstable();
+        let mut seen = vec![false; wanted.len()];
+        for id in table {
+            seen[wanted.binary_search(id).ok()?] = true;
+        }
+        seen.iter().all(|&s| s).then_some(table)
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CapacityError {
     #[error(
@@ -307,23 +351,16 @@ impl MapContents {
                         size: node.maglev_table_size,
                     });
                 }
-                let identities: Vec<String> = set
-                    .iter()
-                    .map(|e| format!("{}:{}", e.addr, e.port))
-                    .collect();
-                let identity_bytes: Vec<&[u8]> = identities.iter().map(String::as_bytes).collect();
-                let indices =
-                    maglev::build_table(&identity_bytes, node.maglev_table_size, node.maglev_seed)?;
-                let table = indices
-                    .iter()
-                    .map(|&i| {
-                        let e = set[i as usize];
-                        ids_of[&(e.addr, e.port)]
-                    })
-                    .collect();
-                contents
-                    .tables
-                    .insert(TableKey { service_id, local }, table);
+                let key = TableKey { service_id, local };
+                let set_ids: Vec<u32> = set.iter().map(|e| ids_of[&(e.addr, e.port)]).collect();
+                let table = if let Some(table) =
+                    previous.unchanged_table(key, &set_ids, &contents.settings)
+                {
+                    table.clone()
+                } else {
+                    maglev_table(set, &set_ids, node)?
+                };
+                contents.tables.insert(key, table);
             }
 
             // Frontends.

@@ -636,3 +636,62 @@ fn an_id_read_back_is_not_given_to_two_service_ports() {
     assert_eq!(service_id(&again, "a"), service_id(&applied, "web"));
     assert_ne!(service_id(&again, "b"), service_id(&applied, "web"));
 }
+
+#[test]
+fn a_table_is_rebuilt_exactly_when_its_backends_or_maglev_settings_change() {
+    let first = build(
+        &state(vec![
+            service("a", 1, vec![local(1), local(2)]),
+            service("b", 2, vec![local(5), local(6)]),
+        ]),
+        &MapContents::default(),
+    );
+    let next = build(
+        &state(vec![
+            service("a", 1, vec![local(1), local(3)]),
+            service("b", 2, vec![local(5), local(6)]),
+        ]),
+        &first,
+    );
+    let (a, b) = (cluster_table(&next, "a"), cluster_table(&next, "b"));
+    assert_eq!(next.tables[&b], first.tables[&b], "b kept its table");
+    assert_eq!(table_members(&next, a), BTreeSet::from([1, 3]), "a's follows it");
+    // What a reused table holds is what a fresh build over the same ids gives.
+    let rebuilt = build(
+        &state(vec![
+            service("a", 1, vec![local(1), local(3)]),
+            service("b", 2, vec![local(5), local(6)]),
+        ]),
+        &MapContents {
+            tables: std::collections::BTreeMap::new(),
+            ..next.clone()
+        },
+    );
+    assert_eq!(rebuilt.tables, next.tables);
+    // Another seed: every table is built again.
+    let reseeded_node = NodeConfig {
+        maglev_seed: 8,
+        ..node()
+    };
+    let reseeded = build_on(
+        &state(vec![
+            service("a", 1, vec![local(1), local(3)]),
+            service("b", 2, vec![local(5), local(6)]),
+        ]),
+        &reseeded_node,
+        &next,
+    );
+    let fresh = build_on(
+        &state(vec![
+            service("a", 1, vec![local(1), local(3)]),
+            service("b", 2, vec![local(5), local(6)]),
+        ]),
+        &reseeded_node,
+        &MapContents {
+            tables: std::collections::BTreeMap::new(),
+            ..next.clone()
+        },
+    );
+    assert_ne!(fresh.tables, next.tables, "the seed changes the tables");
+    assert_eq!(reseeded.tables, fresh.tables);
+}
