@@ -3,6 +3,7 @@
 
 use std::{
     cell::RefCell,
+    fmt::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::ExitCode,
@@ -208,15 +209,25 @@ fn validate(file: &Path, node_ips: &[Ipv4Addr]) -> anyhow::Result<()> {
     for warning in &read.warnings {
         log::warn!("{warning}");
     }
-    println!(
-        "{}: valid, {} service ports",
+    let mut text = format!(
+        "{}: valid, {} service ports\n",
         file.display(),
         read.state.service_ports.len()
     );
     for line in summary(&read.state) {
-        println!("  {line}");
+        let _ = writeln!(text, "  {line}");
     }
-    Ok(())
+    print_out(&text)
+}
+
+/// Writes to stdout; a reader that went away (`validate ... | head`) ends the output quietly
+/// instead of panicking as `println!` does.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
+    }
 }
 
 fn status(pin_dir: &Path, output: Output) -> anyhow::Result<()> {
@@ -231,21 +242,21 @@ fn status(pin_dir: &Path, output: Output) -> anyhow::Result<()> {
     let record = AgentRecord::from_json_bytes(&bytes)?;
     let status = Status::from_snapshot(&Snapshot::read(record, &pinned)?);
     match output {
-        Output::Text => print!("{}", status.render_text()),
-        Output::Json => println!("{}", status.to_json()),
+        Output::Text => print_out(&status.render_text()),
+        Output::Json => print_out(&format!("{}\n", status.to_json())),
     }
-    Ok(())
 }
 
 fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
     let removed = PinDir::existing(pin_dir).remove_all()?;
+    let mut text = String::new();
     if removed.is_empty() {
-        println!("nothing pinned under {}", pin_dir.display());
+        text = format!("nothing pinned under {}\n", pin_dir.display());
     }
     for path in removed {
-        println!("removed {}", path.display());
+        let _ = writeln!(text, "removed {}", path.display());
     }
-    Ok(())
+    print_out(&text)
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -655,7 +655,11 @@ fn a_table_is_rebuilt_exactly_when_its_backends_or_maglev_settings_change() {
     );
     let (a, b) = (cluster_table(&next, "a"), cluster_table(&next, "b"));
     assert_eq!(next.tables[&b], first.tables[&b], "b kept its table");
-    assert_eq!(table_members(&next, a), BTreeSet::from([1, 3]), "a's follows it");
+    assert_eq!(
+        table_members(&next, a),
+        BTreeSet::from([1, 3]),
+        "a's follows it"
+    );
     // What a reused table holds is what a fresh build over the same ids gives.
     let rebuilt = build(
         &state(vec![
