@@ -186,8 +186,8 @@ impl ApiStores {
             &from_node
         };
         let mut left_out = Vec::new();
-        // Leaving an object out can only remove problems, but a Service left out can leave its
-        // slices unused: a few rounds settle it.
+        // A check across objects (two Services claiming one address and port) reports one
+        // side; leaving it out settles it, but another round checks that: bounded.
         for _ in 0..4 {
             let input: Vec<(PathBuf, serde_yaml::Value)> = objects
                 .iter()
@@ -219,8 +219,9 @@ impl ApiStores {
     }
 }
 
-/// Where API objects are said to be in problems and warnings: `api/KIND/NAMESPACE/NAME`.
-const API_PATH: &str = "api";
+/// Where API objects are said to be in problems and warnings: `<api>/KIND/NAMESPACE/NAME` (no
+/// file is named like that, as `config::INPUT_NAME` is not).
+const API_PATH: &str = "<api>";
 
 fn object_path<K: Resource>(kind: &str, object: &K) -> PathBuf {
     Path::new(API_PATH)

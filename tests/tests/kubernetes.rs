@@ -238,10 +238,17 @@ fn services_and_endpoints_follow_the_api_while_traffic_flows() {
         &api,
         &service("db", "ClusterIP", "").replace("type: ClusterIP", "clusterIP: None"),
     );
+    // One the API server took but lb-agent cannot serve: a nodePort outside its range.
+    apply(&api, &service("odd", "NodePort", ", nodePort: 20000"));
     let agent = start_agent(&cluster, &api, 1, &settings(false));
     let target = SocketAddr::from((node_addr(1), WEB_NODE_PORT));
+    assert!(
+        agent.log().contains("left out: <api>/Service/web/odd"),
+        "{}",
+        agent.log()
+    );
 
-    // Node addresses came from the Node object.
+    // The rest is served; node addresses came from the Node object.
     wait_for_backends(&cluster, target, &["a", "b"]);
     let other = requests(&cluster, SocketAddr::from((node_addr(1), 30090)), 2);
     assert!(
