@@ -1,0 +1,591 @@
+//! Section 2: live forwarding over veth, our XDP program against kube-proxy's data paths.
+//!
+//! ```text
+//!  generator ns                    node ns (one per variant)                   sink ns
+//!  g0 --veth-- n0 [XDP: ours | redirect | pass + iptables | pass + nft] n1 --veth-- s0 [XDP sink]
+//!  live-frames generator     10.10.0.1/24            10.11.0.1/24            counts, drops
+//! ```
+//!
+//! The generator (`bench_xdp_gen`, a live-frames test run in the generator namespace) writes each UDP
+//! frame from a template and sends it out of g0 (`XDP_TX`). In the node, the variant under test
+//! translates it to one of the Service's endpoints (10.2.0.0/15, routed to the sink), the kernel
+//! forwards it (ours passes translated packets to the stack: `XDP_PASS`, no XDP redirect yet),
+//! and the sink's XDP program counts and drops it. The bare XDP redirect from n0 to n1 is the
+//! ceiling. n0 always has an XDP program, because veth only takes frames sent with `XDP_TX` from
+//! its peer when it has one (a no-op `XDP_PASS` for the netfilter variants).
+//!
+//! Each variant has its own node namespace (so netfilter's connection tracking, which the NAT
+//! rules turn on, never touches the others) and its own generator and sink. Runs are
+//! interleaved: round by round, every variant once.
+
+use std::{
+    fs::File,
+    net::Ipv4Addr,
+    os::fd::AsFd as _,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use aya::{
+    Ebpf, TestRun as _, TestRunAttrs, TestRunOptions,
+    maps::{Array, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+};
+use integration_tests::{frame::Ipv4Frame, netns::Netns};
+use lb_common::Counter;
+use lb_userspace::{
+    dataplane::{BENCH_EBPF_OBJECT, DataPlane, LoadOptions, XdpModeChoice},
+    maps::{MapContents, NodeConfig},
+};
+use serde::Serialize;
+
+use crate::{
+    Progress,
+    control::timed_stdin,
+    stats::Figure,
+    workload::{self, Workload},
+};
+
+/// Maglev M for the live runs: 4 endpoints need far less than the default, and 30k tables of
+/// the default 16381 entries would take 2 GB of kernel memory.
+const LIVE_TABLE_SIZE: u32 = 4093;
+const ENDPOINTS: usize = 4;
+const GEN_SRC: Ipv4Addr = Ipv4Addr::new(172, 20, 0, 0);
+const GEN_SRC_PORT: u16 = 1024;
+/// Generator modes (`lb-ebpf/src/bench.rs`).
+const CTL_REDIRECT_IFINDEX: u32 = 2;
+const CTL_GEN_MODE: u32 = 3;
+const BATCH: u32 = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Variant {
+    Ours,
+    Redirect,
+    Iptables,
+    Nftables,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 4] = [
+        Variant::Ours,
+        Variant::Redirect,
+        Variant::Iptables,
+        Variant::Nftables,
+    ];
+
+    #[must_use]
+    pub fn key(self) -> &'static str {
+        match self {
+            Variant::Ours => "ours",
+            Variant::Redirect => "xdp_redirect",
+            Variant::Iptables => "iptables",
+            Variant::Nftables => "nftables",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Mix {
+    OneFlow,
+    Flows64k,
+    NewFlows,
+}
+
+impl Mix {
+    #[must_use]
+    pub fn key(self) -> &'static str {
+        match self {
+            Mix::OneFlow => "one_flow",
+            Mix::Flows64k => "64k_flows",
+            Mix::NewFlows => "new_flow_per_packet",
+        }
+    }
+
+    fn mode(self) -> u64 {
+        match self {
+            Mix::OneFlow => 0,
+            Mix::Flows64k => 1,
+            Mix::NewFlows => 2,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct LiveCell {
+    pub services: usize,
+    pub mix: Mix,
+    pub variant: Variant,
+    /// Frames the sink received per second of generator time, millions.
+    pub mpps: Figure,
+    /// Share of generated frames that reached the sink, per run.
+    pub delivered_pct: Figure,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LiveSection {
+    pub frames_per_run: u32,
+    pub runs: usize,
+    pub maglev_table_size: u32,
+    pub generator_cpu: Option<usize>,
+    pub cells: Vec<LiveCell>,
+    /// Ours over each peer, by (services, mix): median Mpps ratios.
+    pub ratios: Vec<Ratio>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Ratio {
+    pub services: usize,
+    pub mix: Mix,
+    pub ours_over_redirect: f64,
+    pub ours_over_iptables: f64,
+    pub ours_over_nftables: f64,
+}
+
+/// Runs `f` with this thread in network namespace `ns`, and returns it to where it was.
+fn in_netns<T>(ns: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let home = File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
+    let target = File::open(format!("/run/netns/{ns}")).with_context(|| format!("netns {ns}"))?;
+    setns(&target)?;
+    let result = f();
+    setns(&home).context("returning to the original network namespace")?;
+    result
+}
+
+fn setns(file: &File) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: setns on an open namespace file descriptor; affects only this thread.
+    let ret = unsafe { libc::setns(file.as_fd().as_raw_fd(), libc::CLONE_NEWNET) };
+    if ret != 0 {
+        bail!("setns: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn ifindex(name: &str) -> anyhow::Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    ensure!(index != 0, "no interface {name}");
+    Ok(index)
+}
+
+fn mac(ns: &Netns, iface: &str) -> anyhow::Result<[u8; 6]> {
+    let output = integration_tests::netns::run(ns.command("cat").arg(format!(
+        "/sys/class/net/{iface}/address"
+    )))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut bytes = [0_u8; 6];
+    for (i, part) in text.trim().split(':').enumerate().take(6) {
+        bytes[i] = u8::from_str_radix(part, 16)?;
+    }
+    Ok(bytes)
+}
+
+fn load_bench_object() -> anyhow::Result<Ebpf> {
+    Ebpf::load(BENCH_EBPF_OBJECT).context("loading the benchmark object")
+}
+
+fn load_xdp(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .with_context(|| format!("no {name}"))?
+        .try_into()?;
+    program.load()?;
+    Ok(())
+}
+
+fn attach(ebpf: &mut Ebpf, name: &str, iface: &str) -> anyhow::Result<XdpLinkId> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .with_context(|| format!("no {name}"))?
+        .try_into()?;
+    program
+        .attach(iface, XdpMode::Driver)
+        .with_context(|| format!("attaching {name} to {iface}"))
+}
+
+fn set_ctl(ebpf: &mut Ebpf, slot: u32, value: u64) -> anyhow::Result<()> {
+    let mut ctl: Array<&mut MapData, u64> =
+        Array::try_from(ebpf.map_mut("BENCH_CTL").context("BENCH_CTL")?)?;
+    ctl.set(slot, value, 0)?;
+    Ok(())
+}
+
+fn per_cpu_sum(ebpf: &Ebpf, name: &str) -> anyhow::Result<u64> {
+    let map: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(ebpf.map(name).with_context(|| format!("no {name}"))?)?;
+    Ok(map.get(&0, 0)?.iter().sum())
+}
+
+/// One variant's namespaces and programs.
+///
+/// Fields drop in order: the programs (and their links) first, then the namespaces, whose
+/// guards delete them with their veths, also when a run fails.
+struct Lane {
+    dp: Option<DataPlane>,
+    /// Generator, sink and (for the peers) the node's XDP program: one bench object each, so
+    /// their maps (counters, control) are separate.
+    node: Option<Ebpf>,
+    generator: Ebpf,
+    sink: Ebpf,
+    variant: Variant,
+    gen_ns: Netns,
+    node_ns: Netns,
+    sink_ns: Netns,
+    gen_ifindex: u32,
+    template: Vec<u8>,
+}
+
+impl Lane {
+    fn create(prefix: &str, variant: Variant) -> anyhow::Result<Self> {
+        let name = |role: &str| format!("{prefix}{}-{role}", variant.key().replace('_', ""));
+        let gen_ns = Netns::create(&name("gen"))?;
+        let node_ns = Netns::create(&name("node"))?;
+        let sink_ns = Netns::create(&name("sink"))?;
+        gen_ns.ip(&[
+            "link", "add", "g0", "type", "veth", "peer", "name", "n0", "netns",
+            node_ns.name(),
+        ])?;
+        node_ns.ip(&[
+            "link", "add", "n1", "type", "veth", "peer", "name", "s0", "netns",
+            sink_ns.name(),
+        ])?;
+        gen_ns.ip(&["addr", "add", "10.10.0.2/24", "dev", "g0"])?;
+        gen_ns.ip(&["link", "set", "g0", "up"])?;
+        node_ns.ip(&["addr", "add", "10.10.0.1/24", "dev", "n0"])?;
+        node_ns.ip(&["addr", "add", "10.11.0.1/24", "dev", "n1"])?;
+        node_ns.ip(&["link", "set", "n0", "up"])?;
+        node_ns.ip(&["link", "set", "n1", "up"])?;
+        sink_ns.ip(&["addr", "add", "10.11.0.2/24", "dev", "s0"])?;
+        sink_ns.ip(&["link", "set", "s0", "up"])?;
+        let sink_mac = mac(&sink_ns, "s0")?;
+        let sink_mac = sink_mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        node_ns.ip(&[
+            "neigh", "replace", "10.11.0.2", "lladdr", &sink_mac, "dev", "n1", "nud",
+            "permanent",
+        ])?;
+        node_ns.ip(&["route", "add", "10.2.0.0/15", "via", "10.11.0.2", "dev", "n1"])?;
+        node_ns.ip(&["route", "add", "172.20.0.0/16", "via", "10.10.0.2", "dev", "n0"])?;
+        for setting in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.n0.rp_filter=0",
+            "net.ipv4.conf.n0.accept_local=1",
+        ] {
+            node_ns.sysctl(setting)?;
+        }
+        let node_mac = mac(&node_ns, "n0")?;
+        let gen_mac = mac(&gen_ns, "g0")?;
+
+        let mut sink = load_bench_object()?;
+        load_xdp(&mut sink, "bench_xdp_sink")?;
+        in_netns(sink_ns.name(), || attach(&mut sink, "bench_xdp_sink", "s0").map(drop))?;
+        let mut generator = load_bench_object()?;
+        load_xdp(&mut generator, "bench_xdp_gen")?;
+        // g0 needs no program for XDP_TX from a test run; the node side (n0) has one.
+        let gen_ifindex = in_netns(gen_ns.name(), || ifindex("g0"))?;
+
+        let template = Ipv4Frame::udp(
+            std::net::SocketAddrV4::new(GEN_SRC, GEN_SRC_PORT),
+            std::net::SocketAddrV4::new(workload::vip(0), workload::SERVICE_PORT),
+        )
+        .with_payload(vec![0x5a_u8; 22])
+        .without_udp_checksum()
+        .build();
+        ensure!(template.len() == 64, "template of {} bytes", template.len());
+        let mut template = template;
+        template[0..6].copy_from_slice(&node_mac);
+        template[6..12].copy_from_slice(&gen_mac);
+
+        let mut lane = Lane {
+            variant,
+            gen_ns,
+            node_ns,
+            sink_ns,
+            generator,
+            sink,
+            node: None,
+            dp: None,
+            gen_ifindex,
+            template,
+        };
+        lane.attach_node()?;
+        Ok(lane)
+    }
+
+    fn attach_node(&mut self) -> anyhow::Result<()> {
+        let node_ns = self.node_ns.name().to_owned();
+        match self.variant {
+            // The data plane is loaded by `configure`, sized for the Services.
+            Variant::Ours => {}
+            Variant::Redirect => {
+                let mut node = load_bench_object()?;
+                load_xdp(&mut node, "bench_xdp_redirect")?;
+                let n1 = in_netns(&node_ns, || ifindex("n1"))?;
+                set_ctl(&mut node, CTL_REDIRECT_IFINDEX, u64::from(n1))?;
+                in_netns(&node_ns, || attach(&mut node, "bench_xdp_redirect", "n0").map(drop))?;
+                self.node = Some(node);
+            }
+            Variant::Iptables | Variant::Nftables => {
+                let mut node = load_bench_object()?;
+                load_xdp(&mut node, "bench_xdp_pass")?;
+                in_netns(&node_ns, || attach(&mut node, "bench_xdp_pass", "n0").map(drop))?;
+                self.node = Some(node);
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves `count` Services (ours needs a data plane with room for their tables).
+    fn configure(&mut self, count: usize, progress: &mut Progress) -> anyhow::Result<()> {
+        let workload = Workload::new(count, ENDPOINTS);
+        match self.variant {
+            Variant::Ours => {
+                // Tables are sized at load: reload with room for `count`, then attach again.
+                self.dp = None;
+                let mut dp = DataPlane::load(LoadOptions {
+                    max_tables: u32::try_from(count).unwrap_or(u32::MAX),
+                    maglev_table_size: LIVE_TABLE_SIZE,
+                    ..LoadOptions::default()
+                })?;
+                let loaded = lb_userspace::config::parse(
+                    &workload.yaml(LIVE_TABLE_SIZE),
+                    &[Ipv4Addr::new(10, 10, 0, 1)],
+                )
+                .map_err(|p| anyhow::anyhow!("manifests: {}", p.len()))?;
+                let node = NodeConfig {
+                    node_name: workload::NODE_NAME.to_owned(),
+                    maglev_table_size: LIVE_TABLE_SIZE,
+                    max_tables: u32::try_from(count).unwrap_or(u32::MAX),
+                    ..NodeConfig::default()
+                };
+                let contents = MapContents::from_state(&loaded.state, &node, dp.contents())?;
+                dp.apply(contents)?;
+                let node_ns = self.node_ns.name().to_owned();
+                in_netns(&node_ns, || {
+                    dp.attach("n0", XdpModeChoice::Native)
+                        .map(drop)
+                        .map_err(anyhow::Error::from)
+                })?;
+                self.dp = Some(dp);
+            }
+            Variant::Redirect => {}
+            Variant::Iptables => {
+                progress.step(&format!("live: iptables-restore of {count} Services"));
+                timed_stdin(&self.node_ns, "iptables-restore", &[], &workload.iptables())?;
+            }
+            Variant::Nftables => {
+                progress.step(&format!("live: nft -f of {count} Services"));
+                timed_stdin(&self.node_ns, "nft", &["-f", "-"], &workload.nft())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `frames` frames to Service `target` and returns (Mpps at the sink, % delivered).
+    fn run(&mut self, mix: Mix, target: usize, frames: u32) -> anyhow::Result<(f64, f64)> {
+        let mut template = self.template.clone();
+        // Destination: the target Service's clusterIP; its IPv4 checksum follows.
+        let frame = Ipv4Frame::udp(
+            std::net::SocketAddrV4::new(GEN_SRC, GEN_SRC_PORT),
+            std::net::SocketAddrV4::new(workload::vip(target), workload::SERVICE_PORT),
+        )
+        .with_payload(vec![0x5a_u8; 22])
+        .without_udp_checksum()
+        .build();
+        template[12..].copy_from_slice(&frame[12..]);
+        {
+            let mut map: Array<&mut MapData, [u64; 8]> =
+                Array::try_from(self.generator.map_mut("BENCH_TEMPLATE").context("template")?)?;
+            let mut words = [0_u64; 8];
+            for (i, w) in words.iter_mut().enumerate() {
+                let mut b = [0_u8; 8];
+                b.copy_from_slice(&template[i * 8..i * 8 + 8]);
+                *w = u64::from_ne_bytes(b);
+            }
+            map.set(0, words, 0)?;
+        }
+        set_ctl(&mut self.generator, CTL_GEN_MODE, mix.mode())?;
+        let sink_before = per_cpu_sum(&self.sink, "BENCH_SINK")?;
+        let gen_before = per_cpu_sum(&self.generator, "BENCH_GEN_COUNT")?;
+        let ours_before = match &self.dp {
+            Some(dp) => Some(dp.counters()?),
+            None => None,
+        };
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let mut ctx = [0_u8; 24];
+        ctx[12..16].copy_from_slice(&self.gen_ifindex.to_ne_bytes());
+        let gen_ns = self.gen_ns.name().to_owned();
+        let program: &mut Xdp = self
+            .generator
+            .program_mut("bench_xdp_gen")
+            .context("bench_xdp_gen")?
+            .try_into()?;
+        let start = Instant::now();
+        in_netns(&gen_ns, || {
+            program
+                .test_run(TestRunOptions {
+                    data_in: Some(&template),
+                    ctx_in: Some(&ctx),
+                    repeat: frames,
+                    attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
+                    ..TestRunOptions::default()
+                })
+                .map(drop)
+                .context("the live-frames generator")
+        })?;
+        let took = start.elapsed();
+        // Frames still queued between the namespaces: the pipeline drains in microseconds.
+        std::thread::sleep(Duration::from_millis(20));
+        let sent = per_cpu_sum(&self.generator, "BENCH_GEN_COUNT")? - gen_before;
+        let delivered = per_cpu_sum(&self.sink, "BENCH_SINK")? - sink_before;
+        ensure!(
+            sent == u64::from(frames),
+            "{}: the generator wrote {sent} frames of {frames}",
+            self.variant.key()
+        );
+        ensure!(
+            delivered > 0,
+            "{} {}: the sink received nothing",
+            self.variant.key(),
+            mix.key()
+        );
+        if let (Some(dp), Some(before)) = (&self.dp, ours_before) {
+            let after = dp.counters()?;
+            let forwarded = (after.get(Counter::ForwardNew) - before.get(Counter::ForwardNew))
+                + (after.get(Counter::ForwardTracked) - before.get(Counter::ForwardTracked));
+            ensure!(
+                forwarded >= delivered,
+                "ours: translated {forwarded} frames but the sink received {delivered}"
+            );
+            if mix == Mix::NewFlows {
+                ensure!(
+                    after.get(Counter::ForwardNew) - before.get(Counter::ForwardNew) == forwarded,
+                    "ours: a new-flow run hit tracked flows"
+                );
+            }
+        }
+        #[expect(clippy::cast_precision_loss, reason = "frame counts")]
+        Ok((
+            delivered as f64 / took.as_secs_f64() / 1e6,
+            100.0 * delivered as f64 / sent as f64,
+        ))
+    }
+}
+
+/// Pins this thread to the last CPU, so the generator's runs land on one core.
+fn pin_to_last_cpu() -> Option<usize> {
+    let cpus = std::thread::available_parallelism().ok()?.get();
+    let cpu = cpus.checked_sub(1)?;
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        (libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) == 0)
+            .then_some(cpu)
+    }
+}
+
+fn unpin() {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    // SAFETY: as above, every CPU.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
+    }
+}
+
+pub fn section(quick: bool, prefix: &str, progress: &mut Progress) -> anyhow::Result<LiveSection> {
+    let (counts, mixes, frames, runs): (&[usize], &[Mix], u32, usize) = if quick {
+        (&[1, 1000], &[Mix::Flows64k, Mix::NewFlows], 100_000, 5)
+    } else {
+        (
+            &[1, 1000, 10_000, 30_000],
+            &[Mix::OneFlow, Mix::Flows64k, Mix::NewFlows],
+            1_000_000,
+            5,
+        )
+    };
+    progress.step("live: creating the namespaces (4 lanes x generator, node, sink)");
+    let mut lanes = Vec::new();
+    for variant in Variant::ALL {
+        lanes.push(Lane::create(prefix, variant).with_context(|| variant.key())?);
+    }
+    let generator_cpu = pin_to_last_cpu();
+    let mut cells = Vec::new();
+    let result = (|| -> anyhow::Result<()> {
+        for &count in counts {
+            progress.step(&format!("live: configuring {count} Services in every lane"));
+            for lane in &mut lanes {
+                lane.configure(count, progress)
+                    .with_context(|| format!("{} with {count} Services", lane.variant.key()))?;
+            }
+            let target = count / 2;
+            for &mix in mixes {
+                let mut samples = vec![(Vec::new(), Vec::new()); lanes.len()];
+                for round in 0..runs {
+                    progress.step(&format!(
+                        "live: {count} Services, {}, round {}/{runs}",
+                        mix.key(),
+                        round + 1
+                    ));
+                    for (i, lane) in lanes.iter_mut().enumerate() {
+                        let (mpps, pct) = lane.run(mix, target, frames).with_context(|| {
+                            format!("{} {} {count}", lane.variant.key(), mix.key())
+                        })?;
+                        samples[i].0.push(mpps);
+                        samples[i].1.push(pct);
+                    }
+                }
+                for (i, lane) in lanes.iter().enumerate() {
+                    cells.push(LiveCell {
+                        services: count,
+                        mix,
+                        variant: lane.variant,
+                        mpps: Figure::of(&samples[i].0).context("no runs")?,
+                        delivered_pct: Figure::of(&samples[i].1).context("no runs")?,
+                    });
+                }
+            }
+        }
+        Ok(())
+    })();
+    unpin();
+    drop(lanes);
+    result?;
+    let mut ratios = Vec::new();
+    for &count in counts {
+        for &mix in mixes {
+            let m = |v: Variant| {
+                cells
+                    .iter()
+                    .find(|c| c.services == count && c.mix == mix && c.variant == v)
+                    .map_or(f64::NAN, |c| c.mpps.median)
+            };
+            let ours = m(Variant::Ours);
+            ratios.push(Ratio {
+                services: count,
+                mix,
+                ours_over_redirect: ours / m(Variant::Redirect),
+                ours_over_iptables: ours / m(Variant::Iptables),
+                ours_over_nftables: ours / m(Variant::Nftables),
+            });
+        }
+    }
+    Ok(LiveSection {
+        frames_per_run: frames,
+        runs,
+        maglev_table_size: LIVE_TABLE_SIZE,
+        generator_cpu,
+        cells,
+        ratios,
+    })
+}
