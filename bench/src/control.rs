@@ -126,9 +126,12 @@ pub struct ChangeRow {
     /// Config text -> parse -> map contents -> diff -> map writes, per change.
     pub end_to_end_p50_ms: f64,
     pub end_to_end_p99_ms: f64,
-    /// Map contents -> diff -> map writes (the agent's work after parsing).
+    /// Desired state -> map contents (every Maglev table rebuilt) -> diff -> map writes.
     pub maps_p50_ms: f64,
     pub maps_p99_ms: f64,
+    /// Diff and map writes alone (`DataPlane::apply`).
+    pub write_p50_ms: f64,
+    pub write_p99_ms: f64,
     pub map_writes_per_change: f64,
     pub iptables_restore_p50_ms: Option<f64>,
     pub iptables_restore_p99_ms: Option<f64>,
@@ -275,7 +278,8 @@ fn ours(
     progress.step(&format!(
         "control plane: {changes} endpoint changes with {count} Services"
     ));
-    let (mut end_to_end, mut maps_only, mut change_writes) = (Vec::new(), Vec::new(), 0);
+    let (mut end_to_end, mut maps_only, mut write_only, mut change_writes) =
+        (Vec::new(), Vec::new(), Vec::new(), 0);
     for k in 0..changes {
         let service = (k * 7919) % count;
         workload
@@ -286,7 +290,9 @@ fn ours(
         let loaded = parse(&text)?;
         let t = Instant::now();
         let contents = MapContents::from_state(&loaded.state, &node, dp.contents())?;
+        let w = Instant::now();
         change_writes += dp.apply(contents)?;
+        write_only.push(ms(w));
         maps_only.push(ms(t));
         end_to_end.push(ms(start));
     }
@@ -298,6 +304,8 @@ fn ours(
         end_to_end_p99_ms: quantile(&end_to_end, 0.99),
         maps_p50_ms: quantile(&maps_only, 0.5),
         maps_p99_ms: quantile(&maps_only, 0.99),
+        write_p50_ms: quantile(&write_only, 0.5),
+        write_p99_ms: quantile(&write_only, 0.99),
         map_writes_per_change: change_writes as f64 / changes.max(1) as f64,
         iptables_restore_p50_ms: None,
         iptables_restore_p99_ms: None,
@@ -367,10 +375,11 @@ pub fn apply_section(
     prefix: &str,
     progress: &mut Progress,
 ) -> anyhow::Result<(ControlSection, MemorySection)> {
-    let (counts, runs, changes): (&[usize], usize, usize) = if quick {
-        (&[1000], 5, 20)
+    // (Services, endpoint changes): a change re-reads the whole config, seconds at 10k.
+    let (counts, runs): (&[(usize, usize)], usize) = if quick {
+        (&[(1000, 10)], 5)
     } else {
-        (&[1000, 10_000], 5, 100)
+        (&[(1000, 50), (10_000, 20)], 5)
     };
     let ns = Netns::create(&format!("{prefix}cp"))?;
     let mut control = ControlSection {
@@ -381,7 +390,7 @@ pub fn apply_section(
         nft_version: version("nft", "--version"),
     };
     let mut memory = MemorySection::default();
-    for &count in counts {
+    for &(count, changes) in counts {
         let (mut apply, mut change, row) = ours(count, runs, changes, progress)?;
         memory.rows.push(row);
         let [ipt, nft, ipt_change, nft_change] =

@@ -55,6 +55,7 @@ const GEN_SRC_PORT: u16 = 1024;
 /// Generator modes (`lb-ebpf/src/bench.rs`).
 const CTL_REDIRECT_IFINDEX: u32 = 2;
 const CTL_GEN_MODE: u32 = 3;
+const CTL_SINK_PORT: u32 = 5;
 const BATCH: u32 = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -127,6 +128,9 @@ pub struct LiveSection {
     pub runs: usize,
     pub maglev_table_size: u32,
     pub generator_cpu: Option<usize>,
+    /// The generator used, and why live frames were not (if they were not).
+    pub generator: Generator,
+    pub live_frames_refused: Option<String>,
     pub cells: Vec<LiveCell>,
     /// Ours over each peer, by (services, mix): median Mpps ratios.
     pub ratios: Vec<Ratio>,
@@ -144,7 +148,11 @@ pub struct Ratio {
 /// Runs `f` with this thread in network namespace `ns`, and returns it to where it was.
 fn in_netns<T>(ns: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     let home = File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
-    let target = File::open(format!("/run/netns/{ns}")).with_context(|| format!("netns {ns}"))?;
+    let target = if ns == "self" {
+        File::open("/proc/thread-self/ns/net")?
+    } else {
+        File::open(format!("/run/netns/{ns}")).with_context(|| format!("netns {ns}"))?
+    };
     setns(&target)?;
     let result = f();
     setns(&home).context("returning to the original network namespace")?;
@@ -234,6 +242,135 @@ struct Lane {
     sink_ns: Netns,
     gen_ifindex: u32,
     template: Vec<u8>,
+    generator_kind: Generator,
+    packet: Option<PacketGen>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Generator {
+    /// `bench_xdp_gen` in a live-frames test run (`BPF_F_TEST_XDP_LIVE_FRAMES`).
+    LiveFrames,
+    /// A packet socket (`AF_PACKET`, `sendmmsg`, qdisc bypassed) in the generator namespace.
+    Packet,
+}
+
+/// The fallback generator: frames written from the template in userspace, 64 per
+/// `sendmmsg`, out of g0.
+struct PacketGen {
+    fd: std::os::fd::OwnedFd,
+    seq: u64,
+}
+
+const PACKET_QDISC_BYPASS: libc::c_int = 20;
+const PACKET_BATCH: usize = 64;
+
+impl PacketGen {
+    fn open(iface: &str) -> anyhow::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: plain socket(2); the descriptor is owned below.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        ensure!(raw >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let one: libc::c_int = 1;
+        // SAFETY: an int option of the size given.
+        unsafe {
+            libc::setsockopt(
+                raw,
+                libc::SOL_PACKET,
+                PACKET_QDISC_BYPASS,
+                (&raw const one).cast(),
+                4,
+            );
+        }
+        // SAFETY: a zeroed sockaddr_ll with family and interface set.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap_or(17);
+        addr.sll_ifindex = i32::try_from(ifindex(iface)?)?;
+        // SAFETY: binding to a sockaddr_ll of the size given.
+        let ret = unsafe {
+            libc::bind(
+                raw,
+                (&raw const addr).cast(),
+                u32::try_from(size_of::<libc::sockaddr_ll>()).unwrap_or(20),
+            )
+        };
+        ensure!(ret == 0, "binding to {iface}: {}", std::io::Error::last_os_error());
+        Ok(PacketGen { fd, seq: 0 })
+    }
+
+    /// Sends `frames` frames from `template`, varying the source as `mix` says; returns the
+    /// time it took and the frames the kernel took.
+    fn send(&mut self, template: &[u8], mix: Mix, frames: u32) -> anyhow::Result<(Duration, u64)> {
+        use std::os::fd::AsRawFd as _;
+        let len = template.len();
+        let mut buf = vec![0_u8; len * PACKET_BATCH];
+        let base_check = u16::from_be_bytes([template[24], template[25]]);
+        let mut sent = 0_u64;
+        let total = u64::from(frames);
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(60);
+        while sent < total && Instant::now() < deadline {
+            let n = usize::try_from((total - sent).min(PACKET_BATCH as u64)).unwrap_or(1);
+            for k in 0..n {
+                let frame = &mut buf[k * len..(k + 1) * len];
+                frame.copy_from_slice(template);
+                let seq = self.seq;
+                self.seq += 1;
+                #[expect(clippy::cast_possible_truncation, reason = "16 bits each")]
+                match mix {
+                    Mix::OneFlow => {}
+                    Mix::Flows64k => frame[34..36].copy_from_slice(&(seq as u16).to_be_bytes()),
+                    Mix::NewFlows => {
+                        let low = ((seq >> 16) % 0xfffe + 1) as u16;
+                        frame[34..36].copy_from_slice(&(seq as u16).to_be_bytes());
+                        frame[28..30].copy_from_slice(&low.to_be_bytes());
+                        // RFC 1624 with the template's low half 0.
+                        let mut sum = u32::from(!base_check) + u32::from(low);
+                        sum = (sum & 0xffff) + (sum >> 16);
+                        sum = (sum & 0xffff) + (sum >> 16);
+                        let check = !(sum as u16);
+                        frame[24..26].copy_from_slice(&check.to_be_bytes());
+                    }
+                }
+            }
+            let mut iovs: Vec<libc::iovec> = (0..n)
+                .map(|k| libc::iovec {
+                    iov_base: buf[k * len..].as_mut_ptr().cast(),
+                    iov_len: len,
+                })
+                .collect();
+            // SAFETY: zeroed mmsghdrs each pointing at one iovec of `buf`, which outlives the
+            // call.
+            let mut msgs: Vec<libc::mmsghdr> = iovs
+                .iter_mut()
+                .map(|iov| {
+                    let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                    m.msg_hdr.msg_iov = std::ptr::from_mut(iov);
+                    m.msg_hdr.msg_iovlen = 1;
+                    m
+                })
+                .collect();
+            // SAFETY: `msgs` holds `n` valid headers.
+            let ret = unsafe {
+                libc::sendmmsg(
+                    self.fd.as_raw_fd(),
+                    msgs.as_mut_ptr(),
+                    u32::try_from(n).unwrap_or(1),
+                    0,
+                )
+            };
+            if ret < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENOBUFS) || e.raw_os_error() == Some(libc::EAGAIN) {
+                    continue;
+                }
+                bail!("sendmmsg: {e}");
+            }
+            sent += u64::try_from(ret).unwrap_or(0);
+        }
+        Ok((start.elapsed(), sent))
+    }
 }
 
 impl Lane {
@@ -270,7 +407,11 @@ impl Lane {
         ])?;
         node_ns.ip(&["route", "add", "10.2.0.0/15", "via", "10.11.0.2", "dev", "n1"])?;
         node_ns.ip(&["route", "add", "172.20.0.0/16", "via", "10.10.0.2", "dev", "n0"])?;
+        for ns in [&gen_ns, &sink_ns] {
+            ns.sysctl("net.ipv6.conf.all.disable_ipv6=1")?;
+        }
         for setting in [
+            "net.ipv6.conf.all.disable_ipv6=1",
             "net.ipv4.ip_forward=1",
             "net.ipv4.conf.all.rp_filter=0",
             "net.ipv4.conf.n0.rp_filter=0",
@@ -283,6 +424,14 @@ impl Lane {
 
         let mut sink = load_bench_object()?;
         load_xdp(&mut sink, "bench_xdp_sink")?;
+        // Only frames to the endpoints' port count (translated ones); the redirect does not
+        // translate, so its sink counts the Service port.
+        let port = if variant == Variant::Redirect {
+            workload::SERVICE_PORT
+        } else {
+            workload::TARGET_PORT
+        };
+        set_ctl(&mut sink, CTL_SINK_PORT, u64::from(port))?;
         in_netns(sink_ns.name(), || attach(&mut sink, "bench_xdp_sink", "s0").map(drop))?;
         let mut generator = load_bench_object()?;
         load_xdp(&mut generator, "bench_xdp_gen")?;
@@ -312,6 +461,8 @@ impl Lane {
             dp: None,
             gen_ifindex,
             template,
+            generator_kind: Generator::LiveFrames,
+            packet: None,
         };
         lane.attach_node()?;
         Ok(lane)
@@ -386,41 +537,14 @@ impl Lane {
         Ok(())
     }
 
-    /// Sends `frames` frames to Service `target` and returns (Mpps at the sink, % delivered).
-    fn run(&mut self, mix: Mix, target: usize, frames: u32) -> anyhow::Result<(f64, f64)> {
-        let mut template = self.template.clone();
-        // Destination: the target Service's clusterIP; its IPv4 checksum follows.
-        let frame = Ipv4Frame::udp(
-            std::net::SocketAddrV4::new(GEN_SRC, GEN_SRC_PORT),
-            std::net::SocketAddrV4::new(workload::vip(target), workload::SERVICE_PORT),
-        )
-        .with_payload(vec![0x5a_u8; 22])
-        .without_udp_checksum()
-        .build();
-        template[12..].copy_from_slice(&frame[12..]);
-        {
-            let mut map: Array<&mut MapData, [u64; 8]> =
-                Array::try_from(self.generator.map_mut("BENCH_TEMPLATE").context("template")?)?;
-            let mut words = [0_u64; 8];
-            for (i, w) in words.iter_mut().enumerate() {
-                let mut b = [0_u8; 8];
-                b.copy_from_slice(&template[i * 8..i * 8 + 8]);
-                *w = u64::from_ne_bytes(b);
-            }
-            map.set(0, words, 0)?;
-        }
-        set_ctl(&mut self.generator, CTL_GEN_MODE, mix.mode())?;
-        let sink_before = per_cpu_sum(&self.sink, "BENCH_SINK")?;
-        let gen_before = per_cpu_sum(&self.generator, "BENCH_GEN_COUNT")?;
-        let ours_before = match &self.dp {
-            Some(dp) => Some(dp.counters()?),
-            None => None,
-        };
+    /// One live-frames test run of the generator program in the generator namespace.
+    fn live_frames(&mut self, frames: u32) -> anyhow::Result<Duration> {
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
         // egress_ifindex.
         let mut ctx = [0_u8; 24];
         ctx[12..16].copy_from_slice(&self.gen_ifindex.to_ne_bytes());
         let gen_ns = self.gen_ns.name().to_owned();
+        let template = self.template.clone();
         let program: &mut Xdp = self
             .generator
             .program_mut("bench_xdp_gen")
@@ -439,10 +563,78 @@ impl Lane {
                 .map(drop)
                 .context("the live-frames generator")
         })?;
-        let took = start.elapsed();
+        Ok(start.elapsed())
+    }
+
+    /// Tries the live-frames generator once; if the kernel refuses it, switches this lane to
+    /// the packet-socket generator. Returns why it fell back.
+    fn choose_generator(&mut self) -> anyhow::Result<Option<String>> {
+        set_ctl(&mut self.generator, CTL_GEN_MODE, 0)?;
+        self.upload_template()?;
+        match self.live_frames(1) {
+            Ok(_) => Ok(None),
+            Err(e) => {
+                let gen_ns = self.gen_ns.name().to_owned();
+                self.packet = Some(in_netns(&gen_ns, || PacketGen::open("g0"))?);
+                self.generator_kind = Generator::Packet;
+                Ok(Some(format!("{e:#}")))
+            }
+        }
+    }
+
+    fn upload_template(&mut self) -> anyhow::Result<()> {
+        let mut map: Array<&mut MapData, [u64; 8]> =
+            Array::try_from(self.generator.map_mut("BENCH_TEMPLATE").context("template")?)?;
+        let mut words = [0_u64; 8];
+        for (i, w) in words.iter_mut().enumerate() {
+            let mut b = [0_u8; 8];
+            b.copy_from_slice(&self.template[i * 8..i * 8 + 8]);
+            *w = u64::from_ne_bytes(b);
+        }
+        map.set(0, words, 0)?;
+        Ok(())
+    }
+
+    /// Sends `frames` frames to Service `target` and returns (Mpps at the sink, % delivered).
+    fn run(&mut self, mix: Mix, target: usize, frames: u32) -> anyhow::Result<(f64, f64)> {
+        let mut template = self.template.clone();
+        // Destination: the target Service's clusterIP; its IPv4 checksum follows.
+        let frame = Ipv4Frame::udp(
+            std::net::SocketAddrV4::new(GEN_SRC, GEN_SRC_PORT),
+            std::net::SocketAddrV4::new(workload::vip(target), workload::SERVICE_PORT),
+        )
+        .with_payload(vec![0x5a_u8; 22])
+        .without_udp_checksum()
+        .build();
+        template[12..].copy_from_slice(&frame[12..]);
+        self.template.clone_from(&template);
+        self.upload_template()?;
+        set_ctl(&mut self.generator, CTL_GEN_MODE, mix.mode())?;
+        let sink_before = per_cpu_sum(&self.sink, "BENCH_SINK")?;
+        let gen_before = per_cpu_sum(&self.generator, "BENCH_GEN_COUNT")?;
+        let template = template;
+        let ours_before = match &self.dp {
+            Some(dp) => Some(dp.counters()?),
+            None => None,
+        };
+        let (took, sent) = match self.generator_kind {
+            Generator::LiveFrames => {
+                let took = self.live_frames(frames)?;
+                let sent = per_cpu_sum(&self.generator, "BENCH_GEN_COUNT")? - gen_before;
+                (took, sent)
+            }
+            Generator::Packet => {
+                let socket = self.packet.as_mut().context("no packet socket")?;
+                socket.send(&template, mix, frames)?
+            }
+        };
         // Frames still queued between the namespaces: the pipeline drains in microseconds.
         std::thread::sleep(Duration::from_millis(20));
-        let sent = per_cpu_sum(&self.generator, "BENCH_GEN_COUNT")? - gen_before;
+        ensure!(
+            sent == u64::from(frames),
+            "{}: the generator sent {sent} frames of {frames}",
+            self.variant.key()
+        );
         let delivered = per_cpu_sum(&self.sink, "BENCH_SINK")? - sink_before;
         ensure!(
             sent == u64::from(frames),
@@ -519,6 +711,19 @@ pub fn section(quick: bool, prefix: &str, progress: &mut Progress) -> anyhow::Re
     for variant in Variant::ALL {
         lanes.push(Lane::create(prefix, variant).with_context(|| variant.key())?);
     }
+    let mut live_frames_refused = None;
+    for lane in &mut lanes {
+        if let Some(why) = lane.choose_generator()? {
+            live_frames_refused = Some(why);
+        }
+    }
+    if let Some(why) = &live_frames_refused {
+        progress.step(&format!(
+            "live: the kernel refused the live-frames generator ({why}); using the packet-socket \
+             generator"
+        ));
+    }
+    let generator = lanes.first().map_or(Generator::LiveFrames, |l| l.generator_kind);
     let generator_cpu = pin_to_last_cpu();
     let mut cells = Vec::new();
     let result = (|| -> anyhow::Result<()> {
@@ -585,6 +790,8 @@ pub fn section(quick: bool, prefix: &str, progress: &mut Progress) -> anyhow::Re
         runs,
         maglev_table_size: LIVE_TABLE_SIZE,
         generator_cpu,
+        generator,
+        live_frames_refused,
         cells,
         ratios,
     })

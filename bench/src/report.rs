@@ -318,8 +318,9 @@ impl Report {
                  agent does on a file change; maps: contents -> diff -> writes; the peers: \
                  kube-proxy's minimal `iptables-restore --noflush` and one `nft -f` \
                  transaction, process start included):\n\n| Services | changes | ours end to \
-                 end | ours maps only | map writes / change | iptables-restore | nft -f \
-                 |\n|---:|---:|---:|---:|---:|---:|---:|\n",
+                 end | ours without parsing (all tables rebuilt) | ours diff + writes | map \
+                 writes / change | iptables-restore | nft -f |\n|---:|---:|---:|---:|---:|---:|\
+                 ---:|---:|\n",
             );
             let pair = |a: Option<f64>, b: Option<f64>| match (a, b) {
                 (Some(a), Some(b)) => format!("{a:.2} / {b:.2}"),
@@ -328,13 +329,15 @@ impl Report {
             for ch in &c.change {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {:.2} / {:.2} | {:.3} / {:.3} | {:.1} | {} | {} |",
+                    "| {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.3} / {:.3} | {:.1} | {} | {} |",
                     ch.services,
                     ch.changes,
                     ch.end_to_end_p50_ms,
                     ch.end_to_end_p99_ms,
                     ch.maps_p50_ms,
                     ch.maps_p99_ms,
+                    ch.write_p50_ms,
+                    ch.write_p99_ms,
                     ch.map_writes_per_change,
                     pair(ch.iptables_restore_p50_ms, ch.iptables_restore_p99_ms),
                     pair(ch.nft_p50_ms, ch.nft_p99_ms)
