@@ -212,11 +212,10 @@ pub fn timed_stdin(ns: &Netns, program: &str, args: &[&str], input: &str) -> any
 }
 
 fn version(program: &str, arg: &str) -> String {
-    Command::new(program)
-        .arg(arg)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|e| format!("{program}: {e}"))
+    Command::new(program).arg(arg).output().map_or_else(
+        |e| format!("{program}: {e}"),
+        |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+    )
 }
 
 /// Applies `count` Services `runs` times, each into a freshly loaded data plane; then, on the
@@ -232,7 +231,7 @@ fn ours(
     let text = workload.yaml(table_size);
     let (mut parse_s, mut build_s, mut write_s, mut total_s) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut writes = 0;
+    let mut map_writes = 0;
     let mut kept = None;
     for run in 0..runs {
         progress.step(&format!(
@@ -254,7 +253,7 @@ fn ours(
         let contents = MapContents::from_state(&loaded.state, &node, dp.contents())?;
         let built = ms(t);
         let t = Instant::now();
-        writes = dp.apply(contents)?;
+        map_writes = dp.apply(contents)?;
         let written = ms(t);
         total_s.push(ms(start));
         parse_s.push(parsed);
@@ -320,7 +319,7 @@ fn ours(
         build_ms: Figure::of(&build_s).context("no runs")?,
         write_ms: Figure::of(&write_s).context("no runs")?,
         total_ms: Figure::of(&total_s).context("no runs")?,
-        map_writes: writes,
+        map_writes,
         iptables_restore_ms: None,
         nft_ms: None,
     };
@@ -393,8 +392,7 @@ pub fn apply_section(
     for &(count, changes) in counts {
         let (mut apply, mut change, row) = ours(count, runs, changes, progress)?;
         memory.rows.push(row);
-        let [ipt, nft, ipt_change, nft_change] =
-            kernel_peers(&ns, count, runs, changes, progress)?;
+        let [ipt, nft, ipt_change, nft_change] = kernel_peers(&ns, count, runs, changes, progress)?;
         apply.iptables_restore_ms = Figure::of(&ipt);
         apply.nft_ms = Figure::of(&nft);
         change.iptables_restore_p50_ms = Some(quantile(&ipt_change, 0.5));

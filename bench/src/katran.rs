@@ -70,7 +70,12 @@ pub fn build(scratch: &Path) -> anyhow::Result<(PathBuf, String)> {
     let object = dir.join("test_xdp_noinline.o");
     let clang = CLANGS
         .iter()
-        .find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
         .context("no clang found (apt-get install clang-16)")?;
     let version = Command::new(clang)
         .arg("--version")
@@ -144,7 +149,9 @@ impl Katran {
             .program_mut(PROGRAM)
             .context("no balancer_ingress_v4")?
             .try_into()?;
-        program.load().context("the kernel refused balancer_ingress_v4")?;
+        program
+            .load()
+            .context("the kernel refused balancer_ingress_v4")?;
         Ok(Katran {
             ebpf,
             stats,

@@ -124,7 +124,9 @@ pub struct LiveCell {
 
 #[derive(Debug, Serialize)]
 pub struct LiveSection {
+    /// Frames per run, unless the time budget ends it first.
     pub frames_per_run: u32,
+    pub seconds_per_run_at_most: f64,
     pub runs: usize,
     pub maglev_table_size: u32,
     pub generator_cpu: Option<usize>,
@@ -178,9 +180,10 @@ fn ifindex(name: &str) -> anyhow::Result<u32> {
 }
 
 fn mac(ns: &Netns, iface: &str) -> anyhow::Result<[u8; 6]> {
-    let output = integration_tests::netns::run(ns.command("cat").arg(format!(
-        "/sys/class/net/{iface}/address"
-    )))?;
+    let output = integration_tests::netns::run(
+        ns.command("cat")
+            .arg(format!("/sys/class/net/{iface}/address")),
+    )?;
     let text = String::from_utf8_lossy(&output.stdout);
     let mut bytes = [0_u8; 6];
     for (i, part) in text.trim().split(':').enumerate().take(6) {
@@ -239,7 +242,8 @@ struct Lane {
     variant: Variant,
     gen_ns: Netns,
     node_ns: Netns,
-    sink_ns: Netns,
+    /// Kept for its guard: dropping it deletes the sink namespace.
+    _sink_ns: Netns,
     gen_ifindex: u32,
     template: Vec<u8>,
     generator_kind: Generator,
@@ -269,7 +273,11 @@ impl PacketGen {
         use std::os::fd::FromRawFd as _;
         // SAFETY: plain socket(2); the descriptor is owned below.
         let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        ensure!(raw >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        ensure!(
+            raw >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
         // SAFETY: a fresh descriptor nobody else owns.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
         let one: libc::c_int = 1;
@@ -295,13 +303,23 @@ impl PacketGen {
                 u32::try_from(size_of::<libc::sockaddr_ll>()).unwrap_or(20),
             )
         };
-        ensure!(ret == 0, "binding to {iface}: {}", std::io::Error::last_os_error());
+        ensure!(
+            ret == 0,
+            "binding to {iface}: {}",
+            std::io::Error::last_os_error()
+        );
         Ok(PacketGen { fd, seq: 0 })
     }
 
     /// Sends `frames` frames from `template`, varying the source as `mix` says; returns the
     /// time it took and the frames the kernel took.
-    fn send(&mut self, template: &[u8], mix: Mix, frames: u32) -> anyhow::Result<(Duration, u64)> {
+    fn send(
+        &mut self,
+        template: &[u8],
+        mix: Mix,
+        frames: u32,
+        budget: Duration,
+    ) -> anyhow::Result<(Duration, u64)> {
         use std::os::fd::AsRawFd as _;
         let len = template.len();
         let mut buf = vec![0_u8; len * PACKET_BATCH];
@@ -309,7 +327,7 @@ impl PacketGen {
         let mut sent = 0_u64;
         let total = u64::from(frames);
         let start = Instant::now();
-        let deadline = start + Duration::from_secs(60);
+        let deadline = start + budget;
         while sent < total && Instant::now() < deadline {
             let n = usize::try_from((total - sent).min(PACKET_BATCH as u64)).unwrap_or(1);
             for k in 0..n {
@@ -362,7 +380,8 @@ impl PacketGen {
             };
             if ret < 0 {
                 let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENOBUFS) || e.raw_os_error() == Some(libc::EAGAIN) {
+                if e.raw_os_error() == Some(libc::ENOBUFS) || e.raw_os_error() == Some(libc::EAGAIN)
+                {
                     continue;
                 }
                 bail!("sendmmsg: {e}");
@@ -380,11 +399,27 @@ impl Lane {
         let node_ns = Netns::create(&name("node"))?;
         let sink_ns = Netns::create(&name("sink"))?;
         gen_ns.ip(&[
-            "link", "add", "g0", "type", "veth", "peer", "name", "n0", "netns",
+            "link",
+            "add",
+            "g0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "n0",
+            "netns",
             node_ns.name(),
         ])?;
         node_ns.ip(&[
-            "link", "add", "n1", "type", "veth", "peer", "name", "s0", "netns",
+            "link",
+            "add",
+            "n1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "s0",
+            "netns",
             sink_ns.name(),
         ])?;
         gen_ns.ip(&["addr", "add", "10.10.0.2/24", "dev", "g0"])?;
@@ -402,11 +437,34 @@ impl Lane {
             .collect::<Vec<_>>()
             .join(":");
         node_ns.ip(&[
-            "neigh", "replace", "10.11.0.2", "lladdr", &sink_mac, "dev", "n1", "nud",
+            "neigh",
+            "replace",
+            "10.11.0.2",
+            "lladdr",
+            &sink_mac,
+            "dev",
+            "n1",
+            "nud",
             "permanent",
         ])?;
-        node_ns.ip(&["route", "add", "10.2.0.0/15", "via", "10.11.0.2", "dev", "n1"])?;
-        node_ns.ip(&["route", "add", "172.20.0.0/16", "via", "10.10.0.2", "dev", "n0"])?;
+        node_ns.ip(&[
+            "route",
+            "add",
+            "10.2.0.0/15",
+            "via",
+            "10.11.0.2",
+            "dev",
+            "n1",
+        ])?;
+        node_ns.ip(&[
+            "route",
+            "add",
+            "172.20.0.0/16",
+            "via",
+            "10.10.0.2",
+            "dev",
+            "n0",
+        ])?;
         for ns in [&gen_ns, &sink_ns] {
             ns.sysctl("net.ipv6.conf.all.disable_ipv6=1")?;
         }
@@ -432,7 +490,9 @@ impl Lane {
             workload::TARGET_PORT
         };
         set_ctl(&mut sink, CTL_SINK_PORT, u64::from(port))?;
-        in_netns(sink_ns.name(), || attach(&mut sink, "bench_xdp_sink", "s0").map(drop))?;
+        in_netns(sink_ns.name(), || {
+            attach(&mut sink, "bench_xdp_sink", "s0").map(drop)
+        })?;
         let mut generator = load_bench_object()?;
         load_xdp(&mut generator, "bench_xdp_gen")?;
         // g0 needs no program for XDP_TX from a test run; the node side (n0) has one.
@@ -454,7 +514,7 @@ impl Lane {
             variant,
             gen_ns,
             node_ns,
-            sink_ns,
+            _sink_ns: sink_ns,
             generator,
             sink,
             node: None,
@@ -478,13 +538,17 @@ impl Lane {
                 load_xdp(&mut node, "bench_xdp_redirect")?;
                 let n1 = in_netns(&node_ns, || ifindex("n1"))?;
                 set_ctl(&mut node, CTL_REDIRECT_IFINDEX, u64::from(n1))?;
-                in_netns(&node_ns, || attach(&mut node, "bench_xdp_redirect", "n0").map(drop))?;
+                in_netns(&node_ns, || {
+                    attach(&mut node, "bench_xdp_redirect", "n0").map(drop)
+                })?;
                 self.node = Some(node);
             }
             Variant::Iptables | Variant::Nftables => {
                 let mut node = load_bench_object()?;
                 load_xdp(&mut node, "bench_xdp_pass")?;
-                in_netns(&node_ns, || attach(&mut node, "bench_xdp_pass", "n0").map(drop))?;
+                in_netns(&node_ns, || {
+                    attach(&mut node, "bench_xdp_pass", "n0").map(drop)
+                })?;
                 self.node = Some(node);
             }
         }
@@ -583,8 +647,11 @@ impl Lane {
     }
 
     fn upload_template(&mut self) -> anyhow::Result<()> {
-        let mut map: Array<&mut MapData, [u64; 8]> =
-            Array::try_from(self.generator.map_mut("BENCH_TEMPLATE").context("template")?)?;
+        let mut map: Array<&mut MapData, [u64; 8]> = Array::try_from(
+            self.generator
+                .map_mut("BENCH_TEMPLATE")
+                .context("template")?,
+        )?;
         let mut words = [0_u64; 8];
         for (i, w) in words.iter_mut().enumerate() {
             let mut b = [0_u8; 8];
@@ -596,7 +663,13 @@ impl Lane {
     }
 
     /// Sends `frames` frames to Service `target` and returns (Mpps at the sink, % delivered).
-    fn run(&mut self, mix: Mix, target: usize, frames: u32) -> anyhow::Result<(f64, f64)> {
+    fn run(
+        &mut self,
+        mix: Mix,
+        target: usize,
+        frames: u32,
+        budget: Duration,
+    ) -> anyhow::Result<(f64, f64)> {
         let mut template = self.template.clone();
         // Destination: the target Service's clusterIP; its IPv4 checksum follows.
         let frame = Ipv4Frame::udp(
@@ -625,13 +698,15 @@ impl Lane {
             }
             Generator::Packet => {
                 let socket = self.packet.as_mut().context("no packet socket")?;
-                socket.send(&template, mix, frames)?
+                socket.send(&template, mix, frames, budget)?
             }
         };
         // Frames still queued between the namespaces: the pipeline drains in microseconds.
         std::thread::sleep(Duration::from_millis(20));
+        // The packet-socket generator stops at its time budget (slow peers would otherwise
+        // take minutes); live frames always send them all.
         ensure!(
-            sent == u64::from(frames),
+            sent > 0 && (self.generator_kind == Generator::Packet || sent == u64::from(frames)),
             "{}: the generator sent {sent} frames of {frames}",
             self.variant.key()
         );
@@ -695,14 +770,27 @@ fn unpin() {
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "the matrix, its rounds and the ratios, in the order they run"
+)]
 pub fn section(quick: bool, prefix: &str, progress: &mut Progress) -> anyhow::Result<LiveSection> {
-    let (counts, mixes, frames, runs): (&[usize], &[Mix], u32, usize) = if quick {
-        (&[1, 1000], &[Mix::Flows64k, Mix::NewFlows], 100_000, 5)
+    // Frames per run, and the most time a run may take (the iptables layout at 30k Services
+    // forwards new flows at a few thousand per second).
+    let (counts, mixes, frames, budget, runs): (&[usize], &[Mix], u32, Duration, usize) = if quick {
+        (
+            &[1, 1000],
+            &[Mix::Flows64k, Mix::NewFlows],
+            100_000,
+            Duration::from_millis(500),
+            5,
+        )
     } else {
         (
             &[1, 1000, 10_000, 30_000],
             &[Mix::OneFlow, Mix::Flows64k, Mix::NewFlows],
             1_000_000,
+            Duration::from_secs(2),
             5,
         )
     };
@@ -723,7 +811,9 @@ pub fn section(quick: bool, prefix: &str, progress: &mut Progress) -> anyhow::Re
              generator"
         ));
     }
-    let generator = lanes.first().map_or(Generator::LiveFrames, |l| l.generator_kind);
+    let generator = lanes
+        .first()
+        .map_or(Generator::LiveFrames, |l| l.generator_kind);
     let generator_cpu = pin_to_last_cpu();
     let mut cells = Vec::new();
     let result = (|| -> anyhow::Result<()> {
@@ -743,9 +833,10 @@ pub fn section(quick: bool, prefix: &str, progress: &mut Progress) -> anyhow::Re
                         round + 1
                     ));
                     for (i, lane) in lanes.iter_mut().enumerate() {
-                        let (mpps, pct) = lane.run(mix, target, frames).with_context(|| {
-                            format!("{} {} {count}", lane.variant.key(), mix.key())
-                        })?;
+                        let (mpps, pct) =
+                            lane.run(mix, target, frames, budget).with_context(|| {
+                                format!("{} {} {count}", lane.variant.key(), mix.key())
+                            })?;
                         samples[i].0.push(mpps);
                         samples[i].1.push(pct);
                     }
@@ -787,6 +878,7 @@ pub fn section(quick: bool, prefix: &str, progress: &mut Progress) -> anyhow::Re
     }
     Ok(LiveSection {
         frames_per_run: frames,
+        seconds_per_run_at_most: budget.as_secs_f64(),
         runs,
         maglev_table_size: LIVE_TABLE_SIZE,
         generator_cpu,

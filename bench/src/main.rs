@@ -82,7 +82,11 @@ fn main() -> anyhow::Result<()> {
                 None
             }
         };
-        let (repeat, runs) = if args.quick { (100_000, 5) } else { (1_000_000, 7) };
+        let (repeat, runs) = if args.quick {
+            (100_000, 5)
+        } else {
+            (1_000_000, 7)
+        };
         report.testrun =
             Some(testrun::section(katran, repeat, runs, &mut progress).context("test-run")?);
     }

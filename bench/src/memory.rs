@@ -76,15 +76,14 @@ pub fn open_maps() -> Vec<MapMemory> {
             id,
             MapMemory {
                 name,
-                map_type: u32::try_from(fdinfo_field(&info, "map_type").unwrap_or(0))
-                    .unwrap_or(0),
+                map_type: u32::try_from(fdinfo_field(&info, "map_type").unwrap_or(0)).unwrap_or(0),
                 max_entries: fdinfo_field(&info, "max_entries").unwrap_or(0),
                 memlock_bytes: memlock,
             },
         );
     }
     let mut maps: Vec<MapMemory> = by_id.into_values().collect();
-    maps.sort_by(|a, b| b.memlock_bytes.cmp(&a.memlock_bytes));
+    maps.sort_by_key(|m| std::cmp::Reverse(m.memlock_bytes));
     maps
 }
 

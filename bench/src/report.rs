@@ -125,12 +125,7 @@ impl Report {
         if let Some(readme) = &args.readme {
             let text = std::fs::read_to_string(readme)?;
             let base = readme.parent().unwrap_or(Path::new("."));
-            let rel = |p: &Path| {
-                p.strip_prefix(base)
-                    .unwrap_or(p)
-                    .display()
-                    .to_string()
-            };
+            let rel = |p: &Path| p.strip_prefix(base).unwrap_or(p).display().to_string();
             let notes = std::fs::read_to_string(base.join("bench/NOTES.md")).unwrap_or_default();
             let section = self.readme_section(&args.command, &rel(&md), &chart_files, &rel, &notes);
             std::fs::write(readme, replace_section(&text, &section))?;
@@ -247,8 +242,20 @@ impl Report {
         let _ = writeln!(
             out,
             "Mpps received by the sink per second of generator time, median of {} interleaved \
-             runs of {} frames (min-max); Maglev M = {} for these runs.\n",
-            l.runs, l.frames_per_run, l.maglev_table_size
+             runs of {} frames or {:.1} s, whichever ends first (min-max); Maglev M = {} for \
+             these runs. Generator: {}.\n",
+            l.runs,
+            l.frames_per_run,
+            l.seconds_per_run_at_most,
+            l.maglev_table_size,
+            match (&l.generator, &l.live_frames_refused) {
+                (crate::live::Generator::Packet, Some(why)) => format!(
+                    "a packet socket (`AF_PACKET`, `sendmmsg` of 64 frames, qdisc bypassed; \
+                     every frame written from the template with its own source), because this \
+                     kernel refuses `BPF_F_TEST_XDP_LIVE_FRAMES` ({why})"
+                ),
+                _ => "`bench_xdp_gen` in live-frames test runs".to_owned(),
+            }
         );
         out.push_str(
             "| Services | traffic | ours | XDP redirect (ceiling) | iptables | nftables | ours / \
@@ -560,9 +567,7 @@ fn replace_section(text: &str, section: &str) -> String {
     if let Some(start) = text.find("\n## Performance\n") {
         let start = start + 1;
         let rest = &text[start + 3..];
-        let end = rest
-            .find("\n## ")
-            .map_or(text.len(), |i| start + 3 + i + 1);
+        let end = rest.find("\n## ").map_or(text.len(), |i| start + 3 + i + 1);
         return format!("{}{section}{}", &text[..start], &text[end..]);
     }
     if let Some(at) = text.find("\n## Layout\n") {
@@ -580,7 +585,9 @@ struct Bar {
 const COLORS: [&str; 4] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"];
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// A horizontal bar chart: one row per bar, grouped by label, coloured by series, with the

@@ -264,7 +264,10 @@ fn duration_ns(d: Duration) -> f64 {
 }
 
 /// Counter deltas between two readings, only the ones that moved.
-fn deltas(before: &Counters, after: &Counters) -> (Vec<(Counter, u64)>, Vec<(DropReason, u64)>) {
+/// Outcome and drop counters that moved, with how much.
+type Deltas = (Vec<(Counter, u64)>, Vec<(DropReason, u64)>);
+
+fn deltas(before: &Counters, after: &Counters) -> Deltas {
     let outcomes = Counter::ALL
         .iter()
         .map(|&c| (c, after.get(c).wrapping_sub(before.get(c))))
@@ -299,7 +302,11 @@ fn expect_deltas(
     let show: Vec<String> = want_outcomes
         .iter()
         .map(|(c, n)| format!("{}+{n}", c.name()))
-        .chain(want_drops.iter().map(|(r, n)| format!("drop {}+{n}", r.name())))
+        .chain(
+            want_drops
+                .iter()
+                .map(|(r, n)| format!("drop {}+{n}", r.name())),
+        )
         .collect();
     Ok(format!("counters exactly: {}", show.join(", ")))
 }
@@ -334,14 +341,20 @@ fn frames() -> Frames {
 }
 
 fn set_ctl(dp: &mut DataPlane, slot: u32, value: u64) -> anyhow::Result<()> {
-    let map = dp.ebpf_mut().map_mut("BENCH_CTL").context("no BENCH_CTL map")?;
+    let map = dp
+        .ebpf_mut()
+        .map_mut("BENCH_CTL")
+        .context("no BENCH_CTL map")?;
     let mut ctl: Array<&mut MapData, u64> = Array::try_from(map)?;
     ctl.set(slot, value, 0)?;
     Ok(())
 }
 
 fn ctl(dp: &mut DataPlane, slot: u32) -> anyhow::Result<u64> {
-    let map = dp.ebpf_mut().map_mut("BENCH_CTL").context("no BENCH_CTL map")?;
+    let map = dp
+        .ebpf_mut()
+        .map_mut("BENCH_CTL")
+        .context("no BENCH_CTL map")?;
     let ctl: Array<&mut MapData, u64> = Array::try_from(map)?;
     Ok(ctl.get(&slot, 0)?)
 }
@@ -349,7 +362,8 @@ fn ctl(dp: &mut DataPlane, slot: u32) -> anyhow::Result<u64> {
 /// Everything the rounds need, loaded once.
 pub struct Bench {
     prod: DataPlane,
-    bench: DataPlane,
+    /// The benchmark build (prologue and `bench_xdp_pass`), for the floor and new flows.
+    with_prologue: DataPlane,
     katran: Option<Katran>,
     frames: Frames,
 }
@@ -357,8 +371,8 @@ pub struct Bench {
 impl Bench {
     pub fn new(katran: Option<Katran>) -> anyhow::Result<Self> {
         let mut prod = load(None, lb_common::CONNTRACK_ENTRIES)?;
-        let mut bench = load(Some(BENCH_EBPF_OBJECT), lb_common::CONNTRACK_ENTRIES)?;
-        bench
+        let mut with_prologue = load(Some(BENCH_EBPF_OBJECT), lb_common::CONNTRACK_ENTRIES)?;
+        with_prologue
             .ebpf_mut()
             .program_mut("bench_xdp_pass")
             .context("no bench_xdp_pass in the benchmark object")
@@ -372,7 +386,7 @@ impl Bench {
         ensure!(first.verdict == XDP_PASS, "tracking the established flow");
         Ok(Bench {
             prod,
-            bench,
+            with_prologue,
             katran,
             frames,
         })
@@ -381,27 +395,30 @@ impl Bench {
     /// Fills the new-flow data plane's connection table, so the timed runs insert into a full
     /// table (each insert evicts) rather than into one that fills up during the runs.
     pub fn fill_conntrack(&mut self) -> anyhow::Result<()> {
-        set_ctl(&mut self.bench, CTL_NEW_FLOW, 1)?;
-        let program = self.bench.xdp_program()?;
+        set_ctl(&mut self.with_prologue, CTL_NEW_FLOW, 1)?;
+        let program = self.with_prologue.xdp_program()?;
         let run = timed(
             program,
             &self.frames.new_flow,
             lb_common::CONNTRACK_ENTRIES / 2 + 1024,
         );
-        set_ctl(&mut self.bench, CTL_NEW_FLOW, 0)?;
+        set_ctl(&mut self.with_prologue, CTL_NEW_FLOW, 0)?;
         ensure!(run?.verdict == XDP_PASS, "filling the connection table");
         Ok(())
     }
 
     /// One timed run of `case`, checked. Returns ns per packet and what was checked.
-    #[expect(clippy::too_many_lines, reason = "one arm per case, each with its checks")]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one arm per case, each with its checks"
+    )]
     pub fn run(&mut self, case: Case, repeat: u32) -> anyhow::Result<(f64, Vec<String>)> {
         let r = u64::from(repeat);
         let mut checks = Vec::new();
         match case {
             Case::Floor => {
                 let program: &mut Xdp = self
-                    .bench
+                    .with_prologue
                     .ebpf_mut()
                     .program_mut("bench_xdp_pass")
                     .context("bench_xdp_pass")?
@@ -413,7 +430,10 @@ impl Bench {
                 Ok((t.ns, checks))
             }
             Case::Katran => {
-                let katran = self.katran.as_mut().context("the Katran peer is not loaded")?;
+                let katran = self
+                    .katran
+                    .as_mut()
+                    .context("the Katran peer is not loaded")?;
                 katran.run(repeat)
             }
             Case::NewFlow | Case::NewFlowRoomy | Case::PrologueOnly => {
@@ -431,7 +451,7 @@ impl Bench {
                 } else {
                     None
                 };
-                let dp = roomy.as_mut().unwrap_or(&mut self.bench);
+                let dp = roomy.as_mut().unwrap_or(&mut self.with_prologue);
                 let seq = ctl(dp, CTL_NEW_FLOW_SEQ)?;
                 set_ctl(dp, CTL_NEW_FLOW, 1)?;
                 let before = dp.counters()?;
@@ -465,7 +485,12 @@ impl Bench {
                         &[(DropReason::L4HeaderTruncated, r)],
                     )?);
                 } else {
-                    ensure!(t.verdict == XDP_PASS, "{}: verdict {}", case.key(), t.verdict);
+                    ensure!(
+                        t.verdict == XDP_PASS,
+                        "{}: verdict {}",
+                        case.key(),
+                        t.verdict
+                    );
                     let out = Ipv4L4::parse(&t.out).map_err(|e| anyhow::anyhow!("{e}"))?;
                     ensure!(
                         *out.dst.ip() == NEW_VIP && out.dst.port() == PORT,

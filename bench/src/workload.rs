@@ -102,8 +102,8 @@ impl Workload {
     /// is taken with probability 1/(n-j) among the rest, the last unconditionally.
     fn iptables_svc_rules(&self, out: &mut String, i: usize, generations: &[usize]) {
         let n = self.endpoints;
-        for j in 0..n {
-            let sep = Self::sep_chain(i, j, generations[j]);
+        for (j, &generation) in generations.iter().enumerate().take(n) {
+            let sep = Self::sep_chain(i, j, generation);
             if j + 1 < n {
                 #[expect(clippy::cast_precision_loss, reason = "small counts")]
                 let p = 1.0 / (n - j) as f64;
@@ -169,7 +169,11 @@ impl Workload {
         let mut out = String::from("*nat\n");
         let old = Self::sep_chain(i, j, from);
         let new = Self::sep_chain(i, j, from + 1);
-        let _ = writeln!(out, ":{} - [0:0]\n:{new} - [0:0]\n:{old} - [0:0]", Self::svc_chain(i));
+        let _ = writeln!(
+            out,
+            ":{} - [0:0]\n:{new} - [0:0]\n:{old} - [0:0]",
+            Self::svc_chain(i)
+        );
         let mut generations = vec![0; self.endpoints];
         generations[j] = from + 1;
         self.iptables_svc_rules(&mut out, i, &generations);

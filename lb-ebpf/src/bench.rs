@@ -101,7 +101,10 @@ pub fn new_flow_prologue(ctx: &XdpContext) {
     let Some(seq) = next_seq(NEW_FLOW_SEQ) else {
         return;
     };
-    #[expect(clippy::cast_possible_truncation, reason = "16 bits of the sequence each")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "16 bits of the sequence each"
+    )]
     let (addr_low, port) = ((seq >> 16) as u16, seq as u16);
     if let (Some(addr), Some(sport)) = (
         ptr_at::<[u8; 2]>(ctx, IPV4_SRC_AT + 2),
@@ -154,7 +157,10 @@ pub fn bench_xdp_redirect(_ctx: XdpContext) -> u32 {
 fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
-    #[expect(clippy::cast_possible_truncation, reason = "folded twice: fits 16 bits")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "folded twice: fits 16 bits"
+    )]
     let folded = sum as u16;
     folded
 }
@@ -163,20 +169,24 @@ fn fold(mut sum: u32) -> u16 {
 pub fn bench_xdp_gen(ctx: XdpContext) -> u32 {
     // One bounds check for the whole frame; every write below is at a constant offset from it
     // (several checked pointers let LLVM mix them in ways the verifier refuses).
-    let (Some(frame), Some(template)) = (
-        ptr_at::<[u8; FRAME_LEN]>(&ctx, 0),
-        BENCH_TEMPLATE.get(0),
-    ) else {
+    let (Some(frame), Some(template)) = (ptr_at::<[u8; FRAME_LEN]>(&ctx, 0), BENCH_TEMPLATE.get(0))
+    else {
         return xdp_action::XDP_ABORTED;
     };
     let base = frame.cast::<u8>();
     // SAFETY: `ptr_at` checked that FRAME_LEN bytes from `base` lie inside the packet, and
     // every offset written below is inside them.
-    unsafe { base.cast::<[u64; FRAME_LEN / 8]>().write_unaligned(*template) };
+    unsafe {
+        base.cast::<[u64; FRAME_LEN / 8]>()
+            .write_unaligned(*template)
+    };
     let mode = ctl(GEN_MODE);
     if mode != GEN_ONE_FLOW && (mode == GEN_64K_FLOWS || mode == GEN_NEW_FLOWS) {
         let seq = next_seq(GEN_SEQ).unwrap_or(0);
-        #[expect(clippy::cast_possible_truncation, reason = "16 bits of the sequence each")]
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "16 bits of the sequence each"
+        )]
         let (addr_low, port) = if mode == GEN_NEW_FLOWS {
             // Skip address low halves 0 and 0xffff, so sources are never .0.0 or .255.255.
             (((seq >> 16) % 0xfffe + 1) as u16, seq as u16)

@@ -56,7 +56,10 @@ pub fn run(quick: bool, only: Option<&str>) -> anyhow::Result<()> {
         command.args(["--only", only]);
     }
     println!("==> lb-bench {}", if quick { "--quick" } else { "(full)" });
-    let status = command.current_dir(&root).status().context("running lb-bench")?;
+    let status = command
+        .current_dir(&root)
+        .status()
+        .context("running lb-bench")?;
     if !status.success() {
         bail!("lb-bench failed ({status})");
     }

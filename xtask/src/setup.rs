@@ -173,11 +173,17 @@ pub fn bench_packages() -> anyhow::Result<()> {
     missing.dedup();
     if missing.is_empty() {
         let packages: Vec<&str> = BENCH_NEEDS.iter().map(|&(_, p)| p).collect();
-        skipped(&format!("Debian packages ({} present)", packages.join(", ")));
+        skipped(&format!(
+            "Debian packages ({} present)",
+            packages.join(", ")
+        ));
         return Ok(());
     }
     println!("    installing {}", missing.join(" "));
-    status("apt-get", &["-o", "DPkg::Lock::Timeout=600", "update", "-qq"])?;
+    status(
+        "apt-get",
+        &["-o", "DPkg::Lock::Timeout=600", "update", "-qq"],
+    )?;
     let mut args = vec![
         "-o",
         "DPkg::Lock::Timeout=600",
