@@ -393,6 +393,10 @@ impl PacketGen {
 }
 
 impl Lane {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the topology step by step: namespaces, veths, addresses, routes, programs"
+    )]
     fn create(prefix: &str, variant: Variant) -> anyhow::Result<Self> {
         let name = |role: &str| format!("{prefix}{}-{role}", variant.key().replace('_', ""));
         let gen_ns = Netns::create(&name("gen"))?;
@@ -711,11 +715,6 @@ impl Lane {
             self.variant.key()
         );
         let delivered = per_cpu_sum(&self.sink, "BENCH_SINK")? - sink_before;
-        ensure!(
-            sent == u64::from(frames),
-            "{}: the generator wrote {sent} frames of {frames}",
-            self.variant.key()
-        );
         ensure!(
             delivered > 0,
             "{} {}: the sink received nothing",

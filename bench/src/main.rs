@@ -15,7 +15,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -68,6 +67,8 @@ fn main() -> anyhow::Result<()> {
     let wants = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
     let mut report = report::Report::new(&args)?;
 
+    // A section that fails is recorded and the others still run, so one broken peer does not
+    // lose the rest of a long run; the run then fails at the end.
     if wants("testrun") {
         progress.step("test-run: building the Katran peer");
         let katran = katran::build(&args.scratch)
@@ -87,24 +88,35 @@ fn main() -> anyhow::Result<()> {
         } else {
             (1_000_000, 7)
         };
-        report.testrun =
-            Some(testrun::section(katran, repeat, runs, &mut progress).context("test-run")?);
+        match testrun::section(katran, repeat, runs, &mut progress) {
+            Ok(section) => report.testrun = Some(section),
+            Err(e) => report.failures.push(format!("test-run: {e:#}")),
+        }
     }
     if wants("maglev") {
         progress.step("Maglev: build time and quality");
-        report.maglev = Some(control::maglev_section(args.quick).context("Maglev")?);
+        match control::maglev_section(args.quick) {
+            Ok(section) => report.maglev = Some(section),
+            Err(e) => report.failures.push(format!("Maglev: {e:#}")),
+        }
     }
     // Namespaces this run creates: `lbb<pid>-*`; ones a killed run left are removed first.
     integration_tests::netns::Netns::remove_stale("lbb");
     let prefix = format!("lbb{}-", std::process::id());
     if wants("control") {
-        let (control, memory) =
-            control::apply_section(args.quick, &prefix, &mut progress).context("control plane")?;
-        report.control = Some(control);
-        report.memory = Some(memory);
+        match control::apply_section(args.quick, &prefix, &mut progress) {
+            Ok((control, memory)) => {
+                report.control = Some(control);
+                report.memory = Some(memory);
+            }
+            Err(e) => report.failures.push(format!("control plane: {e:#}")),
+        }
     }
     if wants("live") {
-        report.live = Some(live::section(args.quick, &prefix, &mut progress).context("live")?);
+        match live::section(args.quick, &prefix, &mut progress) {
+            Ok(section) => report.live = Some(section),
+            Err(e) => report.failures.push(format!("live: {e:#}")),
+        }
     }
     report.meta.duration_s = progress.elapsed().as_secs_f64();
     let written = report.write(&args)?;
