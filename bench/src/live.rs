@@ -50,6 +50,14 @@ use crate::{
 /// the default 16381 entries would take 2 GB of kernel memory.
 const LIVE_TABLE_SIZE: u32 = 4093;
 const ENDPOINTS: usize = 4;
+
+/// Endpoints per Service at `count` Services: 4, or fewer where 4 would not fit in our data
+/// path's backend table (`lb_common::MAX_BACKENDS` - 1 usable ids: 30k x 4 does not), the same
+/// for every variant.
+fn endpoints_for(count: usize) -> usize {
+    let usable = (lb_common::MAX_BACKENDS - 1) as usize;
+    ENDPOINTS.min(usable / count.max(1)).max(1)
+}
 const GEN_SRC: Ipv4Addr = Ipv4Addr::new(172, 20, 0, 0);
 const GEN_SRC_PORT: u16 = 1024;
 /// Generator modes (`lb-ebpf/src/bench.rs`).
@@ -114,6 +122,7 @@ impl Mix {
 #[derive(Debug, Serialize)]
 pub struct LiveCell {
     pub services: usize,
+    pub endpoints_per_service: usize,
     pub mix: Mix,
     pub variant: Variant,
     /// Frames the sink received per second of generator time, millions.
@@ -133,6 +142,8 @@ pub struct LiveSection {
     /// The generator used, and why live frames were not (if they were not).
     pub generator: Generator,
     pub live_frames_refused: Option<String>,
+    /// Service counts that could not be configured, with why.
+    pub skipped: Vec<String>,
     pub cells: Vec<LiveCell>,
     /// Ours over each peer, by (services, mix): median Mpps ratios.
     pub ratios: Vec<Ratio>,
@@ -561,7 +572,7 @@ impl Lane {
 
     /// Serves `count` Services (ours needs a data plane with room for their tables).
     fn configure(&mut self, count: usize, progress: &mut Progress) -> anyhow::Result<()> {
-        let workload = Workload::new(count, ENDPOINTS);
+        let workload = Workload::new(count, endpoints_for(count));
         match self.variant {
             Variant::Ours => {
                 // Tables are sized at load: reload with room for `count`, then attach again.
@@ -815,12 +826,19 @@ pub fn section(quick: bool, prefix: &str, progress: &mut Progress) -> anyhow::Re
         .map_or(Generator::LiveFrames, |l| l.generator_kind);
     let generator_cpu = pin_to_last_cpu();
     let mut cells = Vec::new();
+    let mut skipped = Vec::new();
     let result = (|| -> anyhow::Result<()> {
-        for &count in counts {
+        'counts: for &count in counts {
             progress.step(&format!("live: configuring {count} Services in every lane"));
             for lane in &mut lanes {
-                lane.configure(count, progress)
-                    .with_context(|| format!("{} with {count} Services", lane.variant.key()))?;
+                // A count that cannot be configured is reported, and the others still run.
+                if let Err(e) = lane.configure(count, progress) {
+                    skipped.push(format!(
+                        "{} with {count} Services: {e:#}",
+                        lane.variant.key()
+                    ));
+                    continue 'counts;
+                }
             }
             let target = count / 2;
             for &mix in mixes {
@@ -843,6 +861,7 @@ pub fn section(quick: bool, prefix: &str, progress: &mut Progress) -> anyhow::Re
                 for (i, lane) in lanes.iter().enumerate() {
                     cells.push(LiveCell {
                         services: count,
+                        endpoints_per_service: endpoints_for(count),
                         mix,
                         variant: lane.variant,
                         mpps: Figure::of(&samples[i].0).context("no runs")?,
@@ -883,6 +902,7 @@ pub fn section(quick: bool, prefix: &str, progress: &mut Progress) -> anyhow::Re
         generator_cpu,
         generator,
         live_frames_refused,
+        skipped,
         cells,
         ratios,
     })

@@ -150,8 +150,13 @@ impl Report {
                 None => problems.push("test-run: missing".to_owned()),
             }
         }
-        if wants("live") && self.live.as_ref().is_none_or(|l| l.cells.is_empty()) {
-            problems.push("live: missing".to_owned());
+        if wants("live") {
+            match &self.live {
+                Some(l) if !l.cells.is_empty() => {
+                    problems.extend(l.skipped.iter().map(|s| format!("live: {s}")));
+                }
+                _ => problems.push("live: missing".to_owned()),
+            }
         }
         if wants("maglev") && self.maglev.as_ref().is_none_or(|m| m.rows.len() != 6) {
             problems.push("Maglev: missing".to_owned());
@@ -258,7 +263,7 @@ impl Report {
             }
         );
         out.push_str(
-            "| Services | traffic | ours | XDP redirect (ceiling) | iptables | nftables | ours / \
+            "| Services (endpoints each) | traffic | ours | XDP redirect (ceiling) | iptables | nftables | ours / \
              redirect | ours / iptables | ours / nftables |\n|---:|---|---:|---:|---:|---:|---:|\
              ---:|---:|\n",
         );
@@ -276,9 +281,14 @@ impl Report {
                         format!("{}{lost}", c.mpps.show(2))
                     })
             };
+            let endpoints = l
+                .cells
+                .iter()
+                .find(|c| c.services == r.services)
+                .map_or(0, |c| c.endpoints_per_service);
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |",
+                "| {} (x{endpoints}) | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |",
                 r.services,
                 r.mix.key(),
                 cell(Variant::Ours),
@@ -464,8 +474,8 @@ impl Report {
     ) -> String {
         let mut out = format!(
             "## Performance\n\nMeasured with `{command}` (as root; it installs what it needs: \
-             clang, libbpf-dev, linux-source-6.1, iptables, nftables, bpftool; `cargo xtask \
-             bench --quick` is the short run CI does). The full report, every run and the \
+             clang-16, libbpf-dev, linux-libc-dev, linux-source-6.1, iptables, nftables, \
+             xz-utils; `cargo xtask bench --quick` is the short run CI does). The full report, every run and the \
              charts: [{report}]({report}).\n\n{}\n",
             self.meta_lines()
         );
