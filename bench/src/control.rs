@@ -6,7 +6,7 @@ use std::{
     io::Write as _,
     net::Ipv4Addr,
     process::{Command, Stdio},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
@@ -179,7 +179,12 @@ fn ms(start: Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1e3
 }
 
-/// Runs `program args` in `ns` with `input` on stdin; returns wall milliseconds.
+/// The longest an `iptables-restore` or `nft -f` may take before it is killed and reported
+/// (`nft -f` of 30k Services in kube-proxy's layout took almost 10 minutes here).
+pub const RULES_TIME_LIMIT: Duration = Duration::from_mins(20);
+
+/// Runs `program args` in `ns` with `input` on stdin, for at most [`RULES_TIME_LIMIT`]; returns
+/// wall milliseconds.
 pub fn timed_stdin(ns: &Netns, program: &str, args: &[&str], input: &str) -> anyhow::Result<f64> {
     let start = Instant::now();
     let mut child = ns
@@ -190,22 +195,38 @@ pub fn timed_stdin(ns: &Netns, program: &str, args: &[&str], input: &str) -> any
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("running {program}"))?;
+    // Closed when dropped at the end of the statement, so the program sees the end of input.
     child
         .stdin
         .take()
         .context("stdin")?
         .write_all(input.as_bytes())?;
-    let output = child.wait_with_output()?;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > RULES_TIME_LIMIT {
+            // Our own child (`ip netns exec` execs the program): killed by its handle.
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{program} {} did not finish within {} s; killed",
+                args.join(" "),
+                RULES_TIME_LIMIT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     let took = ms(start);
-    if !output.status.success() {
+    if !status.success() {
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+        }
         bail!(
             "{program} {} failed: {}",
             args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-                .lines()
-                .take(5)
-                .collect::<Vec<_>>()
-                .join(" | ")
+            stderr.lines().take(5).collect::<Vec<_>>().join(" | ")
         );
     }
     Ok(took)
