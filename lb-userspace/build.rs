@@ -31,5 +31,33 @@ fn main() -> anyhow::Result<()> {
     .context(
         "building the eBPF object failed; run `cargo xtask setup` to install the nightly \
          rust-src component and bpf-linker",
+    )?;
+    if std::env::var_os("CARGO_FEATURE_BENCH").is_some() {
+        build_bench_object(ebpf_dir)?;
+    }
+    Ok(())
+}
+
+/// With the `bench` feature (only `lb-bench` turns it on): the same crate built again with its
+/// `bench` feature, into `OUT_DIR/bench/lb-ebpf`. aya-build writes to `OUT_DIR` and names the
+/// object after the crate, so the second build gets a directory of its own.
+fn build_bench_object(ebpf_dir: &str) -> anyhow::Result<()> {
+    let out_dir = std::env::var("OUT_DIR").context("OUT_DIR unset")?;
+    let bench_dir = Path::new(&out_dir).join("bench");
+    std::fs::create_dir_all(&bench_dir).context("creating OUT_DIR/bench")?;
+    // SAFETY: a build script is single-threaded here (aya-build joined its threads).
+    unsafe { std::env::set_var("OUT_DIR", &bench_dir) };
+    let built = aya_build::build_ebpf(
+        [Package {
+            name: "lb-ebpf",
+            root_dir: ebpf_dir,
+            features: &["bench"],
+            ..Package::default()
+        }],
+        Toolchain::default(),
     )
+    .context("building the benchmark eBPF object (feature `bench`) failed");
+    // SAFETY: as above.
+    unsafe { std::env::set_var("OUT_DIR", &out_dir) };
+    built
 }

@@ -41,6 +41,8 @@
               functions we did not mean to make"
 )]
 
+#[cfg(feature = "bench")]
+mod bench;
 mod flow;
 mod icmp;
 mod lookup;
@@ -79,6 +81,9 @@ impl Verdict {
 
 #[xdp]
 pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
+    // Benchmark builds only (never the production object): see `bench.rs`.
+    #[cfg(feature = "bench")]
+    bench::new_flow_prologue(&ctx);
     stats::count(Counter::XdpSeen);
     match try_xdp_ingress(&ctx) {
         Ok(verdict) => {

@@ -35,6 +35,12 @@ use crate::{
 /// The eBPF object built by `build.rs` from `lb-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
+/// The same data path built with `lb-ebpf`'s `bench` feature (benchmark programs and the
+/// new-flow prologue); for `lb-bench` only.
+#[cfg(feature = "bench")]
+pub static BENCH_EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench/lb-ebpf"));
+
 /// How to attach XDP to an interface (the agent's `--xdp-mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpModeChoice {
@@ -379,6 +385,11 @@ impl DataPlane {
     /// With a pin directory that already holds maps, they are adopted: kept with their contents
     /// (tracked flows included), and [`DataPlane::contents`] says what they hold.
     pub fn load(options: LoadOptions) -> Result<Self, DataPlaneError> {
+        Self::load_object(options, EBPF_OBJECT)
+    }
+
+    /// [`DataPlane::load`] with another build of the data path's object (the benchmark's).
+    pub fn load_object(options: LoadOptions, object: &[u8]) -> Result<Self, DataPlaneError> {
         let entries = options.maglev_entries()?;
         let slots = options.max_tables.saturating_add(1);
         let specs = pins::pinned_map_specs(&options, entries);
@@ -402,7 +413,7 @@ impl DataPlane {
                 }
             }
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(DataPlaneError::Load)?;
+        let mut ebpf = loader.load(object).map_err(DataPlaneError::Load)?;
         let program_error = |name| move |source| DataPlaneError::Program { name, source };
         xdp_program(&mut ebpf)?
             .load()
@@ -439,6 +450,12 @@ impl DataPlane {
             dataplane.unpin_links_of_missing_interfaces();
         }
         Ok(dataplane)
+    }
+
+    /// The loaded object itself, for the benchmark (its extra programs and maps).
+    #[cfg(feature = "bench")]
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     /// The pin directory, if the data plane is pinned.

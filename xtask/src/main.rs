@@ -1,5 +1,6 @@
-//! `cargo xtask`: setting up a machine, running the tests, and the demo.
+//! `cargo xtask`: setting up a machine, running the tests, the demo and the benchmark.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -12,7 +13,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(about = "Project tasks: setup, test, demo")]
+#[command(about = "Project tasks: setup, test, demo, bench")]
 struct Cli {
     #[command(subcommand)]
     command: Task,
@@ -37,6 +38,18 @@ enum Task {
         #[arg(long, default_value_t = 30)]
         requests: u32,
     },
+    /// Measure the data path and the control plane against Katran's selftest balancer,
+    /// kube-proxy's iptables and nftables layouts and a bare XDP redirect (root). Writes
+    /// bench/results/<date>-<sha>.{json,md,svg} and the README's "Performance" section.
+    Bench {
+        /// A short run (CI): fewer repeats and a subset; results go to target/bench-quick and
+        /// the README is left alone.
+        #[arg(long)]
+        quick: bool,
+        /// Only these sections: testrun, live, control, maglev (comma separated).
+        #[arg(long)]
+        only: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +60,7 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             demo::run(requests)
         }
+        Task::Bench { quick, only } => bench::run(quick, only.as_deref()),
     }
 }
 

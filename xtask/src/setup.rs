@@ -147,3 +147,53 @@ fn bpffs() -> anyhow::Result<()> {
     did(&format!("mounted bpffs on {BPFFS}"));
     Ok(())
 }
+
+/// What `cargo xtask bench` needs beyond the tests: a path that shows it is there, and the
+/// Debian package that provides it.
+const BENCH_NEEDS: [(&str, &str); 7] = [
+    // Builds the Katran-derived peer (toolchain.md: 16 is the version seen working).
+    ("/usr/bin/clang-16", "clang-16"),
+    ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
+    ("/usr/include/linux/bpf.h", "linux-libc-dev"),
+    // The peer's source: test_xdp_noinline.c is extracted from it at bench time.
+    ("/usr/src/linux-source-6.1.tar.xz", "linux-source-6.1"),
+    ("/usr/sbin/iptables-restore", "iptables"),
+    ("/usr/sbin/nft", "nftables"),
+    ("/usr/bin/xz", "xz-utils"),
+];
+
+/// Installs the Debian packages the benchmark needs (idempotent: only what is missing).
+pub fn bench_packages() -> anyhow::Result<()> {
+    println!("==> benchmark packages");
+    let mut missing: Vec<&str> = BENCH_NEEDS
+        .iter()
+        .filter(|(path, _)| !std::path::Path::new(path).exists())
+        .map(|&(_, package)| package)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        let packages: Vec<&str> = BENCH_NEEDS.iter().map(|&(_, p)| p).collect();
+        skipped(&format!(
+            "Debian packages ({} present)",
+            packages.join(", ")
+        ));
+        return Ok(());
+    }
+    println!("    installing {}", missing.join(" "));
+    status(
+        "apt-get",
+        &["-o", "DPkg::Lock::Timeout=600", "update", "-qq"],
+    )?;
+    let mut args = vec![
+        "-o",
+        "DPkg::Lock::Timeout=600",
+        "install",
+        "-y",
+        "-qq",
+        "--no-install-recommends",
+    ];
+    args.extend(&missing);
+    status("apt-get", &args)?;
+    did(&format!("installed {}", missing.join(", ")));
+    Ok(())
+}
