@@ -335,7 +335,7 @@ impl Report {
                  agent does on a file change; maps: contents -> diff -> writes; the peers: \
                  kube-proxy's minimal `iptables-restore --noflush` and one `nft -f` \
                  transaction, process start included):\n\n| Services | changes | ours end to \
-                 end | ours without parsing (all tables rebuilt) | ours diff + writes | map \
+                 end | ours without parsing | ours diff + writes | map \
                  writes / change | iptables-restore | nft -f |\n|---:|---:|---:|---:|---:|---:|\
                  ---:|---:|\n",
             );
