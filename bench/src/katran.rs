@@ -77,17 +77,7 @@ pub fn build(scratch: &Path) -> anyhow::Result<(PathBuf, String)> {
                 .is_ok_and(|o| o.status.success())
         })
         .context("no clang found (apt-get install clang-16)")?;
-    let version = Command::new(clang)
-        .arg("--version")
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .unwrap_or_default();
+    let version = crate::report::first_line(clang, &["--version"]);
     let output = Command::new(clang)
         .args(["-O2", "-g", "-target", "bpf", "-w", "-I"])
         .arg(dir.join("include"))

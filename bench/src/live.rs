@@ -32,7 +32,12 @@ use aya::{
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use integration_tests::{frame::Ipv4Frame, netns::Netns};
-use lb_common::Counter;
+use lb_common::{
+    Counter,
+    bench_ctl::{
+        GEN_64K_FLOWS, GEN_MODE, GEN_NEW_FLOWS, GEN_ONE_FLOW, REDIRECT_IFINDEX, SINK_PORT,
+    },
+};
 use lb_userspace::{
     dataplane::{BENCH_EBPF_OBJECT, DataPlane, LoadOptions, XdpModeChoice},
     maps::{MapContents, NodeConfig},
@@ -42,6 +47,7 @@ use serde::Serialize;
 use crate::{
     Progress,
     control::timed_stdin,
+    ctl,
     stats::Figure,
     workload::{self, Workload},
 };
@@ -60,10 +66,6 @@ fn endpoints_for(count: usize) -> usize {
 }
 const GEN_SRC: Ipv4Addr = Ipv4Addr::new(172, 20, 0, 0);
 const GEN_SRC_PORT: u16 = 1024;
-/// Generator modes (`lb-ebpf/src/bench.rs`).
-const CTL_REDIRECT_IFINDEX: u32 = 2;
-const CTL_GEN_MODE: u32 = 3;
-const CTL_SINK_PORT: u32 = 5;
 const BATCH: u32 = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -112,9 +114,9 @@ impl Mix {
 
     fn mode(self) -> u64 {
         match self {
-            Mix::OneFlow => 0,
-            Mix::Flows64k => 1,
-            Mix::NewFlows => 2,
+            Mix::OneFlow => GEN_ONE_FLOW,
+            Mix::Flows64k => GEN_64K_FLOWS,
+            Mix::NewFlows => GEN_NEW_FLOWS,
         }
     }
 }
@@ -224,13 +226,6 @@ fn attach(ebpf: &mut Ebpf, name: &str, iface: &str) -> anyhow::Result<XdpLinkId>
     program
         .attach(iface, XdpMode::Driver)
         .with_context(|| format!("attaching {name} to {iface}"))
-}
-
-fn set_ctl(ebpf: &mut Ebpf, slot: u32, value: u64) -> anyhow::Result<()> {
-    let mut ctl: Array<&mut MapData, u64> =
-        Array::try_from(ebpf.map_mut("BENCH_CTL").context("BENCH_CTL")?)?;
-    ctl.set(slot, value, 0)?;
-    Ok(())
 }
 
 fn per_cpu_sum(ebpf: &Ebpf, name: &str) -> anyhow::Result<u64> {
@@ -504,7 +499,7 @@ impl Lane {
         } else {
             workload::TARGET_PORT
         };
-        set_ctl(&mut sink, CTL_SINK_PORT, u64::from(port))?;
+        ctl::set(&mut sink, SINK_PORT, u64::from(port))?;
         in_netns(sink_ns.name(), || {
             attach(&mut sink, "bench_xdp_sink", "s0").map(drop)
         })?;
@@ -552,7 +547,7 @@ impl Lane {
                 let mut node = load_bench_object()?;
                 load_xdp(&mut node, "bench_xdp_redirect")?;
                 let n1 = in_netns(&node_ns, || ifindex("n1"))?;
-                set_ctl(&mut node, CTL_REDIRECT_IFINDEX, u64::from(n1))?;
+                ctl::set(&mut node, REDIRECT_IFINDEX, u64::from(n1))?;
                 in_netns(&node_ns, || {
                     attach(&mut node, "bench_xdp_redirect", "n0").map(drop)
                 })?;
@@ -648,7 +643,7 @@ impl Lane {
     /// Tries the live-frames generator once; if the kernel refuses it, switches this lane to
     /// the packet-socket generator. Returns why it fell back.
     fn choose_generator(&mut self) -> anyhow::Result<Option<String>> {
-        set_ctl(&mut self.generator, CTL_GEN_MODE, 0)?;
+        ctl::set(&mut self.generator, GEN_MODE, 0)?;
         self.upload_template()?;
         match self.live_frames(1) {
             Ok(_) => Ok(None),
@@ -697,7 +692,7 @@ impl Lane {
         template[12..].copy_from_slice(&frame[12..]);
         self.template.clone_from(&template);
         self.upload_template()?;
-        set_ctl(&mut self.generator, CTL_GEN_MODE, mix.mode())?;
+        ctl::set(&mut self.generator, GEN_MODE, mix.mode())?;
         let sink_before = per_cpu_sum(&self.sink, "BENCH_SINK")?;
         let gen_before = per_cpu_sum(&self.generator, "BENCH_GEN_COUNT")?;
         let template = template;

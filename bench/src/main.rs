@@ -2,6 +2,7 @@
 //! builds this binary and runs it as root). See the README's "Performance" section.
 
 mod control;
+mod ctl;
 mod katran;
 mod live;
 mod memory;

@@ -49,7 +49,8 @@ pub struct Report {
     pub failures: Vec<String>,
 }
 
-fn first_line(program: &str, args: &[&str]) -> String {
+/// The first line a command prints (trimmed), or nothing.
+pub fn first_line(program: &str, args: &[&str]) -> String {
     Command::new(program)
         .args(args)
         .output()

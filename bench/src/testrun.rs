@@ -21,15 +21,14 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use aya::{
-    TestRun, TestRunOptions, TestRunResult,
-    maps::{Array, MapData},
-    programs::Xdp,
-};
+use aya::{TestRun, TestRunOptions, TestRunResult, programs::Xdp};
 use integration_tests::frame::{
     Ipv4Frame, Ipv4L4, TCP_ACK, TCP_SYN, truncate, verify_ipv4_checksum, verify_l4_checksum,
 };
-use lb_common::{Counter, DropReason};
+use lb_common::{
+    Counter, DropReason,
+    bench_ctl::{NEW_FLOW, NEW_FLOW_SEQ},
+};
 use lb_userspace::{
     dataplane::{BENCH_EBPF_OBJECT, Counters, DataPlane, LoadOptions},
     maps::{MapContents, NodeConfig},
@@ -40,7 +39,7 @@ use lb_userspace::{
 };
 use serde::Serialize;
 
-use crate::{Progress, katran::Katran, stats::Figure};
+use crate::{Progress, ctl, katran::Katran, stats::Figure};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -58,10 +57,6 @@ const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
 const RANGED_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const OTHER_HOST: Ipv4Addr = Ipv4Addr::new(1, 1, 1, 1);
 const PORT: u16 = 80;
-
-/// Slots of the benchmark object's `BENCH_CTL` (see `lb-ebpf/src/bench.rs`).
-const CTL_NEW_FLOW: u32 = 0;
-const CTL_NEW_FLOW_SEQ: u32 = 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Case {
@@ -340,25 +335,6 @@ fn frames() -> Frames {
     }
 }
 
-fn set_ctl(dp: &mut DataPlane, slot: u32, value: u64) -> anyhow::Result<()> {
-    let map = dp
-        .ebpf_mut()
-        .map_mut("BENCH_CTL")
-        .context("no BENCH_CTL map")?;
-    let mut ctl: Array<&mut MapData, u64> = Array::try_from(map)?;
-    ctl.set(slot, value, 0)?;
-    Ok(())
-}
-
-fn ctl(dp: &mut DataPlane, slot: u32) -> anyhow::Result<u64> {
-    let map = dp
-        .ebpf_mut()
-        .map_mut("BENCH_CTL")
-        .context("no BENCH_CTL map")?;
-    let ctl: Array<&mut MapData, u64> = Array::try_from(map)?;
-    Ok(ctl.get(&slot, 0)?)
-}
-
 /// Everything the rounds need, loaded once.
 pub struct Bench {
     prod: DataPlane,
@@ -395,14 +371,14 @@ impl Bench {
     /// Fills the new-flow data plane's connection table, so the timed runs insert into a full
     /// table (each insert evicts) rather than into one that fills up during the runs.
     pub fn fill_conntrack(&mut self) -> anyhow::Result<()> {
-        set_ctl(&mut self.with_prologue, CTL_NEW_FLOW, 1)?;
+        ctl::set(self.with_prologue.ebpf_mut(), NEW_FLOW, 1)?;
         let program = self.with_prologue.xdp_program()?;
         let run = timed(
             program,
             &self.frames.new_flow,
             lb_common::CONNTRACK_ENTRIES / 2 + 1024,
         );
-        set_ctl(&mut self.with_prologue, CTL_NEW_FLOW, 0)?;
+        ctl::set(self.with_prologue.ebpf_mut(), NEW_FLOW, 0)?;
         ensure!(run?.verdict == XDP_PASS, "filling the connection table");
         Ok(())
     }
@@ -452,12 +428,12 @@ impl Bench {
                     None
                 };
                 let dp = roomy.as_mut().unwrap_or(&mut self.with_prologue);
-                let seq = ctl(dp, CTL_NEW_FLOW_SEQ)?;
-                set_ctl(dp, CTL_NEW_FLOW, 1)?;
+                let seq = ctl::get(dp.ebpf_mut(), NEW_FLOW_SEQ)?;
+                ctl::set(dp.ebpf_mut(), NEW_FLOW, 1)?;
                 let before = dp.counters()?;
                 let t = timed(dp.xdp_program()?, &frame, repeat);
                 let after = dp.counters()?;
-                set_ctl(dp, CTL_NEW_FLOW, 0)?;
+                ctl::set(dp.ebpf_mut(), NEW_FLOW, 0)?;
                 let t = t?;
                 let last = seq + r - 1;
                 #[expect(clippy::cast_possible_truncation, reason = "16 bits each")]

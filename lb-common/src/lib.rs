@@ -33,6 +33,29 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
 }
 
+/// The benchmark build's control array `BENCH_CTL` (`lb-ebpf` feature `bench`, driven by
+/// `lb-bench`): its slots and the generator modes, one definition for both sides.
+pub mod bench_ctl {
+    /// Nonzero: the new-flow prologue gives every frame a source never used before.
+    pub const NEW_FLOW: u32 = 0;
+    /// The prologue's sequence number.
+    pub const NEW_FLOW_SEQ: u32 = 1;
+    /// Where `bench_xdp_redirect` sends every frame.
+    pub const REDIRECT_IFINDEX: u32 = 2;
+    /// How the generator varies the source: one of the `GEN_*` values.
+    pub const GEN_MODE: u32 = 3;
+    pub const GEN_SEQ: u32 = 4;
+    /// The UDP destination port the sink counts.
+    pub const SINK_PORT: u32 = 5;
+    pub const SLOTS: u32 = 8;
+
+    pub const GEN_ONE_FLOW: u64 = 0;
+    /// Source port = sequence number mod 65536: 65,536 flows, round robin.
+    pub const GEN_64K_FLOWS: u64 = 1;
+    /// Source address and port from the sequence number: every frame a new flow.
+    pub const GEN_NEW_FLOWS: u64 = 2;
+}
+
 /// Names of the programs in the eBPF object.
 pub mod program_names {
     /// XDP on the node's interfaces: frontends -> DNAT (and SNAT setup) to a backend; replies

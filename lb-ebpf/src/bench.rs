@@ -22,24 +22,12 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
+use lb_common::bench_ctl::{
+    GEN_64K_FLOWS, GEN_MODE, GEN_NEW_FLOWS, GEN_ONE_FLOW, GEN_SEQ, NEW_FLOW, NEW_FLOW_SEQ,
+    REDIRECT_IFINDEX, SINK_PORT, SLOTS as CTL_SLOTS,
+};
 
 use crate::parse::ptr_at;
-
-/// Slots of `BENCH_CTL`.
-const NEW_FLOW: u32 = 0;
-const NEW_FLOW_SEQ: u32 = 1;
-const REDIRECT_IFINDEX: u32 = 2;
-const GEN_MODE: u32 = 3;
-const GEN_SEQ: u32 = 4;
-const SINK_PORT: u32 = 5;
-const CTL_SLOTS: u32 = 8;
-
-/// `GEN_MODE` values: how the generator varies the source of each frame.
-const GEN_ONE_FLOW: u64 = 0;
-/// Source port = sequence number mod 65536: 65,536 flows, round robin.
-const GEN_64K_FLOWS: u64 = 1;
-/// Source address and port from the sequence number: every frame a new flow.
-const GEN_NEW_FLOWS: u64 = 2;
 
 /// The generator's frame: Ethernet + IPv4 (no options) + UDP, 64 bytes.
 const FRAME_LEN: usize = 64;

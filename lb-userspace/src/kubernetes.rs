@@ -172,13 +172,6 @@ impl ApiStores {
         node_ips: &[Ipv4Addr],
         interface_ips: &[Ipv4Addr],
     ) -> anyhow::Result<Loaded> {
-        let mut objects = BTreeMap::new();
-        for service in self.services.state() {
-            objects.insert(object_path("Service", &*service), to_value(&*service)?);
-        }
-        for slice in self.slices.state() {
-            objects.insert(object_path("EndpointSlice", &*slice), to_value(&*slice)?);
-        }
         let from_node = self.node_addresses();
         let discovered = if from_node.is_empty() {
             interface_ips
@@ -186,13 +179,11 @@ impl ApiStores {
             &from_node
         };
         let mut left_out = Vec::new();
+        let mut refused = BTreeSet::new();
         // A check across objects (two Services claiming one address and port) reports one
         // side; leaving it out settles it, but another round checks that: bounded.
         for _ in 0..4 {
-            let input: Vec<(PathBuf, serde_yaml::Value)> = objects
-                .iter()
-                .map(|(path, value)| (path.clone(), value.clone()))
-                .collect();
+            let input = self.objects(&refused)?;
             match config::read_objects(settings, input, node_ips, discovered, Allocation::ByStatus)
             {
                 Ok(mut loaded) => {
@@ -200,7 +191,6 @@ impl ApiStores {
                     return Ok(loaded);
                 }
                 Err(problems) => {
-                    let mut refused = BTreeSet::new();
                     for problem in &problems {
                         if !problem.location.file.starts_with(API_PATH) {
                             bail!(config::ConfigError::Invalid {
@@ -211,11 +201,35 @@ impl ApiStores {
                         refused.insert(problem.location.file.clone());
                         left_out.push(format!("left out: {problem}"));
                     }
-                    objects.retain(|path, _| !refused.contains(path));
                 }
             }
         }
         bail!("the objects from the API still had problems after leaving out the ones named")
+    }
+}
+
+impl ApiStores {
+    /// The stores' objects as the reader takes them, named by [`object_path`], but for
+    /// `refused`.
+    fn objects(
+        &self,
+        refused: &BTreeSet<PathBuf>,
+    ) -> anyhow::Result<Vec<(PathBuf, serde_yaml::Value)>> {
+        let services = self
+            .services
+            .state()
+            .into_iter()
+            .map(|s| (object_path("Service", &*s), to_value(&*s)));
+        let slices = self
+            .slices
+            .state()
+            .into_iter()
+            .map(|s| (object_path("EndpointSlice", &*s), to_value(&*s)));
+        services
+            .chain(slices)
+            .filter(|(path, _)| !refused.contains(path))
+            .map(|(path, value)| Ok((path, value?)))
+            .collect()
     }
 }
 
