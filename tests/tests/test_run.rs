@@ -2403,7 +2403,7 @@ fn backend_id(lb: &Lb, l4: L4, frontend: SocketAddrV4, target: SocketAddrV4) -> 
         addr_be: addr_be(frontend),
         port_be: frontend.port().to_be(),
         protocol: l4.number(),
-        _pad: 0,
+        scope: lb_common::frontend_scope::ANY,
     };
     let Some(entry) = contents.frontends.get(&key) else {
         panic!("no frontend {frontend}/{l4:?} in the maps");
