@@ -111,7 +111,8 @@ pub struct Settings {
     pub maglev_table_size: u32,
     /// Seed of the flow hash (the same on every node, so every node picks the same backend).
     pub hash_seed: u32,
-    /// The node address flows to other nodes' backends are translated to (SNAT); 0 disables SNAT.
+    /// The node address flows to other nodes' backends are translated to (SNAT) when the route to
+    /// the backend names no source address; 0 disables SNAT.
     pub snat_addr_be: u32,
     /// SNAT source ports, host byte order, inclusive.
     pub snat_port_min: u16,

@@ -1,5 +1,10 @@
-//! Sending a translated reply out of the interface its route names, past the stack's input
+//! Routing decisions the data path takes itself: the source address a SNAT flow leaves with,
+//! and sending a translated reply out of the interface its route names, past the stack's input
 //! checks, where those checks would refuse it.
+//!
+//! SNAT uses the address of the interface the packet will leave by, as kube-proxy's MASQUERADE
+//! does: on a node with a client-facing and a cluster NIC, the other nodes can only answer to
+//! the cluster NIC's address.
 //!
 //! A local backend's reply to a NodePort flow is translated on the pod interface, so its source
 //! becomes one of this node's addresses. Arriving on a pod interface with a local source, it is
@@ -11,10 +16,10 @@
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
-        bpf_fib_lookup, bpf_redir_neigh,
+        BPF_FIB_LOOKUP_SRC, bpf_fib_lookup, bpf_redir_neigh,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{Counter, DropReason};
 
@@ -29,25 +34,103 @@ use crate::{
 const AF_INET: u8 = 2;
 const ETH_HLEN: usize = 14;
 
+/// A program context the kernel's route lookup takes.
+pub trait Route {
+    /// The interface the packet came in on.
+    fn ingress_ifindex(&self) -> u32;
+
+    /// `bpf_fib_lookup` without the neighbour table (a redirect or the stack resolves the
+    /// neighbour): one of `BPF_FIB_LKUP_RET_*`, or `u32::MAX` on bad input.
+    fn lookup(&self, query: &mut bpf_fib_lookup, flags: u32) -> u32;
+}
+
+impl Route for XdpContext {
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: the context pointer is valid for the whole run.
+        unsafe { (*self.ctx).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn lookup(&self, query: &mut bpf_fib_lookup, flags: u32) -> u32 {
+        // SAFETY: a valid parameter block of the size given.
+        let ret = unsafe {
+            fib_lookup(
+                self.ctx.cast(),
+                query,
+                size_of::<bpf_fib_lookup>() as i32,
+                flags | BPF_FIB_LOOKUP_SKIP_NEIGH,
+            )
+        };
+        u32::try_from(ret).unwrap_or(u32::MAX)
+    }
+}
+
+impl Route for TcContext {
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: the context's skb pointer is valid for the whole run.
+        unsafe { (*self.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn lookup(&self, query: &mut bpf_fib_lookup, flags: u32) -> u32 {
+        // SAFETY: a valid parameter block of the size given.
+        let ret = unsafe {
+            fib_lookup(
+                self.skb.skb.cast(),
+                query,
+                size_of::<bpf_fib_lookup>() as i32,
+                flags | BPF_FIB_LOOKUP_SKIP_NEIGH,
+            )
+        };
+        u32::try_from(ret).unwrap_or(u32::MAX)
+    }
+}
+
+/// The address a new flow to a remote backend is translated to: the one the kernel would pick as
+/// source on the route to the backend (the route's `src`, else the egress interface's primary
+/// address). `None` without a route, for the caller's fallback.
+#[inline(always)]
+pub fn snat_source<R: Route>(frame: &R, packet: &L4Packet, backend_addr_be: u32) -> Option<u32> {
+    let t = &packet.tuple;
+    let mut query = route_query(
+        packet,
+        frame.ingress_ifindex(),
+        t.src_addr_be,
+        backend_addr_be,
+    );
+    if frame.lookup(&mut query, BPF_FIB_LOOKUP_SRC) != BPF_FIB_LKUP_RET_SUCCESS {
+        return None;
+    }
+    // SAFETY: an IPv4 lookup fills the IPv4 member.
+    Some(unsafe { query.__bindgen_anon_3.ipv4_src }).filter(|&src| src != 0)
+}
+
 /// A reply `flow::reply` just translated on a pod interface: redirected out of its route's
 /// interface if its new source is a local address, else left to the stack as before.
 #[inline(always)]
 pub fn pod_reply(ctx: &TcContext, packet: &L4Packet) -> Result<Verdict, DropReason> {
     let translated = Ok(Verdict::Translated(Counter::ReplyTranslated));
     let at = packet.at;
-    let load_u32 = |offset| ctx.load::<u32>(offset).map_err(|_| DropReason::RewriteFailed);
-    let load_u16 = |offset| ctx.load::<u16>(offset).map_err(|_| DropReason::RewriteFailed);
+    let load_u32 = |offset| {
+        ctx.load::<u32>(offset)
+            .map_err(|_| DropReason::RewriteFailed)
+    };
+    let load_u16 = |offset| {
+        ctx.load::<u16>(offset)
+            .map_err(|_| DropReason::RewriteFailed)
+    };
     let (src_be, dst_be) = (
         load_u32(at.l3 + IPV4_SRC_OFFSET)?,
         load_u32(at.l3 + IPV4_DST_OFFSET)?,
     );
-    // SAFETY: the context's skb pointer is valid for the whole run.
-    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    let ingress = ctx.ingress_ifindex();
 
     // Only what the stack would drop is taken off its path: its source is local when routing
     // to the source from this interface ends in a local route.
     let mut to_source = route_query(packet, ingress, dst_be, src_be);
-    if lookup(ctx, &mut to_source) != BPF_FIB_LKUP_RET_NOT_FWDED {
+    if ctx.lookup(&mut to_source, 0) != BPF_FIB_LKUP_RET_NOT_FWDED {
         return translated;
     }
 
@@ -58,7 +141,7 @@ pub fn pod_reply(ctx: &TcContext, packet: &L4Packet) -> Result<Verdict, DropReas
     // interface has nothing else. Without a route (or too big for its MTU: the skb variant checks
     // when `tot_len` is 0, GSO included) the stack could do nothing but drop it either.
     if at.l3 != ETH_HLEN
-        || lookup(ctx, &mut to_client) != BPF_FIB_LKUP_RET_SUCCESS
+        || ctx.lookup(&mut to_client, 0) != BPF_FIB_LKUP_RET_SUCCESS
         || to_client.ifindex == ingress
     {
         return Err(DropReason::ReplyUnroutable);
@@ -95,22 +178,6 @@ fn route_query(packet: &L4Packet, ingress: u32, src_be: u32, dst_be: u32) -> bpf
     query.__bindgen_anon_3.ipv4_src = src_be;
     query.__bindgen_anon_4.ipv4_dst = dst_be;
     query
-}
-
-/// `bpf_fib_lookup` from the packet's ingress interface, without the neighbour table (the
-/// redirect resolves the neighbour): one of `BPF_FIB_LKUP_RET_*`, or negative on bad input.
-#[inline(always)]
-fn lookup(ctx: &TcContext, query: &mut bpf_fib_lookup) -> u32 {
-    // SAFETY: a valid parameter block of the size given.
-    let ret = unsafe {
-        fib_lookup(
-            ctx.skb.skb.cast(),
-            query,
-            size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
-        )
-    };
-    u32::try_from(ret).unwrap_or(u32::MAX)
 }
 
 /// What forwarding does to the IPv4 header: TTL minus one, checksum updated. A packet whose

@@ -300,7 +300,10 @@ impl MapContents {
             };
             // Pods reach a `Local` external address through every endpoint (below).
             let pods_use_cluster_set = port.external_policy == TrafficPolicy::Local
-                && port.frontends.iter().any(|f| f.kind != FrontendKind::ClusterIp);
+                && port
+                    .frontends
+                    .iter()
+                    .any(|f| f.kind != FrontendKind::ClusterIp);
             let sets = [
                 (
                     false,
