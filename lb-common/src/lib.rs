@@ -495,7 +495,8 @@ impl BackendStats {
     }
 }
 
-/// Size of the `DROPS` array: the highest reason number plus one.
+/// Size of the `DROPS` array: room for reasons up to 15, so a new reason does not change the size
+/// of a pinned map a running agent hands over.
 pub const DROP_REASON_SLOTS: u32 = 16;
 const _: () = assert!((DropReason::ReplyUnroutable as u32) < DROP_REASON_SLOTS);
 
