@@ -13,6 +13,8 @@
 //! the reply is routed here and redirected to its egress interface, as the stack would have
 //! forwarded it: TTL decremented, neighbour resolved by the kernel (`bpf_redirect_neigh`).
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
@@ -39,9 +41,24 @@ pub trait Route {
     /// The interface the packet came in on.
     fn ingress_ifindex(&self) -> u32;
 
+    /// The context pointer the helpers take (`xdp_md` or `__sk_buff`).
+    fn raw_ctx(&self) -> *mut c_void;
+
     /// `bpf_fib_lookup` without the neighbour table (a redirect or the stack resolves the
     /// neighbour): one of `BPF_FIB_LKUP_RET_*`, or `u32::MAX` on bad input.
-    fn lookup(&self, query: &mut bpf_fib_lookup, flags: u32) -> u32;
+    #[inline(always)]
+    fn lookup(&self, query: &mut bpf_fib_lookup, flags: u32) -> u32 {
+        // SAFETY: a valid context and a valid parameter block of the size given.
+        let ret = unsafe {
+            fib_lookup(
+                self.raw_ctx(),
+                query,
+                size_of::<bpf_fib_lookup>() as i32,
+                flags | BPF_FIB_LOOKUP_SKIP_NEIGH,
+            )
+        };
+        u32::try_from(ret).unwrap_or(u32::MAX)
+    }
 }
 
 impl Route for XdpContext {
@@ -52,17 +69,8 @@ impl Route for XdpContext {
     }
 
     #[inline(always)]
-    fn lookup(&self, query: &mut bpf_fib_lookup, flags: u32) -> u32 {
-        // SAFETY: a valid parameter block of the size given.
-        let ret = unsafe {
-            fib_lookup(
-                self.ctx.cast(),
-                query,
-                size_of::<bpf_fib_lookup>() as i32,
-                flags | BPF_FIB_LOOKUP_SKIP_NEIGH,
-            )
-        };
-        u32::try_from(ret).unwrap_or(u32::MAX)
+    fn raw_ctx(&self) -> *mut c_void {
+        self.ctx.cast()
     }
 }
 
@@ -74,17 +82,8 @@ impl Route for TcContext {
     }
 
     #[inline(always)]
-    fn lookup(&self, query: &mut bpf_fib_lookup, flags: u32) -> u32 {
-        // SAFETY: a valid parameter block of the size given.
-        let ret = unsafe {
-            fib_lookup(
-                self.skb.skb.cast(),
-                query,
-                size_of::<bpf_fib_lookup>() as i32,
-                flags | BPF_FIB_LOOKUP_SKIP_NEIGH,
-            )
-        };
-        u32::try_from(ret).unwrap_or(u32::MAX)
+    fn raw_ctx(&self) -> *mut c_void {
+        self.skb.skb.cast()
     }
 }
 

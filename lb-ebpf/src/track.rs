@@ -117,8 +117,8 @@ pub fn track(flow: &NewFlow, now: u64) -> Result<FlowEntry, DropReason> {
 }
 
 /// Tracks a flow to a backend on another node, translated with SNAT to `snat_addr` (an address
-/// of this node) so its replies come back here: claims a free SNAT port (its REPLY key), then the SNAT entry TC egress
-/// applies, then the FORWARD entry. Returns the FORWARD entry.
+/// of this node) so its replies come back here: claims a free SNAT port (its REPLY key), then the
+/// SNAT entry TC egress applies, then the FORWARD entry. Returns the FORWARD entry.
 ///
 /// A port is free when no REPLY entry uses it toward this backend, or the one that does has
 /// expired; ports are per backend address and port, so flows to different backends (also of
