@@ -111,7 +111,8 @@ pub struct Settings {
     pub maglev_table_size: u32,
     /// Seed of the flow hash (the same on every node, so every node picks the same backend).
     pub hash_seed: u32,
-    /// The node address flows to other nodes' backends are translated to (SNAT); 0 disables SNAT.
+    /// The node address flows to other nodes' backends are translated to (SNAT) when the route to
+    /// the backend names no source address; 0 disables SNAT.
     pub snat_addr_be: u32,
     /// SNAT source ports, host byte order, inclusive.
     pub snat_port_min: u16,
@@ -129,7 +130,18 @@ pub struct FrontendKey {
     pub addr_be: u32,
     pub port_be: u16,
     pub protocol: u8,
-    pub _pad: u8,
+    /// Whose packets the entry serves: one of `frontend_scope`.
+    pub scope: u8,
+}
+
+/// Values of `FrontendKey::scope`.
+pub mod frontend_scope {
+    /// Every packet to the frontend: the entry every frontend has.
+    pub const ANY: u8 = 0;
+    /// Only packets from this node's pods, looked up first when the `ANY` entry's Service has
+    /// `service_flags::POD_ENTRY`: pods reach a `Local` Service's external addresses through
+    /// the cluster-wide table, as kube-proxy treats their traffic as internal.
+    pub const POD: u8 = 1;
 }
 const _: () = assert!(size_of::<FrontendKey>() == 8);
 
@@ -152,6 +164,8 @@ pub mod service_flags {
     pub const RANDOM: u32 = 1 << 1;
     /// Sources must match `SOURCE_RANGES` for this service id.
     pub const SOURCE_RANGES: u32 = 1 << 2;
+    /// The frontend has a `frontend_scope::POD` entry too, which pods' packets use instead.
+    pub const POD_ENTRY: u32 = 1 << 3;
 }
 
 /// How a frontend's new flows are served: the value of the `FRONTENDS` map.
@@ -414,10 +428,14 @@ pub enum DropReason {
     SourceRangeDenied = 7,
     /// Every SNAT port toward the chosen backend is in use.
     SnatPortsExhausted = 8,
+    /// A local backend's reply whose source became one of this node's addresses (a NodePort's)
+    /// could not be sent out of its pod interface directly: no route to the client, too big for
+    /// the egress MTU, or TTL spent. The stack would drop it as a martian (its source is local).
+    ReplyUnroutable = 9,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::L4HeaderTruncated,
         DropReason::NoBackend,
         DropReason::BackendMissing,
@@ -426,6 +444,7 @@ impl DropReason {
         DropReason::NoLocalBackend,
         DropReason::SourceRangeDenied,
         DropReason::SnatPortsExhausted,
+        DropReason::ReplyUnroutable,
     ];
 
     #[must_use]
@@ -439,6 +458,7 @@ impl DropReason {
             DropReason::NoLocalBackend => "no_local_backend",
             DropReason::SourceRangeDenied => "source_range_denied",
             DropReason::SnatPortsExhausted => "snat_ports_exhausted",
+            DropReason::ReplyUnroutable => "reply_unroutable",
         }
     }
 }
@@ -475,9 +495,10 @@ impl BackendStats {
     }
 }
 
-/// Size of the `DROPS` array: the highest reason number plus one.
+/// Size of the `DROPS` array: room for reasons up to 15, so a new reason does not change the size
+/// of a pinned map a running agent hands over.
 pub const DROP_REASON_SLOTS: u32 = 16;
-const _: () = assert!((DropReason::SnatPortsExhausted as u32) < DROP_REASON_SLOTS);
+const _: () = assert!((DropReason::ReplyUnroutable as u32) < DROP_REASON_SLOTS);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -9,6 +9,7 @@ use crate::{
     Verdict, lookup,
     nat::{Addr, End, Rewrite},
     parse::L4Packet,
+    route::{self, Route},
     select,
     stats::{self, Way},
     track,
@@ -27,7 +28,7 @@ pub enum Origin {
 
 /// A packet to a frontend: the tracked flow's backend, or a new one; DNAT to it.
 #[inline(always)]
-pub fn forward<R: Rewrite>(
+pub fn forward<R: Rewrite + Route>(
     frame: &R,
     packet: &L4Packet,
     service: &Service,
@@ -52,7 +53,9 @@ pub fn forward<R: Rewrite>(
         };
         let remote = backend.flags & backend_flags::LOCAL == 0;
         if origin == Origin::Network && remote && settings.snat_addr_be != 0 {
-            track::track_snat(&flow, &settings, now)?;
+            let snat_addr_be =
+                route::snat_source(frame, packet, backend.addr_be).unwrap_or(settings.snat_addr_be);
+            track::track_snat(&flow, &settings, snat_addr_be, now)?;
             stats::count(Counter::SnatNew);
         } else {
             track::track(&flow, now)?;

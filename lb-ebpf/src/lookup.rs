@@ -9,7 +9,7 @@ use aya_ebpf::{
 use lb_common::{
     AFFINITY_ENTRIES, AffinityKey, AffinityValue, Backend, CONNTRACK_ENTRIES, DEFAULT_MAX_TABLES,
     FlowEntry, FlowKey, FrontendKey, MAX_BACKENDS, MAX_FRONTENDS, SOURCE_RANGE_ENTRIES, Service,
-    Settings, SourceRangeKey,
+    Settings, SourceRangeKey, frontend_scope, service_flags,
 };
 
 #[map(name = "SETTINGS")]
@@ -54,6 +54,22 @@ pub fn settings() -> Option<Settings> {
 pub fn frontend(key: &FrontendKey) -> Option<Service> {
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     unsafe { FRONTENDS.get(key).copied() }
+}
+
+/// The frontend as a pod on this node reaches it: its `frontend_scope::POD` entry when it has
+/// one (a `Local` Service's external address, which pods reach through all endpoints).
+#[inline(always)]
+pub fn frontend_for_pod(key: &FrontendKey) -> Option<Service> {
+    let service = frontend(key)?;
+    if service.flags & service_flags::POD_ENTRY == 0 {
+        return Some(service);
+    }
+    let pod_key = FrontendKey {
+        scope: frontend_scope::POD,
+        ..*key
+    };
+    // Between the agent's writes of the two entries, the pod one can be missing.
+    Some(frontend(&pod_key).unwrap_or(service))
 }
 
 /// Entry `index` of the concatenated Maglev tables: a backend id (0: none).

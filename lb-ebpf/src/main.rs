@@ -20,8 +20,11 @@
 //!   icmp     error from a local backend or this node -> quote rewritten for the client
 //!
 //! TC ingress (lb_tc_pod_ingress), on pod interfaces (--pod-iface): packets pods send
-//!   lookup   FRONTENDS -> forward as above, without SNAT (pod addresses are routable)
+//!   lookup   FRONTENDS, or the frontend's pod entry (a Local Service's external address:
+//!            cluster-wide endpoints) -> forward as above, without SNAT (pods are routable)
 //!   reply    a local backend's reply -> source = frontend
+//!   route    new source is a node address (NodePort) -> bpf_redirect_neigh to the route's
+//!            interface, as the stack drops a local source arriving on a pod as a martian
 //!   icmp     as on egress
 //! ```
 //!
@@ -48,6 +51,7 @@ mod icmp;
 mod lookup;
 mod nat;
 mod parse;
+mod route;
 mod select;
 mod stats;
 mod track;
@@ -68,13 +72,17 @@ pub enum Verdict {
     Pass(Counter),
     /// Translated; hand it to the stack, which routes it on.
     Translated(Counter),
+    /// Translated and redirected (TC only): the redirect helper's action.
+    Redirected(Counter, i32),
 }
 
 impl Verdict {
     #[inline(always)]
     fn counter(&self) -> Counter {
         match self {
-            Verdict::Pass(counter) | Verdict::Translated(counter) => *counter,
+            Verdict::Pass(counter)
+            | Verdict::Translated(counter)
+            | Verdict::Redirected(counter, _) => *counter,
         }
     }
 }
@@ -141,10 +149,14 @@ fn try_tc_pod_ingress(ctx: &TcContext) -> Result<Verdict, DropReason> {
         Parsed::IcmpError(error) => return icmp::leaving(ctx, &error),
         Parsed::Pass(_) => return Ok(Verdict::Pass(Counter::TcPass)),
     };
-    if let Some(service) = lookup::frontend(&packet.tuple.frontend_key()) {
+    if let Some(service) = lookup::frontend_for_pod(&packet.tuple.frontend_key()) {
         return flow::forward(ctx, &packet, &service, Origin::Pod);
     }
-    flow::reply(ctx, &packet).unwrap_or(Ok(Verdict::Pass(Counter::TcPass)))
+    match flow::reply(ctx, &packet) {
+        Some(Ok(_)) => route::pod_reply(ctx, &packet),
+        Some(Err(reason)) => Err(reason),
+        None => Ok(Verdict::Pass(Counter::TcPass)),
+    }
 }
 
 #[inline(always)]
@@ -152,7 +164,10 @@ fn tc_verdict(result: Result<Verdict, DropReason>) -> i32 {
     match result {
         Ok(verdict) => {
             stats::count(verdict.counter());
-            TC_ACT_OK
+            match verdict {
+                Verdict::Redirected(_, action) => action,
+                Verdict::Pass(_) | Verdict::Translated(_) => TC_ACT_OK,
+            }
         }
         Err(reason) => {
             stats::count_drop(Counter::TcDrop, reason);

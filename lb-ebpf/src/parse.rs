@@ -15,7 +15,7 @@
 use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::{
     Counter, DropReason, FlowKey, FrontendKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-    hash::flow_hash,
+    frontend_scope, hash::flow_hash,
 };
 
 use crate::stats;
@@ -32,7 +32,7 @@ const MAX_VLAN_TAGS: usize = 2;
 const IPV4_MIN_HDR_LEN: usize = 20;
 const IPV4_FRAGS_OFFSET: usize = 6;
 /// TTL, then the protocol: read together (see `Frame`).
-const IPV4_TTL_OFFSET: usize = 8;
+pub const IPV4_TTL_OFFSET: usize = 8;
 pub const IPV4_CHECK_OFFSET: usize = 10;
 pub const IPV4_SRC_OFFSET: usize = 12;
 pub const IPV4_DST_OFFSET: usize = 16;
@@ -77,7 +77,7 @@ impl Tuple {
             addr_be: self.dst_addr_be,
             port_be: self.dst_port_be,
             protocol: self.protocol,
-            _pad: 0,
+            scope: frontend_scope::ANY,
         }
     }
 

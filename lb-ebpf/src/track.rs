@@ -116,17 +116,22 @@ pub fn track(flow: &NewFlow, now: u64) -> Result<FlowEntry, DropReason> {
     Ok(forward)
 }
 
-/// Tracks a flow to a backend on another node, translated with SNAT to this node's address so its replies
-/// come back here: claims a free SNAT port (its REPLY key), then the SNAT entry TC egress
-/// applies, then the FORWARD entry. Returns the FORWARD entry.
+/// Tracks a flow to a backend on another node, translated with SNAT to `snat_addr` (an address
+/// of this node) so its replies come back here: claims a free SNAT port (its REPLY key), then the
+/// SNAT entry TC egress applies, then the FORWARD entry. Returns the FORWARD entry.
 ///
 /// A port is free when no REPLY entry uses it toward this backend, or the one that does has
 /// expired; ports are per backend address and port, so flows to different backends (also of
 /// different Services) never collide.
 #[inline(always)]
-pub fn track_snat(flow: &NewFlow, settings: &Settings, now: u64) -> Result<FlowEntry, DropReason> {
+pub fn track_snat(
+    flow: &NewFlow,
+    settings: &Settings,
+    snat_addr: u32,
+    now: u64,
+) -> Result<FlowEntry, DropReason> {
     let t = &flow.packet.tuple;
-    let (b, protocol, snat_addr) = (flow.backend, t.protocol, settings.snat_addr_be);
+    let (b, protocol) = (flow.backend, t.protocol);
     let first = u32::from(settings.snat_port_min);
     let range = u32::from(settings.snat_port_max)
         .checked_sub(first)

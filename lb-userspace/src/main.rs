@@ -307,7 +307,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         node = node_name.as_str(),
         node_addresses = lb_userspace::ipam::join_addrs(&read.node_ips).as_str(),
         snat = read.node.snat_addr.map_or("off".to_owned(), |a| format!(
-            "{a}:{}-{}",
+            "egress interface address (else {a}):{}-{}",
             read.node.snat_ports.0, read.node.snat_ports.1
         )).as_str();
         "loading the data path (the kernel verifies the programs)"

@@ -14,7 +14,7 @@ use std::{
 
 use lb_common::{
     Backend, FrontendKey, MAX_BACKENDS, MAX_FRONTENDS, SOURCE_RANGE_ENTRIES, Service, Settings,
-    backend_flags, service_flags,
+    backend_flags, frontend_scope, service_flags,
 };
 
 use crate::{
@@ -222,7 +222,7 @@ fn frontend_key(port: &ServicePort, frontend: crate::model::Frontend) -> Fronten
         addr_be: be(frontend.addr),
         port_be: frontend.port.to_be(),
         protocol: port.protocol.number(),
-        _pad: 0,
+        scope: frontend_scope::ANY,
     }
 }
 
@@ -298,8 +298,18 @@ impl MapContents {
                     frontend_policy == policy
                 })
             };
+            // Pods reach a `Local` external address through every endpoint (below).
+            let pods_use_cluster_set = port.external_policy == TrafficPolicy::Local
+                && port
+                    .frontends
+                    .iter()
+                    .any(|f| f.kind != FrontendKind::ClusterIp);
             let sets = [
-                (false, uses(TrafficPolicy::Cluster), &cluster_set),
+                (
+                    false,
+                    uses(TrafficPolicy::Cluster) || pods_use_cluster_set,
+                    &cluster_set,
+                ),
                 (true, uses(TrafficPolicy::Local), &local_set),
             ];
 
@@ -379,7 +389,6 @@ impl MapContents {
                     }
                 };
                 let local = policy == TrafficPolicy::Local;
-                let set = if local { &local_set } else { &cluster_set };
                 let mut flags = 0;
                 if local {
                     flags |= service_flags::LOCAL_ONLY;
@@ -391,9 +400,9 @@ impl MapContents {
                     flags |= service_flags::SOURCE_RANGES;
                 }
                 let key = frontend_key(port, *frontend);
-                let table_key = TableKey { service_id, local };
-                contents.frontends.insert(
-                    key,
+                let entry = |local: bool, flags: u32| {
+                    let set = if local { &local_set } else { &cluster_set };
+                    let table_key = TableKey { service_id, local };
                     FrontendEntry {
                         service: Service {
                             service_id,
@@ -406,8 +415,22 @@ impl MapContents {
                             .tables
                             .contains_key(&table_key)
                             .then_some(table_key),
-                    },
-                );
+                    }
+                };
+                // kube-proxy treats pods' traffic to a Service's external addresses as
+                // internal: a `Local` policy keeps only outside clients on this node's
+                // endpoints. Pods on this node look up the pod entry first.
+                if local && frontend.kind != FrontendKind::ClusterIp {
+                    let pod_entry = entry(false, flags & !service_flags::LOCAL_ONLY);
+                    let pod_key = FrontendKey {
+                        scope: frontend_scope::POD,
+                        ..key
+                    };
+                    contents.frontends.insert(pod_key, pod_entry);
+                    flags |= service_flags::POD_ENTRY;
+                }
+                let any_entry = entry(local, flags);
+                contents.frontends.insert(key, any_entry);
             }
         }
         contents.check_capacity(node)?;

@@ -1,18 +1,27 @@
-//! The multi-node topology of the Service-semantics tests.
+//! The multi-node topology of the Service-semantics tests: dual-homed nodes, as on bare metal.
 //!
 //! ```text
-//!                      lan ns: bridge br0 (no address), the L2 segment
+//!                 lan ns: bridge br0 (no address), the client-facing segment; the node ports
+//!                 are isolated, so nodes cannot reach each other's first address
 //!            port "client"          port "node-1"               port "node-2"
 //!                 |                      |                           |
 //!  client ns      |       node-1 ns      |            node-2 ns      |
 //!  eth0 172.30.0.2/24     eth0 172.30.0.11/24 (agent)  eth0 172.30.0.12/24 (agent)
-//!       172.30.0.3/24     cni0 10.244.1.1/24           cni0 10.244.2.1/24
-//!  198.51.100.0/24        10.244.2.0/24 via .12        10.244.1.0/24 via .11
-//!    via .11 (or .12)     ip_forward=1                 ip_forward=1
+//!       172.30.0.3/24     eth1 192.168.100.11/24       eth1 192.168.100.12/24
+//!  198.51.100.0/24        cni0 10.244.1.1/24           cni0 10.244.2.1/24
+//!    via .11 (or .12)     10.244.2.0/24 via            10.244.1.0/24 via
+//!                           192.168.100.12 dev eth1      192.168.100.11 dev eth1
+//!                         ip_forward=1                 ip_forward=1
 //!                           vethpI -- pod eth0           vethpI -- pod eth0
 //!                           10.244.1.(10+I)/24           10.244.2.(10+I)/24
 //!                           default via 10.244.1.1       default via 10.244.2.1
+//!                                |                           |
+//!                 lan ns: bridge br1, the cluster segment: ports "cl-node-1", "cl-node-2"
 //! ```
+//!
+//! Agents run as the DaemonSet runs them ([`DAEMONSET_ARGS`]): on both node interfaces, with
+//! `--pod-iface`. Traffic to other nodes' pods leaves by eth1, so its SNAT source must be eth1's
+//! address: the node's first address (`--node-ip`, eth0) is not reachable from other nodes.
 //!
 //! As in `netns`, nothing touches the root namespace: every veth is created with both ends in
 //! their namespaces, and every namespace (and the scratch directory with the configs) is removed
@@ -39,10 +48,15 @@ pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 2);
 pub const CLIENT_ALT_ADDR: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 3);
 /// Load balancer and external IPs live here; the client routes it through one node.
 pub const SERVICE_RANGE: &str = "198.51.100.0/24";
-/// The interface the agent serves on in every node.
+/// Every node's client-facing interface, with its first address.
 pub const NODE_IFACE: &str = "eth0";
+/// Every node's interface toward the other nodes.
+pub const CLUSTER_IFACE: &str = "eth1";
 /// `--pod-iface` pattern that matches the host side of every pod's veth.
 pub const POD_IFACE_PATTERN: &str = "vethp*";
+/// What every agent is started with besides `--iface eth0`, as `manifests/lb-agent.yaml` runs it:
+/// every node interface and the pod interfaces.
+pub const DAEMONSET_ARGS: [&str; 4] = ["--iface", CLUSTER_IFACE, "--pod-iface", POD_IFACE_PATTERN];
 
 /// The client's address on the tagged link of `Cluster::add_vlan`.
 pub const VLAN_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(172, 31, 100, 2);
@@ -57,6 +71,13 @@ pub fn node_name(node: u8) -> String {
 #[must_use]
 pub fn node_addr(node: u8) -> Ipv4Addr {
     Ipv4Addr::new(172, 30, 0, 10 + node)
+}
+
+/// 192.168.100.(10+N): node N's address on the cluster segment (eth1), the source of its SNAT
+/// toward other nodes' pods.
+#[must_use]
+pub fn cluster_addr(node: u8) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 100, 10 + node)
 }
 
 /// 172.31.100.(10+N): node N's address on the tagged link of `Cluster::add_vlan`.
@@ -181,6 +202,8 @@ impl Cluster {
         let lan = Netns::create(&format!("{prefix}-lan"))?;
         lan.ip(&["link", "add", "br0", "type", "bridge"])?;
         lan.ip(&["link", "set", "br0", "up"])?;
+        lan.ip(&["link", "add", "br1", "type", "bridge"])?;
+        lan.ip(&["link", "set", "br1", "up"])?;
         let client = Netns::create(&format!("{prefix}-client"))?;
         let mut cluster = Cluster {
             taggers: Vec::new(),
@@ -214,13 +237,32 @@ impl Cluster {
                 pod_mtu: None,
             };
             let port = node_name(number);
+            let cluster_port = format!("cl-{port}");
             veth(&node.ns, NODE_IFACE, &cluster.lan, &port)?;
             cluster.nodes.push(node);
             cluster.plug(&port)?;
+            // The client reaches every node, nodes do not reach each other on this segment.
+            cluster.lan.ip(&[
+                "link",
+                "set",
+                &port,
+                "type",
+                "bridge_slave",
+                "isolated",
+                "on",
+            ])?;
             let ns = &cluster.nodes[usize::from(number - 1)].ns;
-            let addr = format!("{}/24", node_addr(number));
-            ns.ip(&["addr", "add", &addr, "dev", NODE_IFACE])?;
-            ns.ip(&["link", "set", NODE_IFACE, "up"])?;
+            veth(ns, CLUSTER_IFACE, &cluster.lan, &cluster_port)?;
+            cluster
+                .lan
+                .ip(&["link", "set", &cluster_port, "master", "br1", "up"])?;
+            for (iface, addr) in [
+                (NODE_IFACE, node_addr(number)),
+                (CLUSTER_IFACE, cluster_addr(number)),
+            ] {
+                ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", iface])?;
+                ns.ip(&["link", "set", iface, "up"])?;
+            }
             ns.ip(&["link", "add", "cni0", "type", "bridge"])?;
             let gateway = format!("{}/24", pod_gateway(number));
             ns.ip(&["addr", "add", &gateway, "dev", "cni0"])?;
@@ -233,7 +275,9 @@ impl Cluster {
                     "add",
                     &pod_cidr,
                     "via",
-                    &node_addr(other).to_string(),
+                    &cluster_addr(other).to_string(),
+                    "dev",
+                    CLUSTER_IFACE,
                 ])?;
             }
         }
@@ -410,8 +454,8 @@ impl Cluster {
         Ok(path)
     }
 
-    /// Starts `lb-agent run --config CONFIG --iface eth0 --node-name node-N --node-ip NODE_IP
-    /// EXTRA...` in node `number` and waits until it serves.
+    /// Starts `lb-agent run --config CONFIG --iface eth0 DAEMONSET_ARGS... --node-name node-N
+    /// --node-ip NODE_IP EXTRA...` in node `number` and waits until it serves.
     pub fn start_agent(
         &self,
         number: u8,
@@ -422,7 +466,8 @@ impl Cluster {
     ) -> anyhow::Result<Agent> {
         let name = node_name(number);
         let node_ip = node_ip.to_string();
-        let mut args = vec!["--node-name", &name, "--node-ip", &node_ip];
+        let mut args = DAEMONSET_ARGS.to_vec();
+        args.extend(["--node-name", &name, "--node-ip", &node_ip]);
         args.extend_from_slice(extra_args);
         Agent::start(
             &self.node(number).ns,

@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     agent::Agent,
-    netns::{NODE_ADDR, NODE_IFACE, Process, Topology},
+    netns::{DAEMONSET_ARGS, NODE_ADDR, NODE_IFACE, Process, Topology},
     probe::{self, Batch},
 };
 
@@ -76,7 +76,7 @@ impl Demo {
             agent_bin,
             &workspace.join(CONFIG),
             NODE_IFACE,
-            &["--node-name", NODE_NAME],
+            &[DAEMONSET_ARGS.as_slice(), &["--node-name", NODE_NAME]].concat(),
             Duration::from_secs(30),
         )?;
         Ok(Demo {

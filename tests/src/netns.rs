@@ -5,7 +5,13 @@
 //!  eth0 172.30.0.2/24 ---- eth0 172.30.0.1/24   (XDP + TC here)
 //!  default via .1            cni0 10.244.1.1/24 (bridge) ---- vethN ---- eth0 10.244.1.1N/24
 //!                            ip_forward=1                              default via 10.244.1.1
+//!                            eth1 192.168.100.1/24 (XDP + TC here)
+//!                              |
+//!                          peer ns: eth0 192.168.100.2/24, where other nodes would be
 //! ```
+//!
+//! The agent runs as the DaemonSet runs it ([`DAEMONSET_ARGS`]): on both node interfaces, with
+//! `--pod-iface` on the pods' host-side interfaces.
 //!
 //! Nothing is created in the root namespace: each veth pair is created with both ends already
 //! inside their namespaces, and every namespace (with every process still in it) is removed when
@@ -23,7 +29,15 @@ pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 2);
 pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
 /// The node-side interface the agent attaches to, inside the node namespace.
 pub const NODE_IFACE: &str = "eth0";
+/// The node's second interface, toward the peer namespace where other nodes would be.
+pub const CLUSTER_IFACE: &str = "eth1";
+pub const CLUSTER_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
+pub const PEER_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 2);
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+/// `--pod-iface` as `manifests/lb-agent.yaml` sets it; the pods' host sides are `vethN`.
+pub const POD_IFACE_PATTERN: &str = "veth*";
+/// What the agent is started with besides `--iface eth0`, as the DaemonSet runs it.
+pub const DAEMONSET_ARGS: [&str; 4] = ["--iface", CLUSTER_IFACE, "--pod-iface", POD_IFACE_PATTERN];
 
 /// The address of pod `index` (0-based).
 #[must_use]
@@ -221,23 +235,27 @@ pub struct Pod {
     pub ns: Netns,
 }
 
-/// A client, one node, and pods behind the node's bridge. Fields drop in order: pods, node,
-/// client, so every namespace goes even if building a later one failed.
+/// A client, one node with a second interface to a peer, and pods behind the node's bridge.
+/// Fields drop in order: pods, node, peer, client, so every namespace goes even if building a
+/// later one failed.
 pub struct Topology {
     pub pods: Vec<Pod>,
     pub node: Netns,
+    pub peer: Netns,
     pub client: Netns,
 }
 
 impl Topology {
-    /// Builds the topology with namespaces named `{prefix}-client`, `{prefix}-node`,
-    /// `{prefix}-{pod name}`.
+    /// Builds the topology with namespaces named `{prefix}-client`, `{prefix}-peer`,
+    /// `{prefix}-node`, `{prefix}-{pod name}`.
     pub fn create(prefix: &str, pod_names: &[&str]) -> anyhow::Result<Self> {
         let client = Netns::create(&format!("{prefix}-client"))?;
+        let peer = Netns::create(&format!("{prefix}-peer"))?;
         let node = Netns::create(&format!("{prefix}-node"))?;
         let mut topology = Topology {
             pods: Vec::new(),
             node,
+            peer,
             client,
         };
         let node_cidr = format!("{NODE_ADDR}/24");
@@ -271,6 +289,32 @@ impl Topology {
         node.ip(&["addr", "add", &format!("{gateway}/24"), "dev", "cni0"])?;
         node.ip(&["link", "set", "cni0", "up"])?;
         node.sysctl("net.ipv4.ip_forward=1")?;
+
+        ip(&[
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            topology.peer.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            CLUSTER_IFACE,
+            "netns",
+            topology.node.name(),
+        ])?;
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{CLUSTER_ADDR}/24"),
+            "dev",
+            CLUSTER_IFACE,
+        ])?;
+        node.ip(&["link", "set", CLUSTER_IFACE, "up"])?;
+        let peer = &topology.peer;
+        peer.ip(&["addr", "add", &format!("{PEER_ADDR}/24"), "dev", "eth0"])?;
+        peer.ip(&["link", "set", "eth0", "up"])?;
 
         for (index, name) in pod_names.iter().enumerate() {
             let pod = Pod {

@@ -15,7 +15,7 @@ use std::{
 
 use integration_tests::{
     agent::{Agent, agent_bin},
-    cluster::{Cluster, NODE_IFACE, node_addr, node_name},
+    cluster::{Cluster, DAEMONSET_ARGS, NODE_IFACE, node_addr, node_name},
     fake_api::FakeApi,
     netns::{Process, unique_prefix},
     probe::{self, Batch, Hold},
@@ -77,20 +77,24 @@ fn start_agent(cluster: &Cluster, api: &FakeApi, number: u8, settings: &str) -> 
         &settings_path,
         NODE_IFACE,
         &[
-            "--kubernetes",
-            "--kubeconfig",
-            &kubeconfig.to_string_lossy(),
-            "--node-name",
-            &name,
-            "--lease-namespace",
-            "kube-system",
-            "--lease-duration",
-            &lease,
-            "--healthz-addr",
-            "off",
-            "--metrics-addr",
-            "off",
-        ],
+            DAEMONSET_ARGS.as_slice(),
+            &[
+                "--kubernetes",
+                "--kubeconfig",
+                &kubeconfig.to_string_lossy(),
+                "--node-name",
+                &name,
+                "--lease-namespace",
+                "kube-system",
+                "--lease-duration",
+                &lease,
+                "--healthz-addr",
+                "off",
+                "--metrics-addr",
+                "off",
+            ],
+        ]
+        .concat(),
         Duration::from_secs(30),
     )
     .unwrap_or_else(|e| panic!("starting the agent on {name}: {e:#}"))

@@ -14,7 +14,7 @@ use std::{
 
 use integration_tests::{
     agent::{Agent, agent_bin, cleanup},
-    cluster::{Cluster, node_addr},
+    cluster::{Cluster, DAEMONSET_ARGS, node_addr},
     netns::{Netns, run, unique_prefix},
     probe::{self, Batch, Hold},
 };
@@ -287,13 +287,17 @@ fn start_pinned_agent(cluster: &Cluster, config: &Path, pins: &PinDir) -> Agent 
         config,
         NODE_IFACE,
         &[
-            "--node-name",
-            "node-1",
-            "--node-ip",
-            &node_addr(1).to_string(),
-            "--pin-dir",
-            pins.arg(),
-        ],
+            DAEMONSET_ARGS.as_slice(),
+            &[
+                "--node-name",
+                "node-1",
+                "--node-ip",
+                &node_addr(1).to_string(),
+                "--pin-dir",
+                pins.arg(),
+            ],
+        ]
+        .concat(),
         Duration::from_secs(30),
     )
     .unwrap_or_else(|e| panic!("{e:#}"))

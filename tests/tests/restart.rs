@@ -18,7 +18,9 @@ use std::{
 use integration_tests::{
     agent::{self, Agent, agent_bin, workspace},
     demo::{CONFIG, NODE_NAME, PODS, http_node_port},
-    netns::{NODE_IFACE, Netns, Process, Topology, run, unique_prefix},
+    netns::{
+        CLUSTER_IFACE, DAEMONSET_ARGS, NODE_IFACE, Netns, Process, Topology, run, unique_prefix,
+    },
     probe::{self, Batch, Stream, StreamEnd},
 };
 
@@ -94,7 +96,8 @@ impl Setup {
     /// Starts `lb-agent run` with the demo config, the pin directory and `extra_args`.
     fn start_agent(&self, extra_args: &[&str]) -> Agent {
         let pins = self.dirs.pins.to_string_lossy();
-        let mut args = vec!["--node-name", NODE_NAME, "--pin-dir", &pins];
+        let mut args = DAEMONSET_ARGS.to_vec();
+        args.extend(["--node-name", NODE_NAME, "--pin-dir", &pins]);
         args.extend_from_slice(extra_args);
         Agent::start(
             &self.topology.node,
@@ -363,10 +366,16 @@ fn on_exit_remove_detaches_and_unpins_everything() {
         .expect("agent")
         .stop()
         .unwrap_or_else(|e| panic!("stopping lb-agent: {e:#}"));
-    assert!(
-        log.contains(&format!("detached from {NODE_IFACE}")),
-        "{log}"
-    );
+    let detached = log
+        .lines()
+        .find_map(|l| l.split_once("detached from ").map(|(_, ifaces)| ifaces))
+        .unwrap_or_else(|| panic!("no \"detached from\" line:\n{log}"));
+    for iface in [NODE_IFACE, CLUSTER_IFACE, "veth0"] {
+        assert!(
+            detached.split(", ").any(|d| d == iface),
+            "{iface} not detached: {detached}\n{log}"
+        );
+    }
     assert!(log.contains("removed ") && log.contains(" pins"), "{log}");
     assert!(
         !xdp_attached(&setup.topology.node),

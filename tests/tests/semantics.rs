@@ -17,8 +17,8 @@ use std::{
 use integration_tests::{
     agent::{Agent, agent_bin, final_counters},
     cluster::{
-        CLIENT_ADDR, CLIENT_ALT_ADDR, Cluster, POD_IFACE_PATTERN, Tagging, VLAN_CLIENT_ADDR,
-        node_addr, vlan_node_addr,
+        CLIENT_ADDR, CLIENT_ALT_ADDR, Cluster, Tagging, VLAN_CLIENT_ADDR, cluster_addr, node_addr,
+        vlan_node_addr,
     },
     netns::{Netns, Process, unique_prefix},
     probe::{self, Answer, Batch, Hold, Options},
@@ -591,7 +591,8 @@ fn cluster_policy_with_only_local_endpoints_keeps_the_client_address() {
 }
 
 /// Cluster policy with endpoints on both nodes: every request through node-1 is answered by all
-/// four pods; node-1's pods see the client, node-2's see node-1 (SNAT).
+/// four pods; node-1's pods see the client, node-2's see node-1's cluster-segment address (SNAT
+/// to the address of the interface toward them, not to node-1's first address).
 #[test]
 fn cluster_policy_reaches_every_node_and_snats_to_remote_endpoints() {
     let cluster = cluster(&[&["web-a", "web-b"], &["web-c", "web-d"]]);
@@ -610,7 +611,7 @@ fn cluster_policy_reaches_every_node_and_snats_to_remote_endpoints() {
         setup.assert_all_answered(&batch, REQUESTS, &what);
         setup.assert_backends(&batch, &["web-a", "web-b", "web-c", "web-d"], &what);
         setup.assert_seen(&batch, &["web-a", "web-b"], CLIENT_ADDR, &what);
-        setup.assert_seen(&batch, &["web-c", "web-d"], node_addr(1), &what);
+        setup.assert_seen(&batch, &["web-c", "web-d"], cluster_addr(1), &what);
     }
 }
 
@@ -669,6 +670,91 @@ fn local_policy_without_a_local_endpoint_drops_and_counts() {
         counters.get("no_local_backend").copied().unwrap_or(0) >= 10,
         "node-1 must count each dropped SYN as no_local_backend: {counters:?}\n{logs}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Every external address, to a local and a remote endpoint, under both policies.
+
+/// `sem/web`'s externalIP, routed by the client through node-1 like its LB IP.
+const WEB_EXTERNAL_IP: SocketAddr = v4(198, 51, 100, 20, 80);
+
+/// Requests through each external address: enough that with two endpoints both are picked but
+/// for a chance of 2 * (1/2)^30.
+const PER_ADDRESS: u32 = 30;
+
+/// `sem/web` with `externalTrafficPolicy: POLICY`, its externalIP, and `endpoints`.
+fn web_with_external_ip(policy: &str, endpoints: &str) -> String {
+    let extra = format!(
+        "  externalTrafficPolicy: {policy}\n  externalIPs: [{}]\n",
+        WEB_EXTERNAL_IP.ip()
+    );
+    web_service(&extra, endpoints)
+}
+
+/// Cluster policy: node-1 answers every connection to its NodePort, LB IP and externalIP from
+/// both its own pod and node-2's. Its own pod sees the client (its reply is translated on the pod
+/// interface and routed from there: the source it gets is node-1's own address); node-2's pod
+/// sees node-1's cluster-segment address (SNAT from the interface toward it).
+#[test]
+fn cluster_policy_serves_every_external_address_from_a_local_and_a_remote_pod() {
+    let cluster = cluster(&[&["web-a"], &["web-c"]]);
+    let endpoints = ready(&cluster, &["web-a", "web-c"]);
+    let mut setup = Setup::start(cluster, &web_with_external_ip("Cluster", &endpoints), &[]);
+    for target in [node_port(1, WEB_NODE_PORT), WEB_LB, WEB_EXTERNAL_IP] {
+        let what = format!("client -> {target} (Cluster policy)");
+        let batch = setup.requests("http", target, PER_ADDRESS);
+        setup.assert_all_answered(&batch, PER_ADDRESS, &what);
+        setup.assert_backends(&batch, &["web-a", "web-c"], &what);
+        setup.assert_seen(&batch, &["web-a"], CLIENT_ADDR, &what);
+        setup.assert_seen(&batch, &["web-c"], cluster_addr(1), &what);
+    }
+    let counters = setup.stop_agent(1);
+    // The final counters list only those that moved.
+    assert_eq!(
+        counters.get("reply_unroutable"),
+        None,
+        "node-1 could route every reply: {counters:?}"
+    );
+}
+
+/// Local policy: node-1 answers its NodePort, LB IP and externalIP from its own pod only, which
+/// sees the client; node-2's NodePort is answered by node-2's pod.
+#[test]
+fn local_policy_serves_every_external_address_from_the_local_pod() {
+    let cluster = cluster(&[&["web-a"], &["web-c"]]);
+    let endpoints = ready(&cluster, &["web-a", "web-c"]);
+    let setup = Setup::start(cluster, &web_with_external_ip("Local", &endpoints), &[]);
+    for (target, local) in [
+        (node_port(1, WEB_NODE_PORT), "web-a"),
+        (WEB_LB, "web-a"),
+        (WEB_EXTERNAL_IP, "web-a"),
+        (node_port(2, WEB_NODE_PORT), "web-c"),
+    ] {
+        let what = format!("client -> {target} (Local policy)");
+        let batch = setup.requests("http", target, PER_ADDRESS);
+        setup.assert_all_answered(&batch, PER_ADDRESS, &what);
+        setup.assert_backends(&batch, &[local], &what);
+        setup.assert_seen(&batch, &[local], CLIENT_ADDR, &what);
+    }
+}
+
+/// kube-proxy treats a pod's traffic to a Service's external addresses as internal: a pod on
+/// node-1 reaching the NodePort, LB IP or externalIP of a `Local` Service is answered by the
+/// endpoints on both nodes, and they see the pod's own address.
+#[test]
+fn pods_reach_every_endpoint_through_a_local_services_external_addresses() {
+    let cluster = cluster(&[&["web-a", "cli"], &["web-c"]]);
+    let endpoints = ready(&cluster, &["web-a", "web-c"]);
+    let setup = Setup::start(cluster, &web_with_external_ip("Local", &endpoints), &[]);
+    let cli = setup.pod_addr("cli");
+    let cli_ns = &setup.cluster.pod("cli").expect("pod").ns;
+    for target in [node_port(1, WEB_NODE_PORT), WEB_LB, WEB_EXTERNAL_IP] {
+        let what = format!("pod cli -> {target} (Local policy)");
+        let batch = setup.requests_from(cli_ns, "http", target, PER_ADDRESS, &Options::default());
+        setup.assert_all_answered(&batch, PER_ADDRESS, &what);
+        setup.assert_backends(&batch, &["web-a", "web-c"], &what);
+        setup.assert_seen(&batch, &["web-a", "web-c"], cli, &what);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1076,7 +1162,7 @@ fn qinq_tagged_clients_are_served() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Pods as clients (`--pod-iface`).
+// Pods as clients (every agent runs with `--pod-iface`).
 
 /// A pod on node-1 reaches a clusterIP answered by pods on both nodes, which see the pod's own
 /// address; a pod added after the agent started is served within a bounded wait; a Service with
@@ -1108,7 +1194,7 @@ endpoints:
 {endpoints}"
     );
     let yaml = web_service("", &endpoints) + &local;
-    let mut setup = Setup::start(cluster, &yaml, &["--pod-iface", POD_IFACE_PATTERN]);
+    let mut setup = Setup::start(cluster, &yaml, &[]);
     let cluster_ip = v4(10, 96, 0, 80, 80);
     let local_ip = v4(10, 96, 0, 81, 80);
     let all = ["web-a", "web-b", "web-c", "web-d"];

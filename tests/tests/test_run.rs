@@ -12,7 +12,7 @@
 //! Needs root (`CAP_BPF`, `CAP_NET_ADMIN`) to load the programs.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     ffi::c_long,
     fmt::Write as _,
     io,
@@ -327,6 +327,16 @@ impl Lb {
     }
 
     fn with(state: &DesiredState, node: &NodeConfig) -> Self {
+        // The data path asks the kernel for routes (the SNAT source, a pod reply's egress): in a
+        // network namespace of this test thread's own, with no routes and forwarding off, every
+        // lookup fails and the programs take their fallbacks, whatever the host's routes are.
+        // SAFETY: unshare changes only this thread's network namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            panic!(
+                "unshare(CLONE_NEWNET) failed (run as root): {}",
+                io::Error::last_os_error()
+            );
+        }
         let mut dp = DataPlane::load(LoadOptions {
             max_tables: MAX_TABLES,
             maglev_table_size: MAGLEV_SIZE,
@@ -2373,6 +2383,55 @@ fn pod_program_dnats_to_remote_endpoints_without_snat() {
     );
 }
 
+#[test]
+fn pods_reach_every_endpoint_through_a_local_external_address() {
+    // kube-proxy treats a pod's traffic to a Service's external addresses as internal: under
+    // `externalTrafficPolicy: Local` it still reaches every endpoint, where traffic from the
+    // network reaches only this node's (`local_policy_without_local_endpoint_drops`).
+    let (state, remote, mixed) = local_policy_state();
+    let mut lb = Lb::with(&state, &node_config());
+    let cases = [
+        (
+            "pod -> Local loadBalancer IP, no local endpoint",
+            sock(LOCAL_ONLY_LB_IP, SERVICE_PORT),
+            &remote,
+        ),
+        (
+            "pod -> Local nodePort, no local endpoint",
+            sock(NODE_IP, LOCAL_ONLY_NODE_PORT),
+            &remote,
+        ),
+        (
+            "pod -> Local nodePort, one local endpoint",
+            sock(NODE_IP, LOCAL_SOME_NODE_PORT),
+            &mixed,
+        ),
+    ];
+    for (name, frontend, endpoints) in cases {
+        let mut picked = BTreeSet::new();
+        for port in 49_300..49_340 {
+            let request = Ipv4Frame::tcp(sock(POD_CLIENT, port), frontend);
+            let backend = maglev_pick(&targets(endpoints), L4::Tcp, request.src, frontend);
+            let case = format!("{name}: {} (backend {backend})", request.src);
+            let out = lb.expect_pod(
+                &case,
+                &request.build(),
+                TC_ACT_OK,
+                &[(Counter::PodSeen, 1), (Counter::ForwardNew, 1)],
+                &[],
+            );
+            assert_frame_eq(&case, &out, &request.clone().with_dst(backend).build());
+            picked.insert(backend);
+        }
+        assert!(
+            picked
+                .iter()
+                .any(|b| remote.iter().any(|e| e.addr == *b.ip())),
+            "{name}: 40 pod flows never reached a remote endpoint: {picked:?}"
+        );
+    }
+}
+
 // Packets and bytes per backend (`BACKEND_STATS`): every packet translated with its flow's
 // backend known is counted once, by its IPv4 total length.
 
@@ -2403,7 +2462,7 @@ fn backend_id(lb: &Lb, l4: L4, frontend: SocketAddrV4, target: SocketAddrV4) -> 
         addr_be: addr_be(frontend),
         port_be: frontend.port().to_be(),
         protocol: l4.number(),
-        _pad: 0,
+        scope: lb_common::frontend_scope::ANY,
     };
     let Some(entry) = contents.frontends.get(&key) else {
         panic!("no frontend {frontend}/{l4:?} in the maps");

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use integration_tests::{
     agent::{agent_bin, workspace},
     demo::{Demo, PODS, http_load_balancer, http_node_port, udp_external_ip, udp_node_port},
-    netns::{CLIENT_ADDR, NODE_ADDR, Process, Topology, unique_prefix},
+    netns::{CLIENT_ADDR, NODE_ADDR, NODE_IFACE, Process, Topology, unique_prefix},
     probe::{self, Batch},
 };
 
@@ -78,7 +78,11 @@ fn tcp_through_node_port_and_load_balancer_ip_reaches_every_backend() {
         .expect("agent")
         .stop()
         .expect("stopping lb-agent");
-    assert!(log.contains("detached from eth0"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("detached from ") && l.ends_with(NODE_IFACE)),
+        "{log}"
+    );
     // Each connection's first packet is a new flow, and every later one is tracked.
     let counters = log
         .lines()

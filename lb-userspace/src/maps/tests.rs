@@ -135,7 +135,7 @@ fn frontend_key(addr: Ipv4Addr, port: u16) -> FrontendKey {
         addr_be: u32::from_ne_bytes(addr.octets()),
         port_be: port.to_be(),
         protocol: Protocol::Tcp.number(),
-        _pad: 0,
+        scope: lb_common::frontend_scope::ANY,
     }
 }
 
@@ -280,6 +280,59 @@ fn local_policy_without_local_endpoints_has_no_table() {
     assert_eq!(
         contents.frontends[&cluster_ip_key(1)].service.backend_count,
         1
+    );
+}
+
+#[test]
+fn pods_reach_a_local_external_address_through_every_endpoint() {
+    // Both policies Local: only the pod entry needs the cluster-wide table.
+    let both_local = ServicePort {
+        internal_policy: TrafficPolicy::Local,
+        ..split_policies("a", 1, vec![local(10), remote(20)])
+    };
+    let contents = build(&state(vec![both_local]), &MapContents::default());
+    let node_port = contents.frontends[&node_port_key(1)];
+    assert_eq!(node_port.table_key, Some(local_table(&contents, "a")));
+    assert_ne!(node_port.service.flags & service_flags::POD_ENTRY, 0);
+
+    let pod_key = FrontendKey {
+        scope: lb_common::frontend_scope::POD,
+        ..node_port_key(1)
+    };
+    let for_pods = contents.frontends[&pod_key];
+    assert_eq!(for_pods.table_key, Some(cluster_table(&contents, "a")));
+    assert_eq!(for_pods.service.backend_count, 2);
+    assert_eq!(for_pods.service.service_id, node_port.service.service_id);
+    assert_eq!(
+        for_pods.service.flags & (service_flags::LOCAL_ONLY | service_flags::POD_ENTRY),
+        0
+    );
+    assert_eq!(
+        table_members(&contents, cluster_table(&contents, "a")),
+        BTreeSet::from([10, 20])
+    );
+
+    // A clusterIP follows its own (internal) policy, for pods too: no pod entry.
+    let cluster_ip = contents.frontends[&cluster_ip_key(1)];
+    assert_eq!(cluster_ip.service.flags & service_flags::POD_ENTRY, 0);
+    let cluster_ip_pod_key = FrontendKey {
+        scope: lb_common::frontend_scope::POD,
+        ..cluster_ip_key(1)
+    };
+    assert!(!contents.frontends.contains_key(&cluster_ip_pod_key));
+
+    // Cluster policies need no pod entry at all.
+    let cluster = build(
+        &state(vec![service("b", 2, vec![local(10), remote(20)])]),
+        &MapContents::default(),
+    );
+    assert!(
+        cluster
+            .frontends
+            .keys()
+            .all(|k| k.scope == lb_common::frontend_scope::ANY),
+        "{:?}",
+        cluster.frontends.keys()
     );
 }
 
