@@ -163,7 +163,8 @@ impl Rewrite for TcContext {
         // A UDP datagram without checksum has no field that absorbs the port change, so on a
         // CHECKSUM_COMPLETE skb the store itself must update `skb->csum`. With a checksum, the
         // checksum field's change offsets the port's and `skb->csum` must stay as it is.
-        let udp_without_checksum = udp != 0 && self.load::<u16>(check).map_err(fail)? == 0;
+        let udp_without_checksum =
+            udp != 0 && self.read::<u16>(check).ok_or(DropReason::RewriteFailed)? == 0;
         let store_flags = if udp_without_checksum {
             u64::from(BPF_F_RECOMPUTE_CSUM)
         } else {

@@ -196,8 +196,24 @@ impl Frame for XdpContext {
 }
 
 impl Frame for TcContext {
+    /// Direct packet access when the bytes are in the skb's linear part (the headers nearly
+    /// always are), which is several times cheaper than `bpf_skb_load_bytes`; the helper for the
+    /// rest, since TC, unlike XDP, can see headers in paged data.
     #[inline(always)]
     fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        // SAFETY: the context pointer is valid for the whole run; the fields are read volatile
+        // for the reason `ptr_at` gives.
+        let (start, end) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*self.skb.skb).data) as usize,
+                core::ptr::read_volatile(&raw const (*self.skb.skb).data_end) as usize,
+            )
+        };
+        if start + offset + size_of::<T>() <= end {
+            // SAFETY: the whole `T` lies inside the linear data, checked above; packet data has
+            // no alignment guarantee, hence the unaligned read.
+            return Some(unsafe { ((start + offset) as *const T).read_unaligned() });
+        }
         self.load::<T>(offset).ok()
     }
 }

@@ -28,8 +28,8 @@ use lb_common::{Counter, DropReason};
 use crate::{
     Verdict,
     parse::{
-        IPV4_CHECK_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, IPV4_TTL_OFFSET, L4_DST_PORT_OFFSET,
-        L4_SRC_PORT_OFFSET, L4Packet,
+        Frame as _, IPV4_CHECK_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, IPV4_TTL_OFFSET,
+        L4_DST_PORT_OFFSET, L4_SRC_PORT_OFFSET, L4Packet,
     },
 };
 
@@ -112,14 +112,8 @@ pub fn snat_source<R: Route>(frame: &R, packet: &L4Packet, backend_addr_be: u32)
 pub fn pod_reply(ctx: &TcContext, packet: &L4Packet) -> Result<Verdict, DropReason> {
     let translated = Ok(Verdict::Translated(Counter::ReplyTranslated));
     let at = packet.at;
-    let load_u32 = |offset| {
-        ctx.load::<u32>(offset)
-            .map_err(|_| DropReason::RewriteFailed)
-    };
-    let load_u16 = |offset| {
-        ctx.load::<u16>(offset)
-            .map_err(|_| DropReason::RewriteFailed)
-    };
+    let load_u32 = |offset| ctx.read::<u32>(offset).ok_or(DropReason::RewriteFailed);
+    let load_u16 = |offset| ctx.read::<u16>(offset).ok_or(DropReason::RewriteFailed);
     let (src_be, dst_be) = (
         load_u32(at.l3 + IPV4_SRC_OFFSET)?,
         load_u32(at.l3 + IPV4_DST_OFFSET)?,
@@ -186,7 +180,7 @@ fn decrement_ttl(ctx: &TcContext, packet: &L4Packet) -> Result<(), DropReason> {
     let fail = |_| DropReason::RewriteFailed;
     let at = packet.at.l3 + IPV4_TTL_OFFSET;
     // TTL and protocol share one 16-bit word of the checksum.
-    let [ttl, protocol] = ctx.load::<[u8; 2]>(at).map_err(fail)?;
+    let [ttl, protocol] = ctx.read::<[u8; 2]>(at).ok_or(DropReason::RewriteFailed)?;
     if ttl <= 1 {
         return Err(DropReason::ReplyUnroutable);
     }
