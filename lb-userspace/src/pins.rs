@@ -123,6 +123,22 @@ fn map_specs(options: &LoadOptions, maglev_entries: u32) -> Vec<MapSpec> {
             0,
         ),
         spec(
+            map_names::EGRESS,
+            MapType::PerCpuArray,
+            index,
+            size_of::<u64>(),
+            lb_common::EGRESS_SLOTS,
+            0,
+        ),
+        spec(
+            map_names::FORWARD_TARGETS,
+            MapType::DevMapHash,
+            index,
+            size_of::<u64>(),
+            lb_common::MAX_FORWARD_TARGETS,
+            0,
+        ),
+        spec(
             map_names::BACKEND_STATS,
             MapType::PerCpuArray,
             index,
@@ -186,15 +202,18 @@ pub enum LinkKind {
     Xdp(AttachedMode),
     /// `lb_tc_egress` on a node interface.
     TcEgress,
+    /// `lb_tc_ingress` on a node interface.
+    TcIngress,
     /// `lb_tc_pod_ingress` on a pod interface.
     TcPod,
 }
 
 impl LinkKind {
-    const ALL: [LinkKind; 4] = [
+    const ALL: [LinkKind; 5] = [
         LinkKind::Xdp(AttachedMode::Native),
         LinkKind::Xdp(AttachedMode::Generic),
         LinkKind::TcEgress,
+        LinkKind::TcIngress,
         LinkKind::TcPod,
     ];
 
@@ -205,6 +224,7 @@ impl LinkKind {
             LinkKind::Xdp(AttachedMode::Native) => "xdp-native",
             LinkKind::Xdp(AttachedMode::Generic) => "xdp-generic",
             LinkKind::TcEgress => "tc-egress",
+            LinkKind::TcIngress => "tc-ingress",
             LinkKind::TcPod => "tc-pod",
         }
     }
