@@ -543,13 +543,16 @@ pub enum Egress {
     NotATarget = 6,
     /// Fallback: VLAN-tagged, or the TTL runs out here; the stack handles it.
     Unusual = 7,
-    /// A reply that fell back, handed to TC ingress (`ReplyHandoff`), which sent it with
+    /// A reply that fell back, handed to TC ingress (XDP metadata), which sent it with
     /// `bpf_redirect_neigh`: the stack would drop it, as its source is a node address.
     ReplyHandedOff = 8,
+    /// Fallback: a partial L4 checksum, which only the stack can complete (a veth delivers
+    /// local sockets' packets so; frames from a wire always have complete ones).
+    PartialChecksum = 9,
 }
 
 impl Egress {
-    pub const ALL: [Egress; 9] = [
+    pub const ALL: [Egress; 10] = [
         Egress::Tx,
         Egress::Redirect,
         Egress::Stack,
@@ -559,6 +562,7 @@ impl Egress {
         Egress::NotATarget,
         Egress::Unusual,
         Egress::ReplyHandedOff,
+        Egress::PartialChecksum,
     ];
 
     #[must_use]
@@ -573,27 +577,17 @@ impl Egress {
             Egress::NotATarget => "fallback_not_a_target",
             Egress::Unusual => "fallback_unusual",
             Egress::ReplyHandedOff => "reply_handed_off",
+            Egress::PartialChecksum => "fallback_partial_checksum",
         }
     }
 }
 
 /// Size of the `EGRESS` array, with room to grow without resizing a pinned map.
 pub const EGRESS_SLOTS: u32 = 16;
-const _: () = assert!((Egress::ReplyHandedOff as u32) < EGRESS_SLOTS);
+const _: () = assert!((Egress::PartialChecksum as u32) < EGRESS_SLOTS);
 
-/// What XDP puts in front of a translated reply it could not send itself (XDP metadata), for
+/// What XDP puts in a translated reply's metadata when it could not send it itself, for
 /// `lb_tc_ingress` to send it with `bpf_redirect_neigh`, which resolves the neighbour.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ReplyHandoff {
-    /// `REPLY_HANDOFF_MAGIC`: metadata some other program left is not ours.
-    pub magic: u32,
-    /// The interface the route to the client names.
-    pub ifindex: u32,
-    /// The route's next hop (the gateway, or the client when on-link), network byte order.
-    pub next_hop_be: u32,
-}
-const _: () = assert!(size_of::<ReplyHandoff>() == 12);
 pub const REPLY_HANDOFF_MAGIC: u32 = 0x4c42_5248;
 
 /// Size of the `DROPS` array: room for reasons up to 15, so a new reason does not change the size

@@ -20,7 +20,11 @@ use aya_ebpf::{
     maps::DevMapHash,
     programs::{TcContext, XdpContext},
 };
-use lb_common::{Counter, DropReason, Egress, REPLY_HANDOFF_MAGIC, checksum::Delta, forwarding};
+use lb_common::{
+    Counter, DropReason, Egress, REPLY_HANDOFF_MAGIC,
+    checksum::{self, Delta},
+    forwarding,
+};
 
 use crate::{
     Verdict,
@@ -70,6 +74,13 @@ fn plan(ctx: &XdpContext, packet: &L4Packet, src_be: u32, dst_be: u32) -> Plan {
     // Tagged frames would need their tags rewritten for the egress interface.
     if packet.at.l3 != ETH_HLEN {
         return Plan::Stack(Egress::Unusual);
+    }
+    // A veth hands XDP the frames of a local socket with a partial L4 checksum (offloaded:
+    // the field holds the pseudo-header sum, the stack completes it on the way out). Sent as
+    // is, the receiver would drop them; only the stack can finish them. A complete checksum
+    // that happens to equal the pseudo-header sum (1 in 65,536) just takes the stack's path.
+    if partial_checksum(ctx, packet) {
+        return Plan::Stack(Egress::PartialChecksum);
     }
     let ingress = Route::ingress_ifindex(ctx);
     let mut query: bpf_fib_lookup = route::query(packet, ingress, src_be, dst_be);
@@ -171,6 +182,29 @@ pub fn handed_off(ctx: &TcContext) -> bool {
     }
     // SAFETY: the 4 bytes lie between data_meta and data, checked above.
     unsafe { (meta as *const u32).read_unaligned() == REPLY_HANDOFF_MAGIC }
+}
+
+/// Whether the L4 checksum field holds just the pseudo-header sum: a checksum left for the
+/// stack to finish (`CHECKSUM_PARTIAL`).
+#[inline(always)]
+fn partial_checksum(ctx: &XdpContext, packet: &L4Packet) -> bool {
+    let t = &packet.tuple;
+    let Some(check) = ctx.read::<u16>(packet.l4_check_offset()) else {
+        return false;
+    };
+    let l4_len = packet
+        .l3_len
+        .wrapping_sub(u16::try_from(packet.at.l4 - packet.at.l3).unwrap_or(0));
+    // Words as they lie in the packet, like the checksum itself (see `lb_common::checksum`).
+    let words = [
+        t.src_addr_be & 0xffff,
+        t.src_addr_be >> 16,
+        t.dst_addr_be & 0xffff,
+        t.dst_addr_be >> 16,
+        u32::from(u16::from_ne_bytes([0, t.protocol])),
+        u32::from(l4_len.to_be()),
+    ];
+    check == checksum::fold(words.iter().sum())
 }
 
 /// Carries out `plan` on a packet already translated: the MACs and TTL of a forwarded packet

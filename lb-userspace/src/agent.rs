@@ -529,6 +529,7 @@ pub async fn serve(agent: Rc<RefCell<Agent>>, options: &ServeOptions) -> anyhow:
                 }
             }
             _ = expiry.tick() => {
+                agent.borrow_mut().dataplane.refresh_forward_targets();
                 match agent.borrow_mut().dataplane.expire_flows(monotonic_now_ns()) {
                     Ok(0) => {}
                     Ok(n) => log::debug!("removed {n} idle flows"),

@@ -427,6 +427,8 @@ pub struct DataPlane {
     unclaimed_links: BTreeSet<(LinkKind, String)>,
     record: Array<MapData, RecordChunk>,
     forwarding: Forwarding,
+    /// Node interfaces, and whether they are in `FORWARD_TARGETS`.
+    forward_targets: BTreeMap<String, bool>,
 }
 
 impl DataPlane {
@@ -490,6 +492,7 @@ impl DataPlane {
             .unwrap_or_default();
         let mut dataplane = DataPlane {
             forwarding: options.forwarding,
+            forward_targets: BTreeMap::new(),
             ebpf,
             contents: MapContents::default(),
             attachments: Vec::new(),
@@ -891,7 +894,7 @@ impl DataPlane {
         };
         let tc = self.attach_or_adopt_tc(iface, LinkKind::TcEgress)?;
         let tc_ingress = self.attach_or_adopt_tc(iface, LinkKind::TcIngress)?;
-        self.set_forward_target(iface, true)?;
+        self.set_forward_target(iface)?;
         self.attachments.push(Attachment {
             iface: iface.to_owned(),
             xdp: Some(xdp_link),
@@ -908,12 +911,22 @@ impl DataPlane {
         self.forwarding
     }
 
-    /// Adds `iface` to the interfaces XDP sends to (`FORWARD_TARGETS`), or removes it.
-    fn set_forward_target(&mut self, iface: &str, target: bool) -> Result<(), DataPlaneError> {
+    /// Makes `iface` one of the interfaces XDP sends to (`FORWARD_TARGETS`) while it takes
+    /// XDP frames. Logs each change.
+    fn set_forward_target(&mut self, iface: &str) -> Result<(), DataPlaneError> {
         let name = map_names::FORWARD_TARGETS;
         let ifindex = crate::netif::index(iface).ok_or_else(|| DataPlaneError::NoSuchInterface {
             iface: iface.to_owned(),
         })?;
+        let target = self.forwarding == Forwarding::Xdp
+            && crate::netif::takes_xdp_frames(ifindex).unwrap_or_else(|e| {
+                log::warn!("{iface}: reading its XDP features: {e}; XDP does not send to it");
+                false
+            });
+        // The first time always writes: a pinned map may hold what a previous agent left.
+        if self.forward_targets.get(iface) == Some(&target) {
+            return Ok(());
+        }
         let map = self.ebpf.map_mut(name).ok_or(DataPlaneError::Missing { kind: "map", name })?;
         let mut targets = DevMapHash::try_from(map).map_err(map_error(name))?;
         if target {
@@ -922,11 +935,47 @@ impl DataPlane {
                 .map_err(|e| DataPlaneError::Map {
                     name,
                     source: aya::maps::MapError::IoError(std::io::Error::other(e.to_string())),
-                })
+                })?;
+            log::info!("{iface}: takes XDP frames; XDP sends to it");
         } else {
             // Absent already is as good as removed.
             let _ = targets.remove(ifindex);
-            Ok(())
+            if self.forwarding == Forwarding::Xdp {
+                log::info!(
+                    "{iface}: takes no XDP frames (a veth whose peer has no XDP program or GRO); \
+                     the stack sends what goes out of it"
+                );
+            }
+        }
+        self.forward_targets.insert(iface.to_owned(), target);
+        Ok(())
+    }
+
+    /// Takes `iface` out of `FORWARD_TARGETS` (detaching from it).
+    fn forget_forward_target(&mut self, iface: &str) {
+        self.forward_targets.remove(iface);
+        let name = map_names::FORWARD_TARGETS;
+        if let (Some(ifindex), Some(map)) = (crate::netif::index(iface), self.ebpf.map_mut(name))
+            && let Ok(mut targets) = DevMapHash::try_from(map)
+        {
+            // Absent already is as good as removed.
+            let _ = targets.remove(ifindex);
+        }
+    }
+
+    /// Checks again which node interfaces take XDP frames: a veth starts or stops with its
+    /// peer's XDP program or GRO.
+    pub fn refresh_forward_targets(&mut self) {
+        let node_ifaces: Vec<String> = self
+            .attachments
+            .iter()
+            .filter(|a| !a.pod)
+            .map(|a| a.iface.clone())
+            .collect();
+        for iface in node_ifaces {
+            if let Err(e) = self.set_forward_target(&iface) {
+                log::warn!("{iface}: {e}");
+            }
         }
     }
 
@@ -1173,9 +1222,7 @@ impl DataPlane {
                 if let Err(e) = self.release(link, LinkKind::TcIngress) {
                     log::warn!("{}: detaching TC ingress: {e}", attachment.iface);
                 }
-                if let Err(e) = self.set_forward_target(&attachment.iface, false) {
-                    log::warn!("{}: {e}", attachment.iface);
-                }
+                self.forget_forward_target(&attachment.iface);
             }
             detached.push(attachment.iface);
         }

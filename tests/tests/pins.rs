@@ -40,6 +40,7 @@ impl Pins {
             maglev_table_size: MAGLEV_SIZE,
             conntrack_entries: 1024,
             pin_dir: Some(self.0.clone()),
+            ..LoadOptions::default()
         }
     }
 
@@ -234,6 +235,7 @@ fn every_map_of_the_object_is_pinned_as_specified() {
         max_tables: MAX_TABLES,
         maglev_table_size: MAGLEV_SIZE,
         pin_dir: None,
+        ..LoadOptions::default()
     };
     let entries = options.maglev_entries().expect("sizes");
     let specs = pins::pinned_map_specs(&options, entries);
