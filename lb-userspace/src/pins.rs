@@ -136,7 +136,8 @@ fn map_specs(options: &LoadOptions, maglev_entries: u32) -> Vec<MapSpec> {
             index,
             size_of::<u64>(),
             lb_common::MAX_FORWARD_TARGETS,
-            0,
+            // The kernel makes every device map read-only to programs.
+            BPF_F_RDONLY_PROG,
         ),
         spec(
             map_names::BACKEND_STATS,
@@ -151,6 +152,7 @@ fn map_specs(options: &LoadOptions, maglev_entries: u32) -> Vec<MapSpec> {
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
+const BPF_F_RDONLY_PROG: u32 = 1 << 7;
 
 /// What a pinned map must be for this agent to use it.
 #[derive(Clone, Debug, PartialEq)]

@@ -257,7 +257,8 @@ fn every_map_of_the_object_is_pinned_as_specified() {
             | aya::maps::Map::HashMap(d)
             | aya::maps::Map::LruHashMap(d)
             | aya::maps::Map::LpmTrie(d)
-            | aya::maps::Map::PerCpuArray(d) => d,
+            | aya::maps::Map::PerCpuArray(d)
+            | aya::maps::Map::DevMapHash(d) => d,
             other => panic!("map {name} has an unexpected type: {other:?}"),
         };
         let info = data.info().expect("map info");
