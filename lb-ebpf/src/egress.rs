@@ -41,7 +41,8 @@ static FORWARDING: Global<u32> = Global::new(forwarding::XDP);
 /// The interfaces XDP may send to, keyed by ifindex: the ones the agent serves, which take XDP
 /// frames. `XDP_TX` needs its interface here too.
 #[map(name = "FORWARD_TARGETS")]
-static FORWARD_TARGETS: DevMapHash = DevMapHash::with_max_entries(lb_common::MAX_FORWARD_TARGETS, 0);
+static FORWARD_TARGETS: DevMapHash =
+    DevMapHash::with_max_entries(lb_common::MAX_FORWARD_TARGETS, 0);
 
 const ETH_HLEN: usize = 14;
 
@@ -116,8 +117,7 @@ pub trait Sender {
     /// rewrite.
     fn plan(&self, packet: &L4Packet, src_be: u32, dst_be: u32) -> Plan;
     /// A translated packet toward a backend, sent as planned.
-    fn send(&self, packet: &L4Packet, plan: Plan, counter: Counter)
-    -> Result<Verdict, DropReason>;
+    fn send(&self, packet: &L4Packet, plan: Plan, counter: Counter) -> Result<Verdict, DropReason>;
     /// A translated reply, sent as planned.
     fn send_reply(
         &self,
@@ -242,8 +242,7 @@ fn send(ctx: &XdpContext, packet: &L4Packet, plan: Plan) -> Result<u32, DropReas
 #[inline(always)]
 fn send_reply(ctx: &XdpContext, packet: &L4Packet, plan: Plan) -> Result<u32, DropReason> {
     match plan {
-        Plan::Send { .. }
-        | Plan::Stack(Egress::Stack | Egress::NotForwarded | Egress::Unusual) => {
+        Plan::Send { .. } | Plan::Stack(Egress::Stack | Egress::NotForwarded | Egress::Unusual) => {
             send(ctx, packet, plan)
         }
         Plan::Stack(_) => {

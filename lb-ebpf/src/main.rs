@@ -82,9 +82,9 @@ impl Verdict {
     #[inline(always)]
     fn counter(&self) -> Counter {
         match self {
-            Verdict::Pass(counter)
-            | Verdict::Translated(counter)
-            | Verdict::Sent(counter, _) => *counter,
+            Verdict::Pass(counter) | Verdict::Translated(counter) | Verdict::Sent(counter, _) => {
+                *counter
+            }
         }
     }
 }

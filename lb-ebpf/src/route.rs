@@ -64,14 +64,8 @@ pub trait Route {
     #[inline(always)]
     fn lookup_neigh(&self, query: &mut bpf_fib_lookup) -> u32 {
         // SAFETY: a valid context and a valid parameter block of the size given.
-        let ret = unsafe {
-            fib_lookup(
-                self.raw_ctx(),
-                query,
-                size_of::<bpf_fib_lookup>() as i32,
-                0,
-            )
-        };
+        let ret =
+            unsafe { fib_lookup(self.raw_ctx(), query, size_of::<bpf_fib_lookup>() as i32, 0) };
         u32::try_from(ret).unwrap_or(u32::MAX)
     }
 }
@@ -138,7 +132,10 @@ pub fn pod_reply(ctx: &TcContext, packet: &L4Packet) -> Result<Verdict, DropReas
 /// The packet's source and destination addresses as they are now (after any rewrite).
 #[inline(always)]
 fn addresses(ctx: &TcContext, packet: &L4Packet) -> Result<(u32, u32), DropReason> {
-    let load = |offset| ctx.read::<u32>(packet.at.l3 + offset).ok_or(DropReason::RewriteFailed);
+    let load = |offset| {
+        ctx.read::<u32>(packet.at.l3 + offset)
+            .ok_or(DropReason::RewriteFailed)
+    };
     Ok((load(IPV4_SRC_OFFSET)?, load(IPV4_DST_OFFSET)?))
 }
 

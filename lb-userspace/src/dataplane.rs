@@ -24,9 +24,8 @@ use aya::{
 };
 use lb_common::{
     Backend, BackendStats, COUNTER_COUNT, Counter, DROP_REASON_SLOTS, DropReason, EGRESS_SLOTS,
-    Egress, FlowEntry,
-    FlowKey, FrontendKey, Service, Settings, SourceRangeKey, direction, flow_flags, map_names,
-    global_names, program_names, service_flags,
+    Egress, FlowEntry, FlowKey, FrontendKey, Service, Settings, SourceRangeKey, direction,
+    flow_flags, global_names, map_names, program_names, service_flags,
 };
 
 use crate::{
@@ -915,9 +914,10 @@ impl DataPlane {
     /// XDP frames. Logs each change.
     fn set_forward_target(&mut self, iface: &str) -> Result<(), DataPlaneError> {
         let name = map_names::FORWARD_TARGETS;
-        let ifindex = crate::netif::index(iface).ok_or_else(|| DataPlaneError::NoSuchInterface {
-            iface: iface.to_owned(),
-        })?;
+        let ifindex =
+            crate::netif::index(iface).ok_or_else(|| DataPlaneError::NoSuchInterface {
+                iface: iface.to_owned(),
+            })?;
         let target = self.forwarding == Forwarding::Xdp
             && crate::netif::takes_xdp_frames(ifindex).unwrap_or_else(|e| {
                 log::warn!("{iface}: reading its XDP features: {e}; XDP does not send to it");
@@ -927,7 +927,10 @@ impl DataPlane {
         if self.forward_targets.get(iface) == Some(&target) {
             return Ok(());
         }
-        let map = self.ebpf.map_mut(name).ok_or(DataPlaneError::Missing { kind: "map", name })?;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataPlaneError::Missing { kind: "map", name })?;
         let mut targets = DevMapHash::try_from(map).map_err(map_error(name))?;
         if target {
             targets

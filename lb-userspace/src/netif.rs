@@ -80,7 +80,11 @@ pub fn accept_local_sources(iface: &str) -> std::io::Result<()> {
 pub fn takes_xdp_frames(ifindex: u32) -> std::io::Result<bool> {
     let socket = GenlSocket::open()?;
     let family = socket.family_id(b"netdev\0")?;
-    let reply = socket.request(family, NETDEV_CMD_DEV_GET, &attr(NETDEV_A_DEV_IFINDEX, &ifindex.to_ne_bytes()))?;
+    let reply = socket.request(
+        family,
+        NETDEV_CMD_DEV_GET,
+        &attr(NETDEV_A_DEV_IFINDEX, &ifindex.to_ne_bytes()),
+    )?;
     let features = find_attr(&reply, NETDEV_A_DEV_XDP_FEATURES)
         .and_then(|v| v.get(..8))
         .and_then(|v| v.try_into().ok())
@@ -97,6 +101,7 @@ const NETDEV_A_DEV_IFINDEX: u16 = 1;
 const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
 const NETDEV_XDP_ACT_NDO_XMIT: u64 = 1 << 2;
 const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
 const GENL_HDRLEN: usize = 4;
 
 /// One netlink attribute: length, type, value, padded to 4 bytes.
@@ -148,7 +153,11 @@ impl GenlSocket {
     }
 
     fn family_id(&self, name: &[u8]) -> std::io::Result<u16> {
-        let reply = self.request(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, &attr(CTRL_ATTR_FAMILY_NAME, name))?;
+        let reply = self.request(
+            GENL_ID_CTRL,
+            CTRL_CMD_GETFAMILY,
+            &attr(CTRL_ATTR_FAMILY_NAME, name),
+        )?;
         find_attr(&reply, CTRL_ATTR_FAMILY_ID)
             .and_then(|v| v.get(..2))
             .map(|v| u16::from_ne_bytes([v[0], v[1]]))
@@ -182,8 +191,10 @@ impl GenlSocket {
         let header_len = message
             .get(..4)
             .map_or(0, |v| u32::from_ne_bytes([v[0], v[1], v[2], v[3]]) as usize);
-        let kind = message.get(4..6).map_or(0, |v| u16::from_ne_bytes([v[0], v[1]]));
-        if kind == libc::NLMSG_ERROR as u16 {
+        let kind = message
+            .get(4..6)
+            .map_or(0, |v| u16::from_ne_bytes([v[0], v[1]]));
+        if kind == NLMSG_ERROR {
             let errno = message
                 .get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4)
                 .map_or(0, |v| i32::from_ne_bytes([v[0], v[1], v[2], v[3]]));

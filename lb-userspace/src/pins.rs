@@ -37,6 +37,7 @@ pub const AGENT_RECORD: &str = "AGENT_RECORD";
 
 /// The maps of the eBPF object that are pinned, with what the agent needs each to be. Every map
 /// of the object must be listed here (a test checks it), or a restart would lose it.
+#[expect(clippy::too_many_lines, reason = "one plain spec per map")]
 fn map_specs(options: &LoadOptions, maglev_entries: u32) -> Vec<MapSpec> {
     use core::mem::size_of;
     let size = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);

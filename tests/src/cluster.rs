@@ -19,7 +19,7 @@
 //!                 lan ns: bridge br1, the cluster segment: ports "cl-node-1", "cl-node-2"
 //! ```
 //!
-//! Agents run as the DaemonSet runs them ([`DAEMONSET_ARGS`]): on both node interfaces, with
+//! Agents run as the `DaemonSet` runs them ([`DAEMONSET_ARGS`]): on both node interfaces, with
 //! `--pod-iface`. Traffic to other nodes' pods leaves by eth1, so its SNAT source must be eth1's
 //! address: the node's first address (`--node-ip`, eth0) is not reachable from other nodes.
 //!
@@ -315,7 +315,10 @@ impl Cluster {
     /// with the veth default (checksum offload) their packets reach the node's XDP with a partial
     /// checksum, which the data path leaves to the stack to complete, so XDP sends nothing itself.
     pub fn send_complete_checksums(&self) -> anyhow::Result<()> {
-        let pods = self.nodes.iter().flat_map(|node| node.pods.iter().map(|pod| &pod.ns));
+        let pods = self
+            .nodes
+            .iter()
+            .flat_map(|node| node.pods.iter().map(|pod| &pod.ns));
         for ns in std::iter::once(&self.client).chain(pods) {
             run(ns.command("ethtool").args(["-K", "eth0", "tx", "off"]))?;
         }

@@ -1257,7 +1257,9 @@ fn counter(counters: &BTreeMap<String, u64>, name: &str) -> u64 {
 #[test]
 fn xdp_sends_both_directions_of_a_remote_flow_itself() {
     let cluster = cluster(&[&["web-a"], &["web-c"]]);
-    cluster.send_complete_checksums().expect("checksums as from a wire");
+    cluster
+        .send_complete_checksums()
+        .expect("checksums as from a wire");
     let endpoints = ready(&cluster, &["web-c"]);
     let setup = Setup::start(cluster, &web_service("", &endpoints), &[]);
 
@@ -1267,7 +1269,12 @@ fn xdp_sends_both_directions_of_a_remote_flow_itself() {
     setup.assert_seen(&batch, &["web-c"], cluster_addr(1), "SNAT from eth1");
     for iface in ["eth0", "eth1"] {
         let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
-        assert_eq!(node_file(&setup, 1, &path), "0", "{path} on node-1\n{}", setup.logs());
+        assert_eq!(
+            node_file(&setup, 1, &path),
+            "0",
+            "{path} on node-1\n{}",
+            setup.logs()
+        );
     }
     let mut setup = setup;
     let counters = setup.stop_agent(1);
@@ -1287,13 +1294,22 @@ fn xdp_sends_both_directions_of_a_remote_flow_itself() {
 #[test]
 fn a_reply_without_a_known_neighbour_is_handed_to_tc() {
     let cluster = cluster(&[&["web-a"], &["web-c"]]);
-    cluster.send_complete_checksums().expect("checksums as from a wire");
+    cluster
+        .send_complete_checksums()
+        .expect("checksums as from a wire");
     let mac = node_file_in(&cluster, 1, "/sys/class/net/eth0/address");
     cluster
         .client
         .ip(&[
-            "neigh", "replace", &node_addr(1).to_string(), "lladdr", &mac, "nud", "permanent",
-            "dev", "eth0",
+            "neigh",
+            "replace",
+            &node_addr(1).to_string(),
+            "lladdr",
+            &mac,
+            "nud",
+            "permanent",
+            "dev",
+            "eth0",
         ])
         .expect("static neighbour on the client");
     let endpoints = ready(&cluster, &["web-c"]);
@@ -1321,7 +1337,9 @@ fn node_file_in(cluster: &Cluster, number: u8, path: &str) -> String {
 #[test]
 fn the_stack_sends_out_of_an_interface_that_takes_no_xdp_frames() {
     let cluster = cluster(&[&["web-a"], &["web-c"]]);
-    cluster.send_complete_checksums().expect("checksums as from a wire");
+    cluster
+        .send_complete_checksums()
+        .expect("checksums as from a wire");
     cluster
         .refuse_xdp_frames_on_cluster_iface(1)
         .expect("GRO off on node-1's cluster port");
@@ -1345,9 +1363,12 @@ fn the_stack_sends_out_of_an_interface_that_takes_no_xdp_frames() {
 #[test]
 fn a_packet_over_the_egress_mtu_gets_the_kernels_frag_needed() {
     let cluster = cluster(&[&["web-a"], &["web-c"]]);
-    cluster.send_complete_checksums().expect("checksums as from a wire");
+    cluster
+        .send_complete_checksums()
+        .expect("checksums as from a wire");
     for ns in [&cluster.node(1).ns] {
-        ns.ip(&["link", "set", "eth1", "mtu", "1280"]).expect("eth1 MTU");
+        ns.ip(&["link", "set", "eth1", "mtu", "1280"])
+            .expect("eth1 MTU");
     }
     let endpoints = ready(&cluster, &["web-c"]);
     let mut setup = Setup::start(cluster, &echo_service("", &endpoints), &[]);
@@ -1358,7 +1379,10 @@ fn a_packet_over_the_egress_mtu_gets_the_kernels_frag_needed() {
         .unwrap_or_else(|e| panic!("lb-probe pmtu: {e:#}"));
     assert_eq!(mtu, 1280, "probe output:\n{output}\n{}", setup.logs());
     let counters = setup.stop_agent(1);
-    assert!(counter(&counters, "fallback_frag_needed") >= 1, "{counters:?}");
+    assert!(
+        counter(&counters, "fallback_frag_needed") >= 1,
+        "{counters:?}"
+    );
 }
 
 /// `--forwarding stack`: every translated packet goes through the stack (and its FORWARD
@@ -1367,7 +1391,11 @@ fn a_packet_over_the_egress_mtu_gets_the_kernels_frag_needed() {
 fn forwarding_stack_hands_every_translated_packet_to_the_stack() {
     let cluster = cluster(&[&["web-a"], &["web-c"]]);
     let endpoints = ready(&cluster, &["web-a", "web-c"]);
-    let mut setup = Setup::start(cluster, &web_service("", &endpoints), &["--forwarding", "stack"]);
+    let mut setup = Setup::start(
+        cluster,
+        &web_service("", &endpoints),
+        &["--forwarding", "stack"],
+    );
 
     let target = node_port(1, WEB_NODE_PORT);
     let batch = setup.requests("http", target, REQUESTS);
@@ -1378,6 +1406,13 @@ fn forwarding_stack_hands_every_translated_packet_to_the_stack() {
         "1"
     );
     let counters = setup.stop_agent(1);
-    assert!(counter(&counters, "stack") >= u64::from(REQUESTS), "{counters:?}");
-    assert_eq!(counter(&counters, "xdp_redirect") + counter(&counters, "xdp_tx"), 0, "{counters:?}");
+    assert!(
+        counter(&counters, "stack") >= u64::from(REQUESTS),
+        "{counters:?}"
+    );
+    assert_eq!(
+        counter(&counters, "xdp_redirect") + counter(&counters, "xdp_tx"),
+        0,
+        "{counters:?}"
+    );
 }
