@@ -541,7 +541,8 @@ pub enum Egress {
     /// Fallback: the egress interface cannot take XDP frames from us (not one of the
     /// interfaces the agent serves, for example a pod interface).
     NotATarget = 6,
-    /// Fallback: VLAN-tagged, or the TTL runs out here; the stack handles it.
+    /// Fallback: VLAN-tagged, the TTL runs out here, or (a reply) no room for the metadata
+    /// `lb_tc_ingress` needs; the stack handles it.
     Unusual = 7,
     /// A reply that fell back, handed to TC ingress (XDP metadata), which sent it with
     /// `bpf_redirect_neigh`: the stack would drop it, as its source is a node address.

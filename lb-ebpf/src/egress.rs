@@ -245,11 +245,14 @@ fn send_reply(ctx: &XdpContext, packet: &L4Packet, plan: Plan) -> Result<u32, Dr
         Plan::Send { .. } | Plan::Stack(Egress::Stack | Egress::NotForwarded | Egress::Unusual) => {
             send(ctx, packet, plan)
         }
-        Plan::Stack(_) => {
-            hand_off(ctx)?;
-            stats::count_egress(Egress::ReplyHandedOff);
-            Ok(xdp_action::XDP_PASS)
-        }
+        // Without room for metadata the stack gets it as it is.
+        Plan::Stack(_) => match hand_off(ctx) {
+            Ok(()) => {
+                stats::count_egress(Egress::ReplyHandedOff);
+                Ok(xdp_action::XDP_PASS)
+            }
+            Err(_) => send(ctx, packet, Plan::Stack(Egress::Unusual)),
+        },
     }
 }
 
