@@ -591,10 +591,13 @@ impl Lane {
                 let contents = MapContents::from_state(&loaded.state, &node, dp.contents())?;
                 dp.apply(contents)?;
                 let node_ns = self.node_ns.name().to_owned();
+                // On both links, as the agent runs: n1 (its peer runs the sink's XDP program,
+                // so it takes XDP frames) becomes a target XDP sends to.
                 in_netns(&node_ns, || {
-                    dp.attach("n0", XdpModeChoice::Native)
-                        .map(drop)
-                        .map_err(anyhow::Error::from)
+                    for iface in ["n0", "n1"] {
+                        dp.attach(iface, XdpModeChoice::Native)?;
+                    }
+                    Ok::<_, anyhow::Error>(())
                 })?;
                 self.dp = Some(dp);
             }

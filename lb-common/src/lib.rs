@@ -31,6 +31,24 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const DROPS: &str = "DROPS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const FORWARD_TARGETS: &str = "FORWARD_TARGETS";
+    pub const EGRESS: &str = "EGRESS";
+}
+
+/// Names of the eBPF object's globals, set by the loader.
+pub mod global_names {
+    /// `u32`, one of `forwarding`: how XDP sends what it translated.
+    pub const FORWARDING: &str = "FORWARDING";
+}
+
+/// Values of the `FORWARDING` global.
+pub mod forwarding {
+    /// Hand every translated packet to the kernel stack (`XDP_PASS`), which routes it through
+    /// netfilter's FORWARD chain; replies with a node address as source need `accept_local`.
+    pub const STACK: u32 = 0;
+    /// Route in XDP (`bpf_fib_lookup`) and send the packet out directly (`XDP_TX`, or
+    /// `XDP_REDIRECT` to a `FORWARD_TARGETS` interface); the stack only sees the fallbacks.
+    pub const XDP: u32 = 1;
 }
 
 /// The benchmark build's control array `BENCH_CTL` (`lb-ebpf` feature `bench`, driven by
@@ -64,10 +82,16 @@ pub mod program_names {
     /// TC egress on the same interfaces: local backends' replies -> the frontend address; SNAT
     /// of flows to remote backends; ICMP errors about translated flows.
     pub const TC_EGRESS: &str = "lb_tc_egress";
+    /// TC ingress on the node's interfaces: replies XDP translated but could not send itself
+    /// (see `ReplyHandoff`), sent on with `bpf_redirect_neigh`.
+    pub const TC_INGRESS: &str = "lb_tc_ingress";
     /// TC ingress on pod interfaces (`--pod-iface`): what pods send to Services, and local
     /// backends' replies to pods.
     pub const TC_POD_INGRESS: &str = "lb_tc_pod_ingress";
 }
+
+/// Capacity of `FORWARD_TARGETS`: the interfaces XDP may send to.
+pub const MAX_FORWARD_TARGETS: u32 = 1024;
 
 /// Capacity of the frontend table: one entry per (address, port, protocol) a Service answers on.
 pub const MAX_FRONTENDS: u32 = 65_536;
@@ -428,7 +452,7 @@ pub enum DropReason {
     SourceRangeDenied = 7,
     /// Every SNAT port toward the chosen backend is in use.
     SnatPortsExhausted = 8,
-    /// A local backend's reply whose source became one of this node's addresses (a NodePort's)
+    /// A local backend's reply whose source became one of this node's addresses (a `NodePort`'s)
     /// could not be sent out of its pod interface directly: no route to the client, too big for
     /// the egress MTU, or TTL spent. The stack would drop it as a martian (its source is local).
     ReplyUnroutable = 9,
@@ -494,6 +518,78 @@ impl BackendStats {
         *self == BackendStats::default()
     }
 }
+
+/// How a packet XDP translated left the program: indexes of the per-CPU `EGRESS` array. Numbers
+/// are stable and never reused.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Egress {
+    /// Sent back out of the interface it came in on (`XDP_TX`).
+    Tx = 0,
+    /// Sent out of another interface (`XDP_REDIRECT` through `FORWARD_TARGETS`).
+    Redirect = 1,
+    /// Handed to the stack because forwarding is set to `stack`.
+    Stack = 2,
+    /// Fallback: the next hop's MAC is not in the neighbour table; the stack resolves it.
+    NoNeighbour = 3,
+    /// Fallback: larger than the egress interface's MTU; the stack fragments it or answers
+    /// with ICMP "fragmentation needed".
+    FragNeeded = 4,
+    /// Fallback: the route is no unicast route out (local delivery, blackhole, unreachable,
+    /// forwarding disabled on the interface): the stack decides.
+    NotForwarded = 5,
+    /// Fallback: the egress interface cannot take XDP frames from us (not one of the
+    /// interfaces the agent serves, for example a pod interface).
+    NotATarget = 6,
+    /// Fallback: VLAN-tagged, the TTL runs out here, or (a reply) no room for the metadata
+    /// `lb_tc_ingress` needs; the stack handles it.
+    Unusual = 7,
+    /// A reply that fell back, handed to TC ingress (XDP metadata), which sent it with
+    /// `bpf_redirect_neigh`: the stack would drop it, as its source is a node address.
+    ReplyHandedOff = 8,
+    /// Fallback: a partial L4 checksum, which only the stack can complete (a veth delivers
+    /// local sockets' packets so; frames from a wire always have complete ones).
+    PartialChecksum = 9,
+}
+
+impl Egress {
+    pub const ALL: [Egress; 10] = [
+        Egress::Tx,
+        Egress::Redirect,
+        Egress::Stack,
+        Egress::NoNeighbour,
+        Egress::FragNeeded,
+        Egress::NotForwarded,
+        Egress::NotATarget,
+        Egress::Unusual,
+        Egress::ReplyHandedOff,
+        Egress::PartialChecksum,
+    ];
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Egress::Tx => "xdp_tx",
+            Egress::Redirect => "xdp_redirect",
+            Egress::Stack => "stack",
+            Egress::NoNeighbour => "fallback_no_neighbour",
+            Egress::FragNeeded => "fallback_frag_needed",
+            Egress::NotForwarded => "fallback_not_forwarded",
+            Egress::NotATarget => "fallback_not_a_target",
+            Egress::Unusual => "fallback_unusual",
+            Egress::ReplyHandedOff => "reply_handed_off",
+            Egress::PartialChecksum => "fallback_partial_checksum",
+        }
+    }
+}
+
+/// Size of the `EGRESS` array, with room to grow without resizing a pinned map.
+pub const EGRESS_SLOTS: u32 = 16;
+const _: () = assert!((Egress::PartialChecksum as u32) < EGRESS_SLOTS);
+
+/// What XDP puts in a translated reply's metadata when it could not send it itself, for
+/// `lb_tc_ingress` to send it with `bpf_redirect_neigh`, which resolves the neighbour.
+pub const REPLY_HANDOFF_MAGIC: u32 = 0x4c42_5248;
 
 /// Size of the `DROPS` array: room for reasons up to 15, so a new reason does not change the size
 /// of a pinned map a running agent hands over.

@@ -6,7 +6,9 @@ use lb_common::{
 };
 
 use crate::{
-    Verdict, lookup,
+    Verdict,
+    egress::Sender,
+    lookup,
     nat::{Addr, End, Rewrite},
     parse::L4Packet,
     route::{self, Route},
@@ -26,9 +28,11 @@ pub enum Origin {
     Pod,
 }
 
-/// A packet to a frontend: the tracked flow's backend, or a new one; DNAT to it.
+/// A packet to a frontend: the tracked flow's backend, or a new one; DNAT to it. XDP also
+/// applies the flow's SNAT when it sends the packet out itself; otherwise TC egress does, once
+/// the stack routed it.
 #[inline(always)]
-pub fn forward<R: Rewrite + Route>(
+pub fn forward<R: Rewrite + Route + Sender>(
     frame: &R,
     packet: &L4Packet,
     service: &Service,
@@ -37,11 +41,10 @@ pub fn forward<R: Rewrite + Route>(
     select::check_source(service, &packet.tuple)?;
     let now = track::now();
     let forward_key = packet.tuple.flow_key(direction::FORWARD);
-    let (backend, backend_id, counter) = if let Some(entry) = lookup::flow_mut(&forward_key) {
+    let (entry, counter) = if let Some(entry) = lookup::flow_mut(&forward_key) {
         track::refresh(entry, packet, now);
         // SAFETY: a valid map value pointer; copied out.
-        let entry: FlowEntry = unsafe { *entry };
-        (Addr::nat(&entry), entry.backend_id, Counter::ForwardTracked)
+        (unsafe { *entry }, Counter::ForwardTracked)
     } else {
         let settings = lookup::settings().ok_or(DropReason::BackendMissing)?;
         let (backend_id, backend) = select::backend(service, &packet.tuple, &settings, now)?;
@@ -52,48 +55,56 @@ pub fn forward<R: Rewrite + Route>(
             backend: &backend,
         };
         let remote = backend.flags & backend_flags::LOCAL == 0;
-        if origin == Origin::Network && remote && settings.snat_addr_be != 0 {
+        let entry = if origin == Origin::Network && remote && settings.snat_addr_be != 0 {
             let snat_addr_be =
                 route::snat_source(frame, packet, backend.addr_be).unwrap_or(settings.snat_addr_be);
-            track::track_snat(&flow, &settings, snat_addr_be, now)?;
+            let entry = track::track_snat(&flow, &settings, snat_addr_be, now)?;
             stats::count(Counter::SnatNew);
+            entry
         } else {
-            track::track(&flow, now)?;
-        }
-        (
-            Addr {
-                addr_be: backend.addr_be,
-                port_be: backend.port_be,
-            },
-            backend_id,
-            Counter::ForwardNew,
-        )
+            track::track(&flow, now)?
+        };
+        (entry, Counter::ForwardNew)
     };
+    let backend = Addr::nat(&entry);
+    let snat = (entry.flags & flow_flags::SNAT != 0).then(|| Addr::peer(&entry));
+    let source_be = snat.map_or(packet.tuple.src_addr_be, |snat| snat.addr_be);
+    let plan = frame.plan(packet, source_be, backend.addr_be);
     frame.set_l4_end(packet, End::Destination, backend)?;
-    stats::count_backend(backend_id, Way::Forward, packet.l3_len);
-    Ok(Verdict::Translated(counter))
+    if let Some(snat) = snat
+        && plan.sends()
+    {
+        frame.set_l4_end(packet, End::Source, snat)?;
+        stats::count(Counter::SnatTranslated);
+    }
+    stats::count_backend(entry.backend_id, Way::Forward, packet.l3_len);
+    frame.send(packet, plan, counter)
 }
 
 /// A backend's reply to a tracked flow: the source becomes the frontend the client used, and
 /// for a translated with SNAT flow the destination becomes the client again. `None` if it is no reply.
 #[inline(always)]
-pub fn reply<R: Rewrite>(frame: &R, packet: &L4Packet) -> Option<Result<Verdict, DropReason>> {
+pub fn reply<R: Rewrite + Sender>(
+    frame: &R,
+    packet: &L4Packet,
+) -> Option<Result<Verdict, DropReason>> {
     let entry = lookup::flow_mut(&packet.tuple.flow_key(direction::REPLY))?;
     track::refresh(entry, packet, track::now());
     // SAFETY: a valid map value pointer; copied out.
     let entry: FlowEntry = unsafe { *entry };
+    let frontend = Addr::nat(&entry);
+    let client = (entry.flags & flow_flags::SNAT != 0).then(|| Addr::peer(&entry));
+    let client_be = client.map_or(packet.tuple.dst_addr_be, |client| client.addr_be);
+    let plan = frame.plan(packet, frontend.addr_be, client_be);
     let translated = frame
-        .set_l4_end(packet, End::Source, Addr::nat(&entry))
-        .and_then(|()| {
-            if entry.flags & flow_flags::SNAT == 0 {
-                return Ok(());
-            }
-            let client = Addr::peer(&entry);
-            frame.set_l4_end(packet, End::Destination, client)
+        .set_l4_end(packet, End::Source, frontend)
+        .and_then(|()| match client {
+            Some(client) => frame.set_l4_end(packet, End::Destination, client),
+            None => Ok(()),
         });
-    Some(translated.map(|()| {
+    Some(translated.and_then(|()| {
         stats::count_backend(entry.backend_id, Way::Reply, packet.l3_len);
-        Verdict::Translated(Counter::ReplyTranslated)
+        frame.send_reply(packet, plan, Counter::ReplyTranslated)
     }))
 }
 

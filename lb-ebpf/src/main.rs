@@ -46,6 +46,7 @@
 
 #[cfg(feature = "bench")]
 mod bench;
+mod egress;
 mod flow;
 mod icmp;
 mod lookup;
@@ -72,17 +73,18 @@ pub enum Verdict {
     Pass(Counter),
     /// Translated; hand it to the stack, which routes it on.
     Translated(Counter),
-    /// Translated and redirected (TC only): the redirect helper's action.
-    Redirected(Counter, i32),
+    /// Translated and sent on by the program: the action it returns (`XDP_TX`,
+    /// `XDP_REDIRECT`, `TC_ACT_REDIRECT`, or `XDP_PASS` for a fallback).
+    Sent(Counter, u32),
 }
 
 impl Verdict {
     #[inline(always)]
     fn counter(&self) -> Counter {
         match self {
-            Verdict::Pass(counter)
-            | Verdict::Translated(counter)
-            | Verdict::Redirected(counter, _) => *counter,
+            Verdict::Pass(counter) | Verdict::Translated(counter) | Verdict::Sent(counter, _) => {
+                *counter
+            }
         }
     }
 }
@@ -96,7 +98,10 @@ pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
     match try_xdp_ingress(&ctx) {
         Ok(verdict) => {
             stats::count(verdict.counter());
-            xdp_action::XDP_PASS
+            match verdict {
+                Verdict::Sent(_, action) => action,
+                Verdict::Pass(_) | Verdict::Translated(_) => xdp_action::XDP_PASS,
+            }
         }
         Err(reason) => {
             stats::count_drop(Counter::XdpDrop, reason);
@@ -137,6 +142,28 @@ fn try_tc_egress(ctx: &TcContext) -> Result<Verdict, DropReason> {
 }
 
 #[classifier]
+pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
+    // Everything but what XDP handed over goes on untouched, uncounted: XDP counted it.
+    if !egress::handed_off(&ctx) {
+        return TC_ACT_OK;
+    }
+    let sent = match parse::packet(&ctx) {
+        Ok(Parsed::L4(packet)) => route::redirect_reply(&ctx, &packet, true),
+        Ok(_) => Err(DropReason::ReplyUnroutable),
+        Err(reason) => Err(reason),
+    };
+    match sent {
+        #[expect(clippy::cast_possible_wrap, reason = "TC actions are small")]
+        Ok(Verdict::Sent(_, action)) => action as i32,
+        Ok(_) => TC_ACT_OK,
+        Err(reason) => {
+            stats::count_drop(Counter::TcDrop, reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[classifier]
 pub fn lb_tc_pod_ingress(ctx: TcContext) -> i32 {
     stats::count(Counter::PodSeen);
     tc_verdict(try_tc_pod_ingress(&ctx))
@@ -165,7 +192,8 @@ fn tc_verdict(result: Result<Verdict, DropReason>) -> i32 {
         Ok(verdict) => {
             stats::count(verdict.counter());
             match verdict {
-                Verdict::Redirected(_, action) => action,
+                #[expect(clippy::cast_possible_wrap, reason = "TC actions are small")]
+                Verdict::Sent(_, action) => action as i32,
                 Verdict::Pass(_) | Verdict::Translated(_) => TC_ACT_OK,
             }
         }

@@ -59,6 +59,15 @@ pub trait Route {
         };
         u32::try_from(ret).unwrap_or(u32::MAX)
     }
+
+    /// `bpf_fib_lookup` with the neighbour table, for a sender that writes the MACs itself.
+    #[inline(always)]
+    fn lookup_neigh(&self, query: &mut bpf_fib_lookup) -> u32 {
+        // SAFETY: a valid context and a valid parameter block of the size given.
+        let ret =
+            unsafe { fib_lookup(self.raw_ctx(), query, size_of::<bpf_fib_lookup>() as i32, 0) };
+        u32::try_from(ret).unwrap_or(u32::MAX)
+    }
 }
 
 impl Route for XdpContext {
@@ -93,7 +102,7 @@ impl Route for TcContext {
 #[inline(always)]
 pub fn snat_source<R: Route>(frame: &R, packet: &L4Packet, backend_addr_be: u32) -> Option<u32> {
     let t = &packet.tuple;
-    let mut query = route_query(
+    let mut query = query(
         packet,
         frame.ingress_ifindex(),
         t.src_addr_be,
@@ -110,24 +119,40 @@ pub fn snat_source<R: Route>(frame: &R, packet: &L4Packet, backend_addr_be: u32)
 /// interface if its new source is a local address, else left to the stack as before.
 #[inline(always)]
 pub fn pod_reply(ctx: &TcContext, packet: &L4Packet) -> Result<Verdict, DropReason> {
-    let translated = Ok(Verdict::Translated(Counter::ReplyTranslated));
-    let at = packet.at;
-    let load_u32 = |offset| ctx.read::<u32>(offset).ok_or(DropReason::RewriteFailed);
-    let load_u16 = |offset| ctx.read::<u16>(offset).ok_or(DropReason::RewriteFailed);
-    let (src_be, dst_be) = (
-        load_u32(at.l3 + IPV4_SRC_OFFSET)?,
-        load_u32(at.l3 + IPV4_DST_OFFSET)?,
-    );
-    let ingress = ctx.ingress_ifindex();
-
+    let (src_be, dst_be) = addresses(ctx, packet)?;
     // Only what the stack would drop is taken off its path: its source is local when routing
     // to the source from this interface ends in a local route.
-    let mut to_source = route_query(packet, ingress, dst_be, src_be);
+    let mut to_source = query(packet, ctx.ingress_ifindex(), dst_be, src_be);
     if ctx.lookup(&mut to_source, 0) != BPF_FIB_LKUP_RET_NOT_FWDED {
-        return translated;
+        return Ok(Verdict::Translated(Counter::ReplyTranslated));
     }
+    redirect_reply(ctx, packet, false)
+}
 
-    let mut to_client = route_query(packet, ingress, src_be, dst_be);
+/// The packet's source and destination addresses as they are now (after any rewrite).
+#[inline(always)]
+fn addresses(ctx: &TcContext, packet: &L4Packet) -> Result<(u32, u32), DropReason> {
+    let load = |offset| {
+        ctx.read::<u32>(packet.at.l3 + offset)
+            .ok_or(DropReason::RewriteFailed)
+    };
+    Ok((load(IPV4_SRC_OFFSET)?, load(IPV4_DST_OFFSET)?))
+}
+
+/// A translated reply the stack would drop (its source is a node address) sent out of the
+/// interface its route names, as the stack would have forwarded it. From a pod interface the
+/// route never leads back into it (`back_out` false); from a node interface it may.
+#[inline(always)]
+pub fn redirect_reply(
+    ctx: &TcContext,
+    packet: &L4Packet,
+    back_out: bool,
+) -> Result<Verdict, DropReason> {
+    let at = packet.at;
+    let (src_be, dst_be) = addresses(ctx, packet)?;
+    let load_u16 = |offset| ctx.read::<u16>(offset).ok_or(DropReason::RewriteFailed);
+    let ingress = ctx.ingress_ifindex();
+    let mut to_client = query(packet, ingress, src_be, dst_be);
     to_client.sport = load_u16(at.l4 + L4_SRC_PORT_OFFSET)?;
     to_client.dport = load_u16(at.l4 + L4_DST_PORT_OFFSET)?;
     // `bpf_redirect_neigh` needs a plain Ethernet header in front of the IPv4 one; a pod
@@ -135,7 +160,7 @@ pub fn pod_reply(ctx: &TcContext, packet: &L4Packet) -> Result<Verdict, DropReas
     // when `tot_len` is 0, GSO included) the stack could do nothing but drop it either.
     if at.l3 != ETH_HLEN
         || ctx.lookup(&mut to_client, 0) != BPF_FIB_LKUP_RET_SUCCESS
-        || to_client.ifindex == ingress
+        || (to_client.ifindex == ingress && !back_out)
     {
         return Err(DropReason::ReplyUnroutable);
     }
@@ -157,12 +182,12 @@ pub fn pod_reply(ctx: &TcContext, packet: &L4Packet) -> Result<Verdict, DropReas
             0,
         )
     };
-    Ok(Verdict::Redirected(Counter::ReplyTranslated, action as i32))
+    Ok(Verdict::Sent(Counter::ReplyTranslated, action as u32))
 }
 
 /// A route query for an IPv4 packet from `src_be` to `dst_be` that came in on `ingress`.
 #[inline(always)]
-fn route_query(packet: &L4Packet, ingress: u32, src_be: u32, dst_be: u32) -> bpf_fib_lookup {
+pub fn query(packet: &L4Packet, ingress: u32, src_be: u32, dst_be: u32) -> bpf_fib_lookup {
     // SAFETY: all-zero is a valid value of this plain C struct (ports 0, tot_len 0: no MTU given).
     let mut query: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     query.family = AF_INET;

@@ -2,7 +2,8 @@
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use lb_common::{
-    BackendStats, COUNTER_COUNT, Counter, DROP_REASON_SLOTS, DropReason, MAX_BACKENDS,
+    BackendStats, COUNTER_COUNT, Counter, DROP_REASON_SLOTS, DropReason, EGRESS_SLOTS, Egress,
+    MAX_BACKENDS,
 };
 
 #[map(name = "COUNTERS")]
@@ -10,6 +11,9 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT,
 
 #[map(name = "DROPS")]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASON_SLOTS, 0);
+
+#[map(name = "EGRESS")]
+static EGRESS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EGRESS_SLOTS, 0);
 
 /// Indexed by backend id, like `BACKENDS`; the agent zeroes a slot when it gives the id to an
 /// endpoint and when it takes it away.
@@ -44,6 +48,12 @@ pub fn count(counter: Counter) {
 pub fn count_drop(counter: Counter, reason: DropReason) {
     count(counter);
     increment(&DROPS, reason as u32);
+}
+
+/// Counts how a packet XDP translated left.
+#[inline(always)]
+pub fn count_egress(egress: Egress) {
+    increment(&EGRESS, egress as u32);
 }
 
 /// Counts one translated packet of a flow to backend `backend_id`: `l3_len` is its IPv4 total

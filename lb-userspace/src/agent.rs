@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 
 use crate::{
     config::{self, AgentSettings},
-    dataplane::{DataPlane, XdpModeChoice},
+    dataplane::{DataPlane, Forwarding, XdpModeChoice},
     health::{self, HealthHandle, HealthServers},
     http::Server,
     ipam,
@@ -262,8 +262,8 @@ impl Agent {
         let mut interfaces = Vec::new();
         for iface in &options.ifaces {
             let mode = dataplane.attach(iface, options.xdp_mode)?;
-            log::info!(iface = iface.as_str(), xdp_mode = mode.to_string().as_str(); "{iface}: XDP on ingress, TC on egress");
-            if read.node.snat_addr.is_some() {
+            log::info!(iface = iface.as_str(), xdp_mode = mode.to_string().as_str(); "{iface}: XDP on ingress, TC on egress and ingress, forwarding {:?}", dataplane.forwarding());
+            if read.node.snat_addr.is_some() && dataplane.forwarding() == Forwarding::Stack {
                 crate::netif::accept_local_sources(iface).with_context(|| {
                     format!(
                         "setting net.ipv4.conf.{iface}.accept_local=1, which replies of SNATed \
@@ -529,6 +529,7 @@ pub async fn serve(agent: Rc<RefCell<Agent>>, options: &ServeOptions) -> anyhow:
                 }
             }
             _ = expiry.tick() => {
+                agent.borrow_mut().dataplane.refresh_forward_targets();
                 match agent.borrow_mut().dataplane.expire_flows(monotonic_now_ns()) {
                     Ok(0) => {}
                     Ok(n) => log::debug!("removed {n} idle flows"),

@@ -12,7 +12,9 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    maps::{
+        Array, DevMapHash, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key,
+    },
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -21,9 +23,9 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, BackendStats, COUNTER_COUNT, Counter, DROP_REASON_SLOTS, DropReason, FlowEntry,
-    FlowKey, FrontendKey, Service, Settings, SourceRangeKey, direction, flow_flags, map_names,
-    program_names, service_flags,
+    Backend, BackendStats, COUNTER_COUNT, Counter, DROP_REASON_SLOTS, DropReason, EGRESS_SLOTS,
+    Egress, FlowEntry, FlowKey, FrontendKey, Service, Settings, SourceRangeKey, direction,
+    flow_flags, global_names, map_names, program_names, service_flags,
 };
 
 use crate::{
@@ -48,6 +50,28 @@ pub enum XdpModeChoice {
     Auto,
     Native,
     Generic,
+}
+
+/// How XDP sends the packets it translated (the agent's `--forwarding`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Forwarding {
+    /// Routed in XDP and sent straight out of the egress interface (`XDP_TX`/`XDP_REDIRECT`),
+    /// past the stack and its netfilter FORWARD chain; the stack only sees the fallbacks.
+    #[default]
+    Xdp,
+    /// Handed to the kernel stack (`XDP_PASS`), which routes them through netfilter; the agent
+    /// sets `accept_local` on its interfaces for the replies whose source is a node address.
+    Stack,
+}
+
+impl Forwarding {
+    /// The value of the eBPF object's `FORWARDING` global.
+    fn global(self) -> u32 {
+        match self {
+            Forwarding::Xdp => lb_common::forwarding::XDP,
+            Forwarding::Stack => lb_common::forwarding::STACK,
+        }
+    }
 }
 
 /// The XDP mode an interface actually got.
@@ -155,6 +179,8 @@ pub enum DataPlaneError {
 pub struct Counters {
     pub outcomes: Vec<(Counter, u64)>,
     pub drops: Vec<(DropReason, u64)>,
+    /// How the packets XDP translated left it.
+    pub egress: Vec<(Egress, u64)>,
 }
 
 impl Counters {
@@ -173,6 +199,14 @@ impl Counters {
             .find(|(r, _)| *r == reason)
             .map_or(0, |&(_, n)| n)
     }
+
+    #[must_use]
+    pub fn egress(&self, egress: Egress) -> u64 {
+        self.egress
+            .iter()
+            .find(|(e, _)| *e == egress)
+            .map_or(0, |&(_, n)| n)
+    }
 }
 
 impl fmt::Display for Counters {
@@ -189,9 +223,18 @@ impl fmt::Display for Counters {
             .filter(|(_, n)| *n > 0)
             .map(|(r, n)| format!("{}={n}", r.name()))
             .collect();
+        let egress: Vec<String> = self
+            .egress
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(e, n)| format!("{}={n}", e.name()))
+            .collect();
         write!(f, "{}", outcomes.join(" "))?;
         if !drops.is_empty() {
             write!(f, " drops: {}", drops.join(" "))?;
+        }
+        if !egress.is_empty() {
+            write!(f, " egress: {}", egress.join(" "))?;
         }
         Ok(())
     }
@@ -214,6 +257,8 @@ struct Attachment {
     iface: String,
     xdp: Option<LinkHandle>,
     tc: LinkHandle,
+    /// `lb_tc_ingress` (node interfaces).
+    tc_ingress: Option<LinkHandle>,
     /// `lb_tc_pod_ingress` (a pod interface) rather than `lb_tc_egress`.
     pod: bool,
 }
@@ -230,6 +275,7 @@ pub struct LoadOptions {
     /// A directory on a bpffs: maps and links are pinned there, so the data plane outlives this
     /// process, and a later load adopts them. `None`: nothing outlives the process.
     pub pin_dir: Option<PathBuf>,
+    pub forwarding: Forwarding,
 }
 
 impl Default for LoadOptions {
@@ -239,6 +285,7 @@ impl Default for LoadOptions {
             maglev_table_size: crate::maglev::DEFAULT_TABLE_SIZE,
             conntrack_entries: lb_common::CONNTRACK_ENTRIES,
             pin_dir: None,
+            forwarding: Forwarding::default(),
         }
     }
 }
@@ -378,6 +425,9 @@ pub struct DataPlane {
     /// Links a previous agent pinned that this one has not taken over (yet).
     unclaimed_links: BTreeSet<(LinkKind, String)>,
     record: Array<MapData, RecordChunk>,
+    forwarding: Forwarding,
+    /// Node interfaces, and whether they are in `FORWARD_TARGETS`.
+    forward_targets: BTreeMap<String, bool>,
 }
 
 impl DataPlane {
@@ -402,7 +452,9 @@ impl DataPlane {
             pins.check_maps(&specs)?;
         }
         let mut loader = EbpfLoader::new();
+        let forwarding = options.forwarding.global();
         loader
+            .override_global(global_names::FORWARDING, &forwarding, true)
             .map_max_entries(map_names::MAGLEV, entries)
             .map_max_entries(map_names::CONNTRACK, options.conntrack_entries);
         if let Some(pins) = &pins {
@@ -418,7 +470,11 @@ impl DataPlane {
         xdp_program(&mut ebpf)?
             .load()
             .map_err(program_error(program_names::XDP_INGRESS))?;
-        for name in [program_names::TC_EGRESS, program_names::TC_POD_INGRESS] {
+        for name in [
+            program_names::TC_EGRESS,
+            program_names::TC_INGRESS,
+            program_names::TC_POD_INGRESS,
+        ] {
             program::<SchedClassifier>(&mut ebpf, name)?
                 .load()
                 .map_err(program_error(name))?;
@@ -434,6 +490,8 @@ impl DataPlane {
             .map(|p| p.links().into_iter().collect())
             .unwrap_or_default();
         let mut dataplane = DataPlane {
+            forwarding: options.forwarding,
+            forward_targets: BTreeMap::new(),
             ebpf,
             contents: MapContents::default(),
             attachments: Vec::new(),
@@ -834,13 +892,94 @@ impl DataPlane {
             (self.keep_xdp(iface, mode, id)?, mode)
         };
         let tc = self.attach_or_adopt_tc(iface, LinkKind::TcEgress)?;
+        let tc_ingress = self.attach_or_adopt_tc(iface, LinkKind::TcIngress)?;
+        self.set_forward_target(iface)?;
         self.attachments.push(Attachment {
             iface: iface.to_owned(),
             xdp: Some(xdp_link),
             tc,
+            tc_ingress: Some(tc_ingress),
             pod: false,
         });
         Ok(mode)
+    }
+
+    /// How XDP sends what it translated, as loaded.
+    #[must_use]
+    pub fn forwarding(&self) -> Forwarding {
+        self.forwarding
+    }
+
+    /// Makes `iface` one of the interfaces XDP sends to (`FORWARD_TARGETS`) while it takes
+    /// XDP frames. Logs each change.
+    fn set_forward_target(&mut self, iface: &str) -> Result<(), DataPlaneError> {
+        let name = map_names::FORWARD_TARGETS;
+        let ifindex =
+            crate::netif::index(iface).ok_or_else(|| DataPlaneError::NoSuchInterface {
+                iface: iface.to_owned(),
+            })?;
+        let target = self.forwarding == Forwarding::Xdp
+            && crate::netif::takes_xdp_frames(ifindex).unwrap_or_else(|e| {
+                log::warn!("{iface}: reading its XDP features: {e}; XDP does not send to it");
+                false
+            });
+        // The first time always writes: a pinned map may hold what a previous agent left.
+        if self.forward_targets.get(iface) == Some(&target) {
+            return Ok(());
+        }
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataPlaneError::Missing { kind: "map", name })?;
+        let mut targets = DevMapHash::try_from(map).map_err(map_error(name))?;
+        if target {
+            targets
+                .insert(ifindex, ifindex, None, 0)
+                .map_err(|e| DataPlaneError::Map {
+                    name,
+                    source: aya::maps::MapError::IoError(std::io::Error::other(e.to_string())),
+                })?;
+            log::info!("{iface}: takes XDP frames; XDP sends to it");
+        } else {
+            // Absent already is as good as removed.
+            let _ = targets.remove(ifindex);
+            if self.forwarding == Forwarding::Xdp {
+                log::info!(
+                    "{iface}: takes no XDP frames (a veth whose peer has no XDP program or GRO); \
+                     the stack sends what goes out of it"
+                );
+            }
+        }
+        self.forward_targets.insert(iface.to_owned(), target);
+        Ok(())
+    }
+
+    /// Takes `iface` out of `FORWARD_TARGETS` (detaching from it).
+    fn forget_forward_target(&mut self, iface: &str) {
+        self.forward_targets.remove(iface);
+        let name = map_names::FORWARD_TARGETS;
+        if let (Some(ifindex), Some(map)) = (crate::netif::index(iface), self.ebpf.map_mut(name))
+            && let Ok(mut targets) = DevMapHash::try_from(map)
+        {
+            // Absent already is as good as removed.
+            let _ = targets.remove(ifindex);
+        }
+    }
+
+    /// Checks again which node interfaces take XDP frames: a veth starts or stops with its
+    /// peer's XDP program or GRO.
+    pub fn refresh_forward_targets(&mut self) {
+        let node_ifaces: Vec<String> = self
+            .attachments
+            .iter()
+            .filter(|a| !a.pod)
+            .map(|a| a.iface.clone())
+            .collect();
+        for iface in node_ifaces {
+            if let Err(e) = self.set_forward_target(&iface) {
+                log::warn!("{iface}: {e}");
+            }
+        }
     }
 
     fn attach_xdp(
@@ -923,10 +1062,10 @@ impl DataPlane {
         if let Some(handle) = self.adopt_tc(iface, kind)? {
             return Ok(handle);
         }
-        let direction = if kind == LinkKind::TcPod {
-            TcAttachType::Ingress
-        } else {
+        let direction = if kind == LinkKind::TcEgress {
             TcAttachType::Egress
+        } else {
+            TcAttachType::Ingress
         };
         let id = attach_tc(&mut self.ebpf, iface, tc_program_name(kind), direction)?;
         self.keep_tc(iface, kind, id)
@@ -1023,6 +1162,7 @@ impl DataPlane {
             iface: iface.to_owned(),
             xdp: None,
             tc,
+            tc_ingress: None,
             pod: true,
         });
         Ok(())
@@ -1080,6 +1220,12 @@ impl DataPlane {
                 && let Err(e) = self.release(link, LinkKind::Xdp(AttachedMode::Native))
             {
                 log::warn!("{}: detaching XDP: {e}", attachment.iface);
+            }
+            if let Some(link) = attachment.tc_ingress {
+                if let Err(e) = self.release(link, LinkKind::TcIngress) {
+                    log::warn!("{}: detaching TC ingress: {e}", attachment.iface);
+                }
+                self.forget_forward_target(&attachment.iface);
             }
             detached.push(attachment.iface);
         }
@@ -1204,10 +1350,10 @@ impl MapSource for DataPlane {
 
 /// The TC program a link of `kind` runs.
 fn tc_program_name(kind: LinkKind) -> &'static str {
-    if kind == LinkKind::TcPod {
-        program_names::TC_POD_INGRESS
-    } else {
-        program_names::TC_EGRESS
+    match kind {
+        LinkKind::TcPod => program_names::TC_POD_INGRESS,
+        LinkKind::TcIngress => program_names::TC_INGRESS,
+        LinkKind::TcEgress | LinkKind::Xdp(_) => program_names::TC_EGRESS,
     }
 }
 
@@ -1236,7 +1382,12 @@ pub fn read_counters(maps: &impl MapSource) -> Result<Counters, DataPlaneError> 
     };
     let outcomes = read(map_names::COUNTERS, COUNTER_COUNT)?;
     let drops = read(map_names::DROPS, DROP_REASON_SLOTS)?;
+    let egress = read(map_names::EGRESS, EGRESS_SLOTS)?;
     Ok(Counters {
+        egress: Egress::ALL
+            .iter()
+            .map(|&e| (e, egress.get(e as usize).copied().unwrap_or(0)))
+            .collect(),
         outcomes: Counter::ALL
             .iter()
             .map(|&c| (c, outcomes.get(c as usize).copied().unwrap_or(0)))

@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use lb_userspace::{
     agent::{self, Agent, NodeArgs, ServeOptions, Source, read_config, summary},
     config::ConfigError,
-    dataplane::{DataPlane, LoadOptions, XdpModeChoice},
+    dataplane::{DataPlane, Forwarding, LoadOptions, XdpModeChoice},
     kubernetes::{self, ApiOptions, ApiStores},
     logging::{self, LogFormat},
     maps::MapContents,
@@ -113,6 +113,10 @@ struct RunArgs {
     /// XDP attach mode: native where the driver supports it, generic otherwise (auto).
     #[arg(long, value_enum, default_value_t = XdpModeChoice::Auto)]
     xdp_mode: XdpModeChoice,
+    /// How XDP sends what it translated: routed and sent out by XDP itself (xdp), or handed to
+    /// the kernel stack, which runs netfilter's FORWARD chain on it (stack).
+    #[arg(long, value_enum, default_value_t = Forwarding::Xdp)]
+    forwarding: Forwarding,
     /// Seconds between counter reports in the log; 0 turns them off.
     #[arg(long, default_value_t = 10)]
     stats_interval: u64,
@@ -318,6 +322,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         maglev_table_size: read.settings.maglev.table_size,
         conntrack_entries: read.settings.connection_table_size,
         pin_dir: args.pin_dir.clone(),
+        forwarding: args.forwarding,
     })?;
     log::info!(took_ms = started.elapsed().as_secs_f64() * 1e3; "data path loaded");
     let options = ServeOptions {

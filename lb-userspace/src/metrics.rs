@@ -299,6 +299,15 @@ pub fn render_prometheus(status: &Status, agent: &AgentMetrics) -> String {
         e.sample("lbagent_drops_total", &[("reason", reason)], &n.to_string());
     }
     e.family(
+        "lbagent_xdp_egress_total",
+        "counter",
+        "Packets XDP translated, by how they left: sent by XDP (xdp_tx, xdp_redirect) or handed \
+         to the stack and why (see the README's egress list).",
+    );
+    for (how, n) in &status.egress {
+        e.sample("lbagent_xdp_egress_total", &[("how", how)], &n.to_string());
+    }
+    e.family(
         "lbagent_packets_total",
         "counter",
         "Packets the data plane saw, by what happened to them (see the README's counter list).",

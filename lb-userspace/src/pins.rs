@@ -37,6 +37,7 @@ pub const AGENT_RECORD: &str = "AGENT_RECORD";
 
 /// The maps of the eBPF object that are pinned, with what the agent needs each to be. Every map
 /// of the object must be listed here (a test checks it), or a restart would lose it.
+#[expect(clippy::too_many_lines, reason = "one plain spec per map")]
 fn map_specs(options: &LoadOptions, maglev_entries: u32) -> Vec<MapSpec> {
     use core::mem::size_of;
     let size = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
@@ -123,6 +124,23 @@ fn map_specs(options: &LoadOptions, maglev_entries: u32) -> Vec<MapSpec> {
             0,
         ),
         spec(
+            map_names::EGRESS,
+            MapType::PerCpuArray,
+            index,
+            size_of::<u64>(),
+            lb_common::EGRESS_SLOTS,
+            0,
+        ),
+        spec(
+            map_names::FORWARD_TARGETS,
+            MapType::DevMapHash,
+            index,
+            size_of::<u64>(),
+            lb_common::MAX_FORWARD_TARGETS,
+            // The kernel makes every device map read-only to programs.
+            BPF_F_RDONLY_PROG,
+        ),
+        spec(
             map_names::BACKEND_STATS,
             MapType::PerCpuArray,
             index,
@@ -135,6 +153,7 @@ fn map_specs(options: &LoadOptions, maglev_entries: u32) -> Vec<MapSpec> {
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
+const BPF_F_RDONLY_PROG: u32 = 1 << 7;
 
 /// What a pinned map must be for this agent to use it.
 #[derive(Clone, Debug, PartialEq)]
@@ -186,15 +205,18 @@ pub enum LinkKind {
     Xdp(AttachedMode),
     /// `lb_tc_egress` on a node interface.
     TcEgress,
+    /// `lb_tc_ingress` on a node interface.
+    TcIngress,
     /// `lb_tc_pod_ingress` on a pod interface.
     TcPod,
 }
 
 impl LinkKind {
-    const ALL: [LinkKind; 4] = [
+    const ALL: [LinkKind; 5] = [
         LinkKind::Xdp(AttachedMode::Native),
         LinkKind::Xdp(AttachedMode::Generic),
         LinkKind::TcEgress,
+        LinkKind::TcIngress,
         LinkKind::TcPod,
     ];
 
@@ -205,6 +227,7 @@ impl LinkKind {
             LinkKind::Xdp(AttachedMode::Native) => "xdp-native",
             LinkKind::Xdp(AttachedMode::Generic) => "xdp-generic",
             LinkKind::TcEgress => "tc-egress",
+            LinkKind::TcIngress => "tc-ingress",
             LinkKind::TcPod => "tc-pod",
         }
     }

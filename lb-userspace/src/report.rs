@@ -7,7 +7,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use lb_common::{BackendStats, Counter, DropReason, FlowEntry, FlowKey, direction};
+use lb_common::{BackendStats, Counter, DropReason, Egress, FlowEntry, FlowKey, direction};
 use serde::{Serialize, Serializer};
 
 use crate::{
@@ -99,6 +99,9 @@ pub struct Status {
     /// Every global counter, in counter order.
     #[serde(serialize_with = "ordered_map")]
     pub counters: Vec<(&'static str, u64)>,
+    /// How the packets XDP translated left it: sent by XDP, or handed to the stack and why.
+    #[serde(serialize_with = "ordered_map")]
+    pub egress: Vec<(&'static str, u64)>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -214,6 +217,10 @@ impl Status {
             counters: Counter::ALL
                 .iter()
                 .map(|&c| (c.name(), snapshot.counters.get(c)))
+                .collect(),
+            egress: Egress::ALL
+                .iter()
+                .map(|&e| (e.name(), snapshot.counters.egress(e)))
                 .collect(),
         }
     }
@@ -350,6 +357,12 @@ impl Status {
             counters.row(vec![(*name).to_owned(), n.to_string()]);
         }
         out.push_str(&counters.render());
+        out.push('\n');
+        let mut egress = Table::new(&[("XDP EGRESS", Align::Left), ("PACKETS", Align::Right)]);
+        for (name, n) in &self.egress {
+            egress.row(vec![(*name).to_owned(), n.to_string()]);
+        }
+        out.push_str(&egress.render());
         out
     }
 }

@@ -19,7 +19,7 @@
 //!                 lan ns: bridge br1, the cluster segment: ports "cl-node-1", "cl-node-2"
 //! ```
 //!
-//! Agents run as the DaemonSet runs them ([`DAEMONSET_ARGS`]): on both node interfaces, with
+//! Agents run as the `DaemonSet` runs them ([`DAEMONSET_ARGS`]): on both node interfaces, with
 //! `--pod-iface`. Traffic to other nodes' pods leaves by eth1, so its SNAT source must be eth1's
 //! address: the node's first address (`--node-ip`, eth0) is not reachable from other nodes.
 //!
@@ -256,6 +256,11 @@ impl Cluster {
             cluster
                 .lan
                 .ip(&["link", "set", &cluster_port, "master", "br1", "up"])?;
+            // Like a real NIC, each node interface takes the frames XDP sends out of it: a veth
+            // does once its peer has GRO on (else the agent leaves sending to the stack).
+            for lan_side in [&port, &cluster_port] {
+                cluster.set_gro(lan_side, true)?;
+            }
             for (iface, addr) in [
                 (NODE_IFACE, node_addr(number)),
                 (CLUSTER_IFACE, cluster_addr(number)),
@@ -288,6 +293,36 @@ impl Cluster {
             }
         }
         Ok(cluster)
+    }
+
+    /// GRO on the lan-side end `port` of a node link: with it on, the node's end takes frames
+    /// from XDP (`ndo_xdp_xmit`), so the agent's XDP sends out of it.
+    fn set_gro(&self, port: &str, on: bool) -> anyhow::Result<()> {
+        run(self
+            .lan
+            .command("ethtool")
+            .args(["-K", port, "gro", if on { "on" } else { "off" }]))
+        .map(drop)
+    }
+
+    /// Makes node `number`'s cluster interface (eth1) take no frames from XDP, as a NIC
+    /// without `ndo_xdp_xmit`: the agent must leave sending out of it to the stack.
+    pub fn refuse_xdp_frames_on_cluster_iface(&self, number: u8) -> anyhow::Result<()> {
+        self.set_gro(&format!("cl-{}", node_name(number)), false)
+    }
+
+    /// Makes the client and every pod send complete L4 checksums, as frames from a wire have:
+    /// with the veth default (checksum offload) their packets reach the node's XDP with a partial
+    /// checksum, which the data path leaves to the stack to complete, so XDP sends nothing itself.
+    pub fn send_complete_checksums(&self) -> anyhow::Result<()> {
+        let pods = self
+            .nodes
+            .iter()
+            .flat_map(|node| node.pods.iter().map(|pod| &pod.ns));
+        for ns in std::iter::once(&self.client).chain(pods) {
+            run(ns.command("ethtool").args(["-K", "eth0", "tx", "off"]))?;
+        }
+        Ok(())
     }
 
     /// Attaches the lan-side end `port` to the bridge.

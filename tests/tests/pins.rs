@@ -40,6 +40,7 @@ impl Pins {
             maglev_table_size: MAGLEV_SIZE,
             conntrack_entries: 1024,
             pin_dir: Some(self.0.clone()),
+            ..LoadOptions::default()
         }
     }
 
@@ -234,6 +235,7 @@ fn every_map_of_the_object_is_pinned_as_specified() {
         max_tables: MAX_TABLES,
         maglev_table_size: MAGLEV_SIZE,
         pin_dir: None,
+        ..LoadOptions::default()
     };
     let entries = options.maglev_entries().expect("sizes");
     let specs = pins::pinned_map_specs(&options, entries);
@@ -255,7 +257,8 @@ fn every_map_of_the_object_is_pinned_as_specified() {
             | aya::maps::Map::HashMap(d)
             | aya::maps::Map::LruHashMap(d)
             | aya::maps::Map::LpmTrie(d)
-            | aya::maps::Map::PerCpuArray(d) => d,
+            | aya::maps::Map::PerCpuArray(d)
+            | aya::maps::Map::DevMapHash(d) => d,
             other => panic!("map {name} has an unexpected type: {other:?}"),
         };
         let info = data.info().expect("map info");

@@ -1237,3 +1237,182 @@ endpoints:
     setup.assert_all_answered(&batch, 30, "late pod -> clusterIP");
     setup.assert_seen(&batch, &all, late, "late pod -> clusterIP");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Forwarding from XDP: what XDP sends itself, and what it leaves to the stack.
+
+/// A file under node `number`'s `/proc/sys` (or `/sys`), read inside its namespace.
+fn node_file(setup: &Setup, number: u8, path: &str) -> String {
+    node_file_in(&setup.cluster, number, path)
+}
+
+fn counter(counters: &BTreeMap<String, u64>, name: &str) -> u64 {
+    counters.get(name).copied().unwrap_or(0)
+}
+
+/// Remote endpoints through a NodePort: XDP sends the client's packets out of the cluster
+/// interface and the replies out of the client's, redirecting both ways, and the agent never
+/// makes the node accept its own addresses as sources. (With the veth default of partial
+/// checksums every other test here takes the stack's path: `fallback_partial_checksum`.)
+#[test]
+fn xdp_sends_both_directions_of_a_remote_flow_itself() {
+    let cluster = cluster(&[&["web-a"], &["web-c"]]);
+    cluster
+        .send_complete_checksums()
+        .expect("checksums as from a wire");
+    let endpoints = ready(&cluster, &["web-c"]);
+    let setup = Setup::start(cluster, &web_service("", &endpoints), &[]);
+
+    let target = node_port(1, WEB_NODE_PORT);
+    let batch = setup.requests("http", target, REQUESTS);
+    setup.assert_all_answered(&batch, REQUESTS, &format!("http to {target}"));
+    setup.assert_seen(&batch, &["web-c"], cluster_addr(1), "SNAT from eth1");
+    for iface in ["eth0", "eth1"] {
+        let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
+        assert_eq!(
+            node_file(&setup, 1, &path),
+            "0",
+            "{path} on node-1\n{}",
+            setup.logs()
+        );
+    }
+    let mut setup = setup;
+    let counters = setup.stop_agent(1);
+    // Each request is a connection of several packets each way; all but the first few of a
+    // flow (before the neighbours are known) leave by redirect.
+    let redirected = counter(&counters, "xdp_redirect");
+    assert!(
+        redirected >= u64::from(REQUESTS) * 4,
+        "xdp_redirect {redirected} for {REQUESTS} connections: {counters:?}"
+    );
+    assert_eq!(counter(&counters, "stack"), 0, "{counters:?}");
+}
+
+/// With no neighbour entry for the client (its ARP table was filled by hand, so the node never
+/// heard from it), XDP cannot send the first reply: it hands it to TC, which resolves the
+/// neighbour with `bpf_redirect_neigh`. The stack would have dropped it as a martian.
+#[test]
+fn a_reply_without_a_known_neighbour_is_handed_to_tc() {
+    let cluster = cluster(&[&["web-a"], &["web-c"]]);
+    cluster
+        .send_complete_checksums()
+        .expect("checksums as from a wire");
+    let mac = node_file_in(&cluster, 1, "/sys/class/net/eth0/address");
+    cluster
+        .client
+        .ip(&[
+            "neigh",
+            "replace",
+            &node_addr(1).to_string(),
+            "lladdr",
+            &mac,
+            "nud",
+            "permanent",
+            "dev",
+            "eth0",
+        ])
+        .expect("static neighbour on the client");
+    let endpoints = ready(&cluster, &["web-c"]);
+    let mut setup = Setup::start(cluster, &web_service("", &endpoints), &[]);
+
+    let target = node_port(1, WEB_NODE_PORT);
+    let batch = setup.requests("http", target, 10);
+    setup.assert_all_answered(&batch, 10, &format!("http to {target}"));
+    let counters = setup.stop_agent(1);
+    assert!(
+        counter(&counters, "reply_handed_off") >= 1,
+        "the first reply must go through TC: {counters:?}"
+    );
+    assert_eq!(counter(&counters, "tc_drop"), 0, "{counters:?}");
+}
+
+fn node_file_in(cluster: &Cluster, number: u8, path: &str) -> String {
+    let output = integration_tests::netns::run(cluster.node(number).ns.command("cat").arg(path))
+        .unwrap_or_else(|e| panic!("reading {path} on node-{number}: {e:#}"));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// An egress interface that takes no XDP frames (a veth whose peer has no GRO, a NIC without
+/// `ndo_xdp_xmit`): the agent leaves it out of the targets, and the stack sends those packets.
+#[test]
+fn the_stack_sends_out_of_an_interface_that_takes_no_xdp_frames() {
+    let cluster = cluster(&[&["web-a"], &["web-c"]]);
+    cluster
+        .send_complete_checksums()
+        .expect("checksums as from a wire");
+    cluster
+        .refuse_xdp_frames_on_cluster_iface(1)
+        .expect("GRO off on node-1's cluster port");
+    let endpoints = ready(&cluster, &["web-c"]);
+    let mut setup = Setup::start(cluster, &web_service("", &endpoints), &[]);
+
+    let target = node_port(1, WEB_NODE_PORT);
+    let batch = setup.requests("http", target, 10);
+    setup.assert_all_answered(&batch, 10, &format!("http to {target}"));
+    let log = setup.agents[0].as_ref().expect("the agent runs").log();
+    assert!(log.contains("eth1: takes no XDP frames"), "{log}");
+    let counters = setup.stop_agent(1);
+    assert!(
+        counter(&counters, "fallback_not_a_target") >= 10,
+        "the packets to web-c leave by eth1 through the stack: {counters:?}"
+    );
+}
+
+/// A packet over the egress MTU is handed to the stack, whose "fragmentation needed" is
+/// translated back and teaches the client's socket the path MTU.
+#[test]
+fn a_packet_over_the_egress_mtu_gets_the_kernels_frag_needed() {
+    let cluster = cluster(&[&["web-a"], &["web-c"]]);
+    cluster
+        .send_complete_checksums()
+        .expect("checksums as from a wire");
+    for ns in [&cluster.node(1).ns] {
+        ns.ip(&["link", "set", "eth1", "mtu", "1280"])
+            .expect("eth1 MTU");
+    }
+    let endpoints = ready(&cluster, &["web-c"]);
+    let mut setup = Setup::start(cluster, &echo_service("", &endpoints), &[]);
+
+    let batch = setup.requests("udp", ECHO_LB, 3);
+    setup.assert_all_answered(&batch, 3, "small datagrams");
+    let (mtu, output) = probe::path_mtu(&setup.cluster.client, &probe_bin(), ECHO_LB, 1400, 5)
+        .unwrap_or_else(|e| panic!("lb-probe pmtu: {e:#}"));
+    assert_eq!(mtu, 1280, "probe output:\n{output}\n{}", setup.logs());
+    let counters = setup.stop_agent(1);
+    assert!(
+        counter(&counters, "fallback_frag_needed") >= 1,
+        "{counters:?}"
+    );
+}
+
+/// `--forwarding stack`: every translated packet goes through the stack (and its FORWARD
+/// chain), as before XDP forwarded; replies then need `accept_local`, which the agent sets.
+#[test]
+fn forwarding_stack_hands_every_translated_packet_to_the_stack() {
+    let cluster = cluster(&[&["web-a"], &["web-c"]]);
+    let endpoints = ready(&cluster, &["web-a", "web-c"]);
+    let mut setup = Setup::start(
+        cluster,
+        &web_service("", &endpoints),
+        &["--forwarding", "stack"],
+    );
+
+    let target = node_port(1, WEB_NODE_PORT);
+    let batch = setup.requests("http", target, REQUESTS);
+    setup.assert_all_answered(&batch, REQUESTS, &format!("http to {target}"));
+    setup.assert_backends(&batch, &["web-a", "web-c"], "stack forwarding");
+    assert_eq!(
+        node_file(&setup, 1, "/proc/sys/net/ipv4/conf/eth0/accept_local"),
+        "1"
+    );
+    let counters = setup.stop_agent(1);
+    assert!(
+        counter(&counters, "stack") >= u64::from(REQUESTS),
+        "{counters:?}"
+    );
+    assert_eq!(
+        counter(&counters, "xdp_redirect") + counter(&counters, "xdp_tx"),
+        0,
+        "{counters:?}"
+    );
+}

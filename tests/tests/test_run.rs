@@ -33,11 +33,11 @@ use integration_tests::frame::{
     truncate, verify_ipv4_checksum, verify_l4_checksum, verify_quoted_ipv4_checksum,
 };
 use lb_common::{
-    BackendStats, Counter, DropReason, FlowEntry, FlowKey, FrontendKey, MAX_BACKENDS,
+    BackendStats, Counter, DropReason, Egress, FlowEntry, FlowKey, FrontendKey, MAX_BACKENDS,
     checksum::l4_checksum_be, direction, flow_flags, hash::flow_hash, map_names, tcp_state,
 };
 use lb_userspace::{
-    dataplane::{Counters, DataPlane, LoadOptions, read_backend_stats},
+    dataplane::{Counters, DataPlane, LoadOptions, XdpModeChoice, read_backend_stats},
     maglev,
     maps::{MapContents, NodeConfig},
     model::{
@@ -2721,4 +2721,124 @@ fn a_reused_backend_id_starts_from_zero() {
     pass_through(&mut lb, Hook::Xdp, "flow to the new endpoint", &to_newcomer);
     expected.count(id, true, &to_newcomer);
     assert_backend_stats(&mut lb, "flow to the new endpoint", &expected);
+}
+
+/// Runs `program` in this thread's network namespace (`Lb::with` made it), failing the test
+/// with the command's output if it fails.
+fn sh(program: &str, args: &[&str]) {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// With a route to the backend (a veth of the test's own namespace, the backend's MAC in the
+/// neighbour table), XDP sends the translated packet itself: `XDP_TX` when the route leaves by
+/// the interface it came in on, the MACs those of the route, the TTL one less, every checksum
+/// right, and counted `xdp_tx`.
+#[test]
+fn xdp_sends_a_routed_packet_back_out_with_the_macs_rewritten() {
+    let mut lb = Lb::new();
+    let DnatCase {
+        name,
+        first,
+        l4_checksum,
+        ..
+    } = dnat_cases().into_iter().next().expect("a DNAT case");
+    let backend = expected_backend(first.l4, first.src, first.dst);
+    let next_hop_mac = [0x02, 0, 0, 0, 0, 0x42];
+    let next_hop = next_hop_mac.map(|b| format!("{b:02x}")).join(":");
+    let backend_ip = backend.ip().to_string();
+    sh(
+        "ip",
+        &[
+            "link", "add", "lbt0", "type", "veth", "peer", "name", "lbt1",
+        ],
+    );
+    for iface in ["lbt0", "lbt1"] {
+        sh("ip", &["link", "set", iface, "up"]);
+    }
+    // GRO on the peer: the veth then takes XDP frames, so the agent makes it a target.
+    sh("ethtool", &["-K", "lbt1", "gro", "on"]);
+    sh(
+        "ip",
+        &["route", "add", &format!("{backend_ip}/32"), "dev", "lbt0"],
+    );
+    sh(
+        "ip",
+        &[
+            "neigh",
+            "replace",
+            &backend_ip,
+            "lladdr",
+            &next_hop,
+            "dev",
+            "lbt0",
+            "nud",
+            "permanent",
+        ],
+    );
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("forwarding on");
+    lb.dp
+        .attach("lbt0", XdpModeChoice::Generic)
+        .unwrap_or_else(|e| panic!("attaching to lbt0: {e}"));
+    let ifindex = lb_userspace::netif::index("lbt0").expect("lbt0 exists");
+    let link = std::process::Command::new("ip")
+        .args(["-o", "link", "show", "lbt0"])
+        .output()
+        .expect("ip link show");
+    let link = String::from_utf8_lossy(&link.stdout).into_owned();
+    let own_mac: Vec<u8> = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .expect("lbt0's MAC")
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+        .collect();
+
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    // The kernel wants `data_end` to be the frame's length.
+    let input = first.build();
+    let mut ctx = [0_u8; 24];
+    ctx[4..8].copy_from_slice(&u32::try_from(input.len()).expect("small").to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0_u8; input.len() + 256];
+    let before = lb.counters();
+    let program = lb.dp.xdp_program().expect("the XDP program");
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(&input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("{name}: XDP test run: {e}"));
+    out.truncate(usize::try_from(result.data_size_out).expect("fits"));
+    let after = lb.counters();
+    assert_eq!(
+        result.return_value, 3,
+        "{name}: XDP_TX (3); before: {before}; after: {after}"
+    );
+    assert_eq!(out[0..6], next_hop_mac, "{name}: destination MAC");
+    assert_eq!(out[6..12], own_mac[..], "{name}: source MAC");
+    let got = parse(name, &out);
+    assert_eq!(
+        (got.src, got.dst),
+        (first.src, backend),
+        "{name}: addresses"
+    );
+    assert_eq!(out[ETH_HLEN + 8], first.ttl - 1, "{name}: TTL");
+    assert_checksums(name, &out, l4_checksum);
+    assert_eq!(
+        after.egress(Egress::Tx) - before.egress(Egress::Tx),
+        1,
+        "{name}: counted xdp_tx"
+    );
+    lb.dp.detach_all();
 }

@@ -94,6 +94,7 @@ pub(crate) fn sample_snapshot() -> Snapshot {
         counters: Counters {
             outcomes: vec![(Counter::XdpSeen, 100), (Counter::ForwardNew, 5)],
             drops: vec![(DropReason::NoBackend, 3)],
+            egress: vec![(lb_common::Egress::Redirect, 4)],
         },
         traffic,
         flows,
