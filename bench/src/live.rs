@@ -33,7 +33,7 @@ use aya::{
 };
 use integration_tests::{frame::Ipv4Frame, netns::Netns};
 use lb_common::{
-    Counter,
+    Counter, Egress,
     bench_ctl::{
         GEN_64K_FLOWS, GEN_MODE, GEN_NEW_FLOWS, GEN_ONE_FLOW, REDIRECT_IFINDEX, SINK_PORT,
     },
@@ -744,6 +744,13 @@ impl Lane {
                     "ours: a new-flow run hit tracked flows"
                 );
             }
+            // What the figure is about: XDP sent them on itself, not the stack.
+            let redirected = after.egress(Egress::Redirect) - before.egress(Egress::Redirect);
+            ensure!(
+                redirected >= delivered,
+                "ours: XDP redirected {redirected} frames but the sink received {delivered} \
+                 (egress counters: {after})"
+            );
         }
         #[expect(clippy::cast_precision_loss, reason = "frame counts")]
         Ok((
