@@ -149,18 +149,26 @@ pub fn track_snat(
         // `first + offset <= snat_port_max`, so it always fits.
         let port_be = u16::try_from(first + offset).unwrap_or(0).to_be();
         let reply_key = key(b.addr_be, b.port_be, snat_addr, port_be, protocol);
-        if lookup::claim_flow(&reply_key, &reply) {
-            claimed = Some(port_be);
-            break;
-        }
-        if let Some(existing) = lookup::flow_mut(&reply_key) {
-            // SAFETY: a valid map value pointer; read only.
-            if unsafe { (*existing).expires_ns } < now
-                && lookup::insert_flow(&reply_key, &reply).is_ok()
-            {
+        // Look before inserting: an LRU insert takes a free node first (evicting the oldest
+        // entry when the table is full) and only then finds the key in use, so trying a port in
+        // use would cost some other flow its entry. An expired one is taken over in place.
+        match lookup::flow_mut(&reply_key) {
+            None => {
+                // `false`: another CPU took it meanwhile; try the next port.
+                if lookup::claim_flow(&reply_key, &reply) {
+                    claimed = Some(port_be);
+                    break;
+                }
+            }
+            // SAFETY: a valid map value pointer; a concurrent reader of an expired flow may see
+            // a mix of old and new (the benign race `refresh` has).
+            Some(existing) if unsafe { (*existing).expires_ns } < now => {
+                // SAFETY: as above; the whole entry is replaced.
+                unsafe { *existing = reply };
                 claimed = Some(port_be);
                 break;
             }
+            Some(_) => {}
         }
     }
     let snat_port_be = claimed.ok_or(DropReason::SnatPortsExhausted)?;
