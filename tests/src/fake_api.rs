@@ -1902,6 +1902,9 @@ impl Watch {
         stream: &mut TcpStream,
         closed: &AtomicBool,
     ) -> io::Result<bool> {
+        // The state is locked before the client sees the 200: a write or a compaction after
+        // that must find the watch already started from its resourceVersion, as etcd's does.
+        let mut state = lock(&shared.state);
         stream.write_all(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\
               Cache-Control: no-cache, private\r\n\r\n",
@@ -1909,7 +1912,6 @@ impl Watch {
         let started = Instant::now();
         let deadline = started + self.timeout;
         let mut out = Vec::new();
-        let mut state = lock(&shared.state);
         let interval = state.bookmark_interval;
         let mut next_bookmark = started + interval;
         let mut sent = match self.from {
