@@ -428,7 +428,7 @@ pub enum DropReason {
     SourceRangeDenied = 7,
     /// Every SNAT port toward the chosen backend is in use.
     SnatPortsExhausted = 8,
-    /// A local backend's reply whose source became one of this node's addresses (a NodePort's)
+    /// A local backend's reply whose source became one of this node's addresses (a `NodePort`'s)
     /// could not be sent out of its pod interface directly: no route to the client, too big for
     /// the egress MTU, or TTL spent. The stack would drop it as a martian (its source is local).
     ReplyUnroutable = 9,

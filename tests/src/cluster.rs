@@ -19,7 +19,7 @@
 //!                 lan ns: bridge br1, the cluster segment: ports "cl-node-1", "cl-node-2"
 //! ```
 //!
-//! Agents run as the DaemonSet runs them ([`DAEMONSET_ARGS`]): on both node interfaces, with
+//! Agents run as the `DaemonSet` runs them ([`DAEMONSET_ARGS`]): on both node interfaces, with
 //! `--pod-iface`. Traffic to other nodes' pods leaves by eth1, so its SNAT source must be eth1's
 //! address: the node's first address (`--node-ip`, eth0) is not reachable from other nodes.
 //!

@@ -10,7 +10,7 @@
 //!                          peer ns: eth0 192.168.100.2/24, where other nodes would be
 //! ```
 //!
-//! The agent runs as the DaemonSet runs it ([`DAEMONSET_ARGS`]): on both node interfaces, with
+//! The agent runs as the `DaemonSet` runs it ([`DAEMONSET_ARGS`]): on both node interfaces, with
 //! `--pod-iface` on the pods' host-side interfaces.
 //!
 //! Nothing is created in the root namespace: each veth pair is created with both ends already
@@ -36,7 +36,7 @@ pub const PEER_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 2);
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 /// `--pod-iface` as `manifests/lb-agent.yaml` sets it; the pods' host sides are `vethN`.
 pub const POD_IFACE_PATTERN: &str = "veth*";
-/// What the agent is started with besides `--iface eth0`, as the DaemonSet runs it.
+/// What the agent is started with besides `--iface eth0`, as the `DaemonSet` runs it.
 pub const DAEMONSET_ARGS: [&str; 4] = ["--iface", CLUSTER_IFACE, "--pod-iface", POD_IFACE_PATTERN];
 
 /// The address of pod `index` (0-based).

@@ -27,7 +27,7 @@ use integration_tests::{
 
 /// `setpriv` with the manifest's capabilities and nothing else: the bounding set limits what
 /// any exec'd program can have (uid 0 gets exactly the bounding set), no inheritable or ambient
-/// capabilities, and no_new_privs as `allowPrivilegeEscalation: false` sets it.
+/// capabilities, and `no_new_privs` as `allowPrivilegeEscalation: false` sets it.
 const MANIFEST_CAPS: &[&str] = &[
     "setpriv",
     "--bounding-set=-all,+bpf,+net_admin,+perfmon",

@@ -47,12 +47,12 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn did(what: &str) -> anyhow::Result<String> {
-    Ok(format!("did: {what}"))
+fn did(what: &str) -> String {
+    format!("did: {what}")
 }
 
-fn skipped(what: &str) -> anyhow::Result<String> {
-    Ok(format!("skipped: {what}"))
+fn skipped(what: &str) -> String {
+    format!("skipped: {what}")
 }
 
 /// Runs a command and returns its stdout if it succeeded.
@@ -83,13 +83,13 @@ fn nightly_rust_src() -> anyhow::Result<String> {
         "no nightly toolchain: the eBPF crate needs one (`rustup toolchain install nightly`)",
     )?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
-        return skipped("installed");
+        return Ok(skipped("installed"));
     }
     status(
         "rustup",
         &["component", "add", "rust-src", "--toolchain", "nightly"],
     )?;
-    did("installed the nightly rust-src component")
+    Ok(did("installed the nightly rust-src component"))
 }
 
 /// The target of the static agent in the image, for the toolchain that builds the workspace.
@@ -98,17 +98,17 @@ fn musl_target() -> anyhow::Result<String> {
     let installed = output("rustup", &["target", "list", "--installed"])
         .context("`rustup target list` failed: is rustup installed?")?;
     if installed.lines().any(|l| l.trim() == target) {
-        return skipped("installed");
+        return Ok(skipped("installed"));
     }
     status("rustup", &["target", "add", target])?;
-    did(&format!("installed the Rust target {target}"))
+    Ok(did(&format!("installed the Rust target {target}")))
 }
 
 fn bpf_linker() -> anyhow::Result<String> {
     if let Some(version) = output("bpf-linker", &["--version"])
         && version.contains(BPF_LINKER_VERSION)
     {
-        return skipped(&format!("installed ({})", version.trim()));
+        return Ok(skipped(&format!("installed ({})", version.trim())));
     }
     print!("installing, about 2 minutes ... ");
     let _ = std::io::Write::flush(&mut std::io::stdout());
@@ -122,7 +122,7 @@ fn bpf_linker() -> anyhow::Result<String> {
             "--locked",
         ],
     )?;
-    did(&format!("installed bpf-linker {BPF_LINKER_VERSION}"))
+    Ok(did(&format!("installed bpf-linker {BPF_LINKER_VERSION}")))
 }
 
 /// apt-get waits this long for a lock another apt holds (other builds on the machine).
@@ -140,7 +140,7 @@ fn debian_packages() -> anyhow::Result<String> {
         let mut packages: Vec<&str> = COMMANDS.iter().map(|&(_, p)| p).collect();
         packages.sort_unstable();
         packages.dedup();
-        return skipped(&format!("present ({})", packages.join(", ")));
+        return Ok(skipped(&format!("present ({})", packages.join(", "))));
     }
     status("apt-get", &[&APT_LOCK[..], &["update", "-qq"]].concat())?;
     let mut args = [
@@ -150,7 +150,7 @@ fn debian_packages() -> anyhow::Result<String> {
     .concat();
     args.extend(&missing);
     status("apt-get", &args)?;
-    did(&format!("installed {}", missing.join(", ")))
+    Ok(did(&format!("installed {}", missing.join(", "))))
 }
 
 fn bpffs() -> anyhow::Result<String> {
@@ -161,10 +161,10 @@ fn bpffs() -> anyhow::Result<String> {
         target == Some(BPFFS) && fstype == Some("bpf")
     });
     if mounted {
-        return skipped(&format!("{BPFFS} mounted"));
+        return Ok(skipped(&format!("{BPFFS} mounted")));
     }
     status("mount", &["-t", "bpf", "bpf", BPFFS])?;
-    did(&format!("mounted bpffs on {BPFFS}"))
+    Ok(did(&format!("mounted bpffs on {BPFFS}")))
 }
 
 /// What `cargo xtask bench` needs beyond the tests: a path that shows it is there, and the
@@ -191,7 +191,7 @@ pub fn bench_packages() -> anyhow::Result<String> {
     missing.dedup();
     if missing.is_empty() {
         let packages: Vec<&str> = BENCH_NEEDS.iter().map(|&(_, p)| p).collect();
-        return skipped(&format!("present ({})", packages.join(", ")));
+        return Ok(skipped(&format!("present ({})", packages.join(", "))));
     }
     status("apt-get", &[&APT_LOCK[..], &["update", "-qq"]].concat())?;
     let mut args = [
@@ -201,5 +201,5 @@ pub fn bench_packages() -> anyhow::Result<String> {
     .concat();
     args.extend(&missing);
     status("apt-get", &args)?;
-    did(&format!("installed {}", missing.join(", ")))
+    Ok(did(&format!("installed {}", missing.join(", "))))
 }

@@ -7,6 +7,7 @@
 //! shows what went wrong without the chatter of what went right.
 
 use std::{
+    fmt::Write as _,
     fs::{File, OpenOptions},
     io::{Read as _, Seek as _, SeekFrom, Write as _},
     path::PathBuf,
@@ -127,11 +128,12 @@ pub fn failure(command: &Command, status: ExitStatus, text: &str) -> String {
     let out = output();
     let mut message = format!("`{}` failed ({status})", describe(command));
     if !out.verbose {
-        message.push_str(&format!(
+        let _ = write!(
+            message,
             "; its output is in {}; what it reported:\n{}",
             out.log.display(),
             errors(text)
-        ));
+        );
     }
     message
 }
