@@ -79,8 +79,25 @@ impl Task {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let verbose = cli.verbose;
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // The error and its causes, without the backtrace `RUST_BACKTRACE` would add: a failed
+        // step is not a bug in xtask, and its errors are what matters. --verbose keeps it.
+        Err(error) if verbose => {
+            eprintln!("Error: {error:?}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("Error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     steps::init(cli.command.name(), cli.verbose)?;
     match cli.command {
         Task::Setup => setup::run(),
