@@ -30,7 +30,8 @@ use lb_userspace::{
 #[derive(Parser)]
 #[command(
     name = "lb-agent",
-    version,
+    // `lb-agent --version`: "lb-agent 0.1.0 (git 0123456789ab)", the revision from build.rs.
+    version = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("LB_GIT_REVISION"), ")"),
     about = "eBPF/XDP load balancer for Kubernetes Services"
 )]
 struct Cli {

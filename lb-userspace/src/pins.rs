@@ -414,12 +414,14 @@ fn is_bpffs(path: &Path) -> bool {
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: a NUL-terminated path and a statfs to write into.
     let result = unsafe { libc::statfs(c_path.as_ptr(), &raw mut stat) };
+    // f_type is an i64 with glibc on x86_64, a u64 with musl (the static agent of the image),
+    // narrower on other targets: compare as i128, which holds all of them.
     #[allow(
         clippy::useless_conversion,
-        reason = "f_type is an i64 on x86_64 but narrower on other targets"
+        reason = "a conversion on one target, none on another"
     )]
-    let f_type = i64::from(stat.f_type);
-    result == 0 && f_type == BPF_FS_MAGIC
+    let f_type = i128::from(stat.f_type);
+    result == 0 && f_type == i128::from(BPF_FS_MAGIC)
 }
 
 /// `mount -t bpf bpf DIR`; a bpffs mounted there meanwhile is fine.

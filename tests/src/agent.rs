@@ -39,15 +39,37 @@ impl Agent {
         extra_args: &[&str],
         timeout: Duration,
     ) -> anyhow::Result<Self> {
+        Self::start_through(&[], node, agent_bin, config, iface, extra_args, timeout)
+    }
+
+    /// As `start`, with `launcher` (a program and its arguments, such as `setpriv
+    /// --bounding-set=... --`) in front of the agent. The launcher must exec the agent, not fork
+    /// it: the pid held is checked to be the agent's.
+    pub fn start_through(
+        launcher: &[&str],
+        node: &Netns,
+        agent_bin: &Path,
+        config: &Path,
+        iface: &str,
+        extra_args: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let pinned = extra_args
             .iter()
             .any(|a| *a == "--pin-dir" || a.starts_with("--pin-dir="));
-        let program = agent_bin.to_string_lossy();
-        let mut command = if pinned {
-            node.command_with_host_mounts(&program)
-        } else {
-            node.command(&program)
+        let agent = agent_bin.to_string_lossy();
+        let (program, before_agent) = match launcher.split_first() {
+            Some((program, args)) => (*program, args),
+            None => (agent.as_ref(), &[][..]),
         };
+        let mut command = if pinned {
+            node.command_with_host_mounts(program)
+        } else {
+            node.command(program)
+        };
+        if !launcher.is_empty() {
+            command.args(before_agent).arg(agent_bin);
+        }
         command
             .args(["run", "--config"])
             .arg(config)
@@ -88,7 +110,7 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        if pinned {
+        if pinned || !launcher.is_empty() {
             agent.check_pid_is_the_agent(agent_bin)?;
         }
         Ok(agent)

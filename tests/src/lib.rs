@@ -7,5 +7,6 @@ pub mod cluster;
 pub mod demo;
 pub mod fake_api;
 pub mod frame;
+pub mod image;
 pub mod netns;
 pub mod probe;

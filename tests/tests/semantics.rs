@@ -691,7 +691,7 @@ fn web_with_external_ip(policy: &str, endpoints: &str) -> String {
     web_service(&extra, endpoints)
 }
 
-/// Cluster policy: node-1 answers every connection to its NodePort, LB IP and externalIP from
+/// Cluster policy: node-1 answers every connection to its `NodePort`, LB IP and externalIP from
 /// both its own pod and node-2's. Its own pod sees the client (its reply is translated on the pod
 /// interface and routed from there: the source it gets is node-1's own address); node-2's pod
 /// sees node-1's cluster-segment address (SNAT from the interface toward it).
@@ -717,8 +717,8 @@ fn cluster_policy_serves_every_external_address_from_a_local_and_a_remote_pod() 
     );
 }
 
-/// Local policy: node-1 answers its NodePort, LB IP and externalIP from its own pod only, which
-/// sees the client; node-2's NodePort is answered by node-2's pod.
+/// Local policy: node-1 answers its `NodePort`, LB IP and externalIP from its own pod only, which
+/// sees the client; node-2's `NodePort` is answered by node-2's pod.
 #[test]
 fn local_policy_serves_every_external_address_from_the_local_pod() {
     let cluster = cluster(&[&["web-a"], &["web-c"]]);
@@ -739,7 +739,7 @@ fn local_policy_serves_every_external_address_from_the_local_pod() {
 }
 
 /// kube-proxy treats a pod's traffic to a Service's external addresses as internal: a pod on
-/// node-1 reaching the NodePort, LB IP or externalIP of a `Local` Service is answered by the
+/// node-1 reaching the `NodePort`, LB IP or externalIP of a `Local` Service is answered by the
 /// endpoints on both nodes, and they see the pod's own address.
 #[test]
 fn pods_reach_every_endpoint_through_a_local_services_external_addresses() {

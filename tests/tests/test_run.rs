@@ -331,12 +331,12 @@ impl Lb {
         // network namespace of this test thread's own, with no routes and forwarding off, every
         // lookup fails and the programs take their fallbacks, whatever the host's routes are.
         // SAFETY: unshare changes only this thread's network namespace.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            panic!(
-                "unshare(CLONE_NEWNET) failed (run as root): {}",
-                io::Error::last_os_error()
-            );
-        }
+        let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert!(
+            unshared == 0,
+            "unshare(CLONE_NEWNET) failed (run as root): {}",
+            io::Error::last_os_error()
+        );
         let mut dp = DataPlane::load(LoadOptions {
             max_tables: MAX_TABLES,
             maglev_table_size: MAGLEV_SIZE,

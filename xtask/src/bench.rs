@@ -6,7 +6,7 @@ use std::{process::Command, time::Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::{cargo, require_root, setup, workspace};
+use crate::{cargo, require_root, setup, steps, workspace};
 
 fn git(args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new("git")
@@ -23,10 +23,15 @@ fn git(args: &[&str]) -> anyhow::Result<String> {
 pub fn run(quick: bool, only: Option<&str>) -> anyhow::Result<()> {
     let start = Instant::now();
     setup::run()?;
-    setup::bench_packages()?;
+    steps::step("setup: benchmark packages", setup::bench_packages)?;
     require_root("the benchmark loads eBPF programs and creates network namespaces")?;
-    println!("==> building lb-bench (release; also builds the benchmark eBPF object)");
-    cargo(&["build", "--release", "-p", "lb-bench"], &[])?;
+    steps::step(
+        "building lb-bench (release; also builds the benchmark eBPF object)",
+        || {
+            cargo(&["build", "--release", "-p", "lb-bench"], &[])?;
+            Ok("done".to_owned())
+        },
+    )?;
     let date = Command::new("date")
         .args(["-u", "+%Y-%m-%d"])
         .output()

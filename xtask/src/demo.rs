@@ -12,25 +12,27 @@ use integration_tests::{
     probe::Batch,
 };
 
-use crate::{cargo, require_root, workspace};
+use crate::{cargo, require_root, steps, workspace};
 
 const PREFIX: &str = "lbdemo";
 
 pub fn run(requests: u32) -> anyhow::Result<()> {
     require_root("the demo loads eBPF programs and creates network namespaces")?;
-    println!("==> building lb-agent (release) and the demo peers");
-    cargo(
-        &[
-            "build",
-            "--release",
-            "-p",
-            "lb-userspace",
-            "-p",
-            "integration-tests",
-            "--bins",
-        ],
-        &[],
-    )?;
+    steps::step("building lb-agent (release) and the demo peers", || {
+        cargo(
+            &[
+                "build",
+                "--release",
+                "-p",
+                "lb-userspace",
+                "-p",
+                "integration-tests",
+                "--bins",
+            ],
+            &[],
+        )?;
+        Ok("done".to_owned())
+    })?;
     let release = workspace().join("target/release");
     let agent_bin = release.join("lb-agent");
     let probe_bin = release.join("lb-probe");

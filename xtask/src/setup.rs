@@ -1,15 +1,18 @@
 //! `cargo xtask setup`: make a fresh machine able to build, test and demo the project.
-//! Every step checks first and says whether it did something or skipped it.
+//! Every step checks first and says, on its one line, whether it did something or skipped it;
+//! what the installers print goes to the task's log (`steps`).
 
 use std::process::{Command, Stdio};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
+
+use crate::{steps, workspace};
 
 /// bpf-linker 0.10.4 loads the nightly toolchain's own libLLVM (LLVM 22), so it matches the
 /// compiler that builds the eBPF crate; see `../shared/toolchain.md`.
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Commands the tests and the demo run, and the Debian package of each.
-const COMMANDS: [(&str, &str); 6] = [
+const COMMANDS: [(&str, &str); 11] = [
     ("ip", "iproute2"),
     ("sysctl", "procps"),
     ("kill", "procps"),
@@ -18,24 +21,38 @@ const COMMANDS: [(&str, &str); 6] = [
     ("nsenter", "util-linux"),
     // Health-check and metrics requests in the operations tests.
     ("curl", "curl"),
+    // `cargo xtask image` and tests/tests/image.rs: the static agent (C parts of its crates are
+    // compiled with musl-gcc), the image (umoci, tar), inspecting it (skopeo), and running the
+    // agent with exactly the capabilities the manifest grants (setpriv).
+    ("musl-gcc", "musl-tools"),
+    ("umoci", "umoci"),
+    ("skopeo", "skopeo"),
+    ("tar", "tar"),
+    ("setpriv", "util-linux"),
 ];
 const BPFFS: &str = "/sys/fs/bpf";
 
 pub fn run() -> anyhow::Result<()> {
-    println!("==> setup");
-    nightly_rust_src()?;
-    bpf_linker()?;
-    debian_packages()?;
-    bpffs()?;
+    steps::step("setup: nightly rust-src", nightly_rust_src)?;
+    steps::step(
+        &format!("setup: Rust target {}", integration_tests::image::TARGET),
+        musl_target,
+    )?;
+    steps::step(
+        &format!("setup: bpf-linker {BPF_LINKER_VERSION}"),
+        bpf_linker,
+    )?;
+    steps::step("setup: Debian packages", debian_packages)?;
+    steps::step("setup: bpffs", bpffs)?;
     Ok(())
 }
 
-fn did(what: &str) {
-    println!("    did:     {what}");
+fn did(what: &str) -> String {
+    format!("did: {what}")
 }
 
-fn skipped(what: &str) {
-    println!("    skipped: {what}");
+fn skipped(what: &str) -> String {
+    format!("skipped: {what}")
 }
 
 /// Runs a command and returns its stdout if it succeeded.
@@ -52,19 +69,12 @@ fn output(program: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// Runs an installer, its output in the task's log.
 fn status(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .status()
-        .with_context(|| format!("running {program}"))?;
-    if !status.success() {
-        bail!("`{program} {}` failed ({status})", args.join(" "));
-    }
-    Ok(())
+    steps::run(Command::new(program).args(args).current_dir(workspace())).map(drop)
 }
 
-fn nightly_rust_src() -> anyhow::Result<()> {
+fn nightly_rust_src() -> anyhow::Result<String> {
     let installed = output(
         "rustup",
         &["component", "list", "--toolchain", "nightly", "--installed"],
@@ -73,25 +83,35 @@ fn nightly_rust_src() -> anyhow::Result<()> {
         "no nightly toolchain: the eBPF crate needs one (`rustup toolchain install nightly`)",
     )?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
-        skipped("nightly rust-src component (installed)");
-        return Ok(());
+        return Ok(skipped("installed"));
     }
     status(
         "rustup",
         &["component", "add", "rust-src", "--toolchain", "nightly"],
     )?;
-    did("installed the nightly rust-src component");
-    Ok(())
+    Ok(did("installed the nightly rust-src component"))
 }
 
-fn bpf_linker() -> anyhow::Result<()> {
+/// The target of the static agent in the image, for the toolchain that builds the workspace.
+fn musl_target() -> anyhow::Result<String> {
+    let target = integration_tests::image::TARGET;
+    let installed = output("rustup", &["target", "list", "--installed"])
+        .context("`rustup target list` failed: is rustup installed?")?;
+    if installed.lines().any(|l| l.trim() == target) {
+        return Ok(skipped("installed"));
+    }
+    status("rustup", &["target", "add", target])?;
+    Ok(did(&format!("installed the Rust target {target}")))
+}
+
+fn bpf_linker() -> anyhow::Result<String> {
     if let Some(version) = output("bpf-linker", &["--version"])
         && version.contains(BPF_LINKER_VERSION)
     {
-        skipped(&format!("bpf-linker ({})", version.trim()));
-        return Ok(());
+        return Ok(skipped(&format!("installed ({})", version.trim())));
     }
-    println!("    installing bpf-linker {BPF_LINKER_VERSION} (about 2 minutes)");
+    print!("installing, about 2 minutes ... ");
+    let _ = std::io::Write::flush(&mut std::io::stdout());
     status(
         "cargo",
         &[
@@ -102,11 +122,13 @@ fn bpf_linker() -> anyhow::Result<()> {
             "--locked",
         ],
     )?;
-    did(&format!("installed bpf-linker {BPF_LINKER_VERSION}"));
-    Ok(())
+    Ok(did(&format!("installed bpf-linker {BPF_LINKER_VERSION}")))
 }
 
-fn debian_packages() -> anyhow::Result<()> {
+/// apt-get waits this long for a lock another apt holds (other builds on the machine).
+const APT_LOCK: [&str; 2] = ["-o", "DPkg::Lock::Timeout=600"];
+
+fn debian_packages() -> anyhow::Result<String> {
     let mut missing: Vec<&str> = COMMANDS
         .iter()
         .filter(|(command, _)| output("sh", &["-c", &format!("command -v {command}")]).is_none())
@@ -116,23 +138,22 @@ fn debian_packages() -> anyhow::Result<()> {
     missing.dedup();
     if missing.is_empty() {
         let mut packages: Vec<&str> = COMMANDS.iter().map(|&(_, p)| p).collect();
+        packages.sort_unstable();
         packages.dedup();
-        skipped(&format!(
-            "Debian packages ({} present)",
-            packages.join(", ")
-        ));
-        return Ok(());
+        return Ok(skipped(&format!("present ({})", packages.join(", "))));
     }
-    println!("    installing {}", missing.join(" "));
-    status("apt-get", &["update", "-qq"])?;
-    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    status("apt-get", &[&APT_LOCK[..], &["update", "-qq"]].concat())?;
+    let mut args = [
+        &APT_LOCK[..],
+        &["install", "-y", "-qq", "--no-install-recommends"],
+    ]
+    .concat();
     args.extend(&missing);
     status("apt-get", &args)?;
-    did(&format!("installed {}", missing.join(", ")));
-    Ok(())
+    Ok(did(&format!("installed {}", missing.join(", "))))
 }
 
-fn bpffs() -> anyhow::Result<()> {
+fn bpffs() -> anyhow::Result<String> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
     let mounted = mounts.lines().any(|line| {
         let mut fields = line.split_whitespace();
@@ -140,12 +161,10 @@ fn bpffs() -> anyhow::Result<()> {
         target == Some(BPFFS) && fstype == Some("bpf")
     });
     if mounted {
-        skipped(&format!("bpffs ({BPFFS} mounted)"));
-        return Ok(());
+        return Ok(skipped(&format!("{BPFFS} mounted")));
     }
     status("mount", &["-t", "bpf", "bpf", BPFFS])?;
-    did(&format!("mounted bpffs on {BPFFS}"));
-    Ok(())
+    Ok(did(&format!("mounted bpffs on {BPFFS}")))
 }
 
 /// What `cargo xtask bench` needs beyond the tests: a path that shows it is there, and the
@@ -163,8 +182,7 @@ const BENCH_NEEDS: [(&str, &str); 7] = [
 ];
 
 /// Installs the Debian packages the benchmark needs (idempotent: only what is missing).
-pub fn bench_packages() -> anyhow::Result<()> {
-    println!("==> benchmark packages");
+pub fn bench_packages() -> anyhow::Result<String> {
     let mut missing: Vec<&str> = BENCH_NEEDS
         .iter()
         .filter(|(path, _)| !std::path::Path::new(path).exists())
@@ -173,27 +191,15 @@ pub fn bench_packages() -> anyhow::Result<()> {
     missing.dedup();
     if missing.is_empty() {
         let packages: Vec<&str> = BENCH_NEEDS.iter().map(|&(_, p)| p).collect();
-        skipped(&format!(
-            "Debian packages ({} present)",
-            packages.join(", ")
-        ));
-        return Ok(());
+        return Ok(skipped(&format!("present ({})", packages.join(", "))));
     }
-    println!("    installing {}", missing.join(" "));
-    status(
-        "apt-get",
-        &["-o", "DPkg::Lock::Timeout=600", "update", "-qq"],
-    )?;
-    let mut args = vec![
-        "-o",
-        "DPkg::Lock::Timeout=600",
-        "install",
-        "-y",
-        "-qq",
-        "--no-install-recommends",
-    ];
+    status("apt-get", &[&APT_LOCK[..], &["update", "-qq"]].concat())?;
+    let mut args = [
+        &APT_LOCK[..],
+        &["install", "-y", "-qq", "--no-install-recommends"],
+    ]
+    .concat();
     args.extend(&missing);
     status("apt-get", &args)?;
-    did(&format!("installed {}", missing.join(", ")));
-    Ok(())
+    Ok(did(&format!("installed {}", missing.join(", "))))
 }
