@@ -547,11 +547,22 @@ fn the_agent_gets_node_name_namespace_and_interface_from_the_downward_api() {
             .is_some_and(|value| !value.trim().is_empty()),
         "the pod template must set the annotation {annotation}"
     );
+    // The forwarding mode: one annotation too, so prepare-node sets accept_local exactly when
+    // the agent runs with `--forwarding stack`.
+    assert_eq!(flag(args, "--forwarding"), Some("$(LB_FORWARDING)"));
+    let forwarding_path =
+        field_ref(agent, "LB_FORWARDING").expect("LB_FORWARDING from the downward API");
+    let forwarding = forwarding_path
+        .strip_prefix("metadata.annotations['")
+        .and_then(|rest| rest.strip_suffix("']"))
+        .and_then(|name| annotations?.get(name))
+        .expect("LB_FORWARDING comes from a pod annotation");
+    assert_eq!(forwarding, "xdp", "the default forwarding mode needs no accept_local");
     for init in pod.init_containers.iter().flatten() {
         assert_eq!(
-            field_ref(init, "LB_IFACE"),
-            Some(iface_path),
-            "{} sets accept_local on the agent's interface",
+            (field_ref(init, "LB_IFACE"), field_ref(init, "LB_FORWARDING")),
+            (Some(iface_path), Some(forwarding_path)),
+            "{} sets accept_local on the agent's interface when forwarding is stack",
             init.name
         );
     }
