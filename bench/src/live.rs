@@ -618,7 +618,10 @@ impl Lane {
     fn live_frames(&mut self, frames: u32) -> anyhow::Result<Duration> {
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
         // egress_ifindex.
+        // The kernel refuses a context whose `data_end` is not the frame's length (EINVAL).
         let mut ctx = [0_u8; 24];
+        let len = u32::try_from(self.template.len()).unwrap_or(u32::MAX);
+        ctx[4..8].copy_from_slice(&len.to_ne_bytes());
         ctx[12..16].copy_from_slice(&self.gen_ifindex.to_ne_bytes());
         let gen_ns = self.gen_ns.name().to_owned();
         let template = self.template.clone();
