@@ -262,7 +262,7 @@ impl Agent {
         let mut interfaces = Vec::new();
         for iface in &options.ifaces {
             let mode = dataplane.attach(iface, options.xdp_mode)?;
-            log::info!(iface = iface.as_str(), xdp_mode = mode.to_string().as_str(); "{iface}: XDP on ingress, TC on egress and ingress, forwarding {:?}", dataplane.forwarding());
+            log::info!(iface = iface.as_str(), xdp_mode = mode.to_string().as_str(); "{iface}: XDP on ingress, TC on egress and ingress, forwarding {}", dataplane.forwarding().name());
             if read.node.snat_addr.is_some() && dataplane.forwarding() == Forwarding::Stack {
                 crate::netif::accept_local_sources(iface).with_context(|| {
                     format!(

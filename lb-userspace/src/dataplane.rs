@@ -65,6 +65,15 @@ pub enum Forwarding {
 }
 
 impl Forwarding {
+    /// The name `--forwarding` takes.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Forwarding::Xdp => "xdp",
+            Forwarding::Stack => "stack",
+        }
+    }
+
     /// The value of the eBPF object's `FORWARDING` global.
     fn global(self) -> u32 {
         match self {

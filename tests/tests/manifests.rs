@@ -557,10 +557,16 @@ fn the_agent_gets_node_name_namespace_and_interface_from_the_downward_api() {
         .and_then(|rest| rest.strip_suffix("']"))
         .and_then(|name| annotations?.get(name))
         .expect("LB_FORWARDING comes from a pod annotation");
-    assert_eq!(forwarding, "xdp", "the default forwarding mode needs no accept_local");
+    assert_eq!(
+        forwarding, "xdp",
+        "the default forwarding mode needs no accept_local"
+    );
     for init in pod.init_containers.iter().flatten() {
         assert_eq!(
-            (field_ref(init, "LB_IFACE"), field_ref(init, "LB_FORWARDING")),
+            (
+                field_ref(init, "LB_IFACE"),
+                field_ref(init, "LB_FORWARDING")
+            ),
             (Some(iface_path), Some(forwarding_path)),
             "{} sets accept_local on the agent's interface when forwarding is stack",
             init.name
