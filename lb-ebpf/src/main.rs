@@ -12,7 +12,15 @@
 //!     nat      DNAT to the backend, incremental IPv4 + L4 checksums
 //!   reply    CONNTRACK[flow, REPLY] hit (a remote backend's reply) -> source = frontend,
 //!            and for a translated with SNAT flow destination = client
-//!   -> XDP_PASS: the kernel routes the translated packet on
+//!   egress   planned before the rewrite (`egress::plan`): bpf_fib_lookup of the translated
+//!            packet; to a FORWARD_TARGETS interface -> SNAT here too, MACs, TTL-1, XDP_TX or
+//!            XDP_REDIRECT; else (no neighbour, MTU, local, partial checksum, not a target,
+//!            `forwarding: stack`) XDP_PASS with DNAT only, counted in EGRESS by reason; a
+//!            reply that falls back is marked in its XDP metadata for TC ingress
+//!
+//! TC ingress (lb_tc_ingress), on the same interfaces: replies XDP marked
+//!   route    bpf_redirect_neigh to the route's interface (the stack would drop them: their
+//!            source is a node address); everything else goes on untouched
 //!
 //! TC egress (lb_tc_egress), on the same interfaces: packets leaving the node
 //!   reply    CONNTRACK[flow, REPLY] hit (a local backend's reply) -> source = frontend
