@@ -87,7 +87,7 @@ fn plan(ctx: &XdpContext, packet: &L4Packet, src_be: u32, dst_be: u32) -> Plan {
     let mut query: bpf_fib_lookup = route::query(packet, ingress, src_be, dst_be);
     // A nonzero `tot_len` makes the lookup check it against the egress MTU.
     query.__bindgen_anon_1.tot_len = packet.l3_len;
-    match ctx.lookup_neigh(&mut query) {
+    match ctx.lookup_neigh(&mut query, 0) {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_NO_NEIGH => return Plan::Stack(Egress::NoNeighbour),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => return Plan::Stack(Egress::FragNeeded),

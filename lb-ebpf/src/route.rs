@@ -48,24 +48,22 @@ pub trait Route {
     /// neighbour): one of `BPF_FIB_LKUP_RET_*`, or `u32::MAX` on bad input.
     #[inline(always)]
     fn lookup(&self, query: &mut bpf_fib_lookup, flags: u32) -> u32 {
+        self.lookup_neigh(query, flags | BPF_FIB_LOOKUP_SKIP_NEIGH)
+    }
+
+    /// `bpf_fib_lookup` with the neighbour table (unless `flags` say otherwise), for a sender
+    /// that writes the MACs itself.
+    #[inline(always)]
+    fn lookup_neigh(&self, query: &mut bpf_fib_lookup, flags: u32) -> u32 {
         // SAFETY: a valid context and a valid parameter block of the size given.
         let ret = unsafe {
             fib_lookup(
                 self.raw_ctx(),
                 query,
                 size_of::<bpf_fib_lookup>() as i32,
-                flags | BPF_FIB_LOOKUP_SKIP_NEIGH,
+                flags,
             )
         };
-        u32::try_from(ret).unwrap_or(u32::MAX)
-    }
-
-    /// `bpf_fib_lookup` with the neighbour table, for a sender that writes the MACs itself.
-    #[inline(always)]
-    fn lookup_neigh(&self, query: &mut bpf_fib_lookup) -> u32 {
-        // SAFETY: a valid context and a valid parameter block of the size given.
-        let ret =
-            unsafe { fib_lookup(self.raw_ctx(), query, size_of::<bpf_fib_lookup>() as i32, 0) };
         u32::try_from(ret).unwrap_or(u32::MAX)
     }
 }
