@@ -142,15 +142,20 @@ fn debian_packages() -> anyhow::Result<String> {
         packages.dedup();
         return Ok(skipped(&format!("present ({})", packages.join(", "))));
     }
+    apt_install(&missing)
+}
+
+/// `apt-get update`, then installs `packages` without recommends.
+fn apt_install(packages: &[&str]) -> anyhow::Result<String> {
     status("apt-get", &[&APT_LOCK[..], &["update", "-qq"]].concat())?;
     let mut args = [
         &APT_LOCK[..],
         &["install", "-y", "-qq", "--no-install-recommends"],
     ]
     .concat();
-    args.extend(&missing);
+    args.extend(packages);
     status("apt-get", &args)?;
-    Ok(did(&format!("installed {}", missing.join(", "))))
+    Ok(did(&format!("installed {}", packages.join(", "))))
 }
 
 fn bpffs() -> anyhow::Result<String> {
@@ -193,13 +198,5 @@ pub fn bench_packages() -> anyhow::Result<String> {
         let packages: Vec<&str> = BENCH_NEEDS.iter().map(|&(_, p)| p).collect();
         return Ok(skipped(&format!("present ({})", packages.join(", "))));
     }
-    status("apt-get", &[&APT_LOCK[..], &["update", "-qq"]].concat())?;
-    let mut args = [
-        &APT_LOCK[..],
-        &["install", "-y", "-qq", "--no-install-recommends"],
-    ]
-    .concat();
-    args.extend(&missing);
-    status("apt-get", &args)?;
-    Ok(did(&format!("installed {}", missing.join(", "))))
+    apt_install(&missing)
 }
