@@ -249,6 +249,16 @@ impl fmt::Display for Counters {
     }
 }
 
+/// Whether a delete failed only because the key is not there, which is what it wanted: a retry
+/// after a failed apply must not fail on a delete that already happened.
+fn already_gone(error: &aya::maps::MapError) -> bool {
+    match error {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataPlaneError {
     move |source| DataPlaneError::Map { name, source }
 }
@@ -430,6 +440,9 @@ pub struct DataPlane {
     /// Slots that pinned frontends pointed at but no table of `contents` owns (an agent stopped
     /// halfway through switching a table): free once the next apply has switched them away.
     stray_slots: Vec<u32>,
+    /// A plan failed and reading the maps back failed too: `contents` may not be what the maps
+    /// hold, so the next apply reads them back first.
+    out_of_sync: bool,
     pins: Option<PinDir>,
     /// Links a previous agent pinned that this one has not taken over (yet).
     unclaimed_links: BTreeSet<(LinkKind, String)>,
@@ -508,6 +521,7 @@ impl DataPlane {
             table_slots: BTreeMap::new(),
             free_slots: (0..slots).rev().collect(),
             stray_slots: Vec::new(),
+            out_of_sync: false,
             pins,
             unclaimed_links,
             record,
@@ -698,12 +712,65 @@ impl DataPlane {
 
     /// Makes the maps hold `new`, writing only what differs, in the order `Plan` describes.
     /// Returns the number of map writes.
+    ///
+    /// A plan that fails halfway (a map full, a write the kernel refuses) has made some of its
+    /// writes: the contents are then read back from the maps, so the next apply diffs from what
+    /// they hold and neither repeats a delete that happened nor skips a write that did not.
     pub fn apply(&mut self, new: MapContents) -> Result<usize, DataPlaneError> {
+        if self.out_of_sync {
+            // The read-back after the last failure failed too: try it again first.
+            self.resync(&new)?;
+        }
         let plan = diff(&self.contents, &new);
         let writes = plan.writes();
-        self.execute(&plan, &new)?;
+        if let Err(error) = self.execute(&plan, &new) {
+            if let Err(read) = self.resync(&new) {
+                log::warn!("reading the maps back after a failed apply failed: {read}");
+            }
+            return Err(error);
+        }
         self.contents = new;
         Ok(writes)
+    }
+
+    /// Rebuilds `contents` and the table slots from what the maps hold, after a plan failed
+    /// halfway. Service port names (not kept in the maps) come from the contents before and
+    /// `new` for the ids the maps still use, so ids stay with their service ports.
+    fn resync(&mut self, new: &MapContents) -> Result<(), DataPlaneError> {
+        self.out_of_sync = true;
+        let old = self.contents.clone();
+        // Slots the failed plan retired may still be read by packets in flight; the read-back
+        // counts every slot no frontend points at as free.
+        wait_for_packets_in_flight();
+        self.table_slots.clear();
+        self.stray_slots.clear();
+        self.free_slots = (0..self.tables.slots).rev().collect();
+        self.read_back_contents()?;
+        let contents = &mut self.contents;
+        let in_use: BTreeSet<u32> = contents
+            .frontends
+            .values()
+            .map(|f| f.service.service_id)
+            .chain(contents.backends.values().map(|b| b.service_id))
+            .collect();
+        for known in [new, &old] {
+            for (identity, &id) in &known.service_ids {
+                if in_use.contains(&id)
+                    && !contents.service_ids.contains_key(identity)
+                    && !contents.service_ids.values().any(|&named| named == id)
+                {
+                    contents.service_ids.insert(identity.clone(), id);
+                    if let Some(name) = known.service_names.get(&id) {
+                        contents.service_names.insert(id, name.clone());
+                    }
+                    if known.udp_services.contains(&id) {
+                        contents.udp_services.insert(id);
+                    }
+                }
+            }
+        }
+        self.out_of_sync = false;
+        Ok(())
     }
 
     fn execute(&mut self, plan: &Plan, new: &MapContents) -> Result<(), DataPlaneError> {
@@ -724,7 +791,13 @@ impl DataPlane {
         for key in &plan.remove_frontends {
             let mut map: HashMap<&mut MapData, FrontendKey, Service> =
                 self.typed_map(map_names::FRONTENDS)?;
-            map.remove(key).map_err(map_error(map_names::FRONTENDS))?;
+            match map.remove(key) {
+                // Gone already: what this step wants.
+                Err(error) if !already_gone(&error) => {
+                    return Err(map_error(map_names::FRONTENDS)(error));
+                }
+                _ => {}
+            }
         }
         for (key, entry) in &plan.set_frontends {
             self.set_frontend(*key, entry)?;
@@ -844,7 +917,10 @@ impl DataPlane {
         if add {
             trie.insert(&key, 1, 0).map_err(map_error(name))
         } else {
-            trie.remove(&key).map_err(map_error(name))
+            match trie.remove(&key) {
+                Err(error) if !already_gone(&error) => Err(map_error(name)(error)),
+                _ => Ok(()),
+            }
         }
     }
 
