@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 
 use crate::{
     config::{self, AgentSettings},
-    dataplane::{DataPlane, Forwarding, XdpModeChoice},
+    dataplane::{DataPlane, DataPlaneError, Forwarding, XdpModeChoice},
     health::{self, HealthHandle, HealthServers},
     http::Server,
     ipam,
@@ -228,6 +228,23 @@ pub struct Agent {
     pod_patterns: Vec<IfacePattern>,
     /// Pod interfaces attached: name -> ifindex.
     pods: BTreeMap<String, u32>,
+    /// Applies that failed in a row since the last one that succeeded.
+    failed_applies: u32,
+    /// After a failed apply: when to try again, and when the change was first seen.
+    retry: Option<(Instant, Instant)>,
+}
+
+/// The wait before retrying a failed apply, doubled after each further failure up to
+/// `APPLY_RETRY_MAX` (kube-proxy retries a failed sync after its sync period, 30 s).
+const APPLY_RETRY_FIRST: Duration = Duration::from_secs(2);
+const APPLY_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The wait after `failed` applies in a row failed.
+fn retry_delay(failed: u32) -> Duration {
+    let doublings = failed.saturating_sub(1).min(8);
+    APPLY_RETRY_FIRST
+        .saturating_mul(1 << doublings)
+        .min(APPLY_RETRY_MAX)
 }
 
 impl Agent {
@@ -312,6 +329,8 @@ impl Agent {
             interfaces,
             pod_patterns: options.pod_patterns.clone(),
             pods: BTreeMap::new(),
+            failed_applies: 0,
+            retry: None,
         };
         agent.write_record();
         Ok(agent)
@@ -324,6 +343,10 @@ impl Agent {
 
     /// Re-reads the config and applies the difference; an invalid config changes nothing.
     /// `seen` is when the change was noticed: the apply latency is measured from there.
+    ///
+    /// An apply that fails halfway leaves the maps as far as it got (read back by the data
+    /// plane, so the next apply starts from them): `/healthz` fails with the reason and the apply
+    /// is retried with backoff until one succeeds or a newer change replaces it.
     fn reload(&mut self, seen: Instant, trigger: &str) {
         let waited = seen.elapsed();
         self.health.queued_update(
@@ -331,65 +354,97 @@ impl Agent {
                 .checked_sub(waited)
                 .unwrap_or(SystemTime::now()),
         );
-        let result = read_config(&self.source, &self.node_args, self.dataplane.contents())
+        let read = read_config(&self.source, &self.node_args, self.dataplane.contents())
             .and_then(|read| {
                 check_restart_settings(&self.settings, &read.settings)?;
-                let changed =
-                    read.state != self.state || &read.contents != self.dataplane.contents();
-                let writes = self.dataplane.apply(read.contents)?;
-                self.warnings = log_new_warnings(&self.warnings, read.warnings);
-                self.address_input
-                    .send_replace((read.settings.pools(), read.address_claims));
-                Ok((
-                    read.state,
-                    read.settings,
-                    read.node,
-                    read.node_ips,
-                    writes,
-                    changed,
-                ))
+                Ok(read)
             });
-        match result {
-            Ok((state, settings, node, node_ips, writes, changed)) => {
-                let latency = seen.elapsed();
-                self.health.updated(SystemTime::now());
-                if changed {
-                    self.generation += 1;
-                    self.metrics.applied(latency);
-                }
-                log::info!(
-                    trigger = trigger,
-                    generation = self.generation,
-                    changed = changed,
-                    service_ports = state.service_ports.len(),
-                    writes = writes,
-                    latency_ms = latency.as_secs_f64() * 1e3;
-                    "config reloaded"
-                );
-                if changed {
-                    for line in summary(&state) {
-                        log::info!("{line}");
-                    }
-                }
-                self.state = state;
-                self.settings = settings;
-                self.node = node;
-                self.node_ips = node_ips;
-                if changed {
-                    self.write_record();
-                }
-            }
+        let read = match read {
+            Ok(read) => read,
             Err(error) => {
                 self.health.refused();
                 self.metrics.refused();
+                // Retrying the same invalid config would only refuse it again; the next change
+                // is read as usual.
+                self.retry = None;
                 log::error!(
                     trigger = trigger;
                     "config reload refused, still serving the previous config: {error:#}"
                 );
+                return;
             }
+        };
+        let changed = read.state != self.state || &read.contents != self.dataplane.contents();
+        let writes = match self.dataplane.apply(read.contents) {
+            Ok(writes) => writes,
+            Err(error) => {
+                self.apply_failed(seen, trigger, &error);
+                return;
+            }
+        };
+        self.warnings = log_new_warnings(&self.warnings, read.warnings);
+        self.address_input
+            .send_replace((read.settings.pools(), read.address_claims));
+        let latency = seen.elapsed();
+        self.health.updated(SystemTime::now());
+        if self.failed_applies > 0 {
+            log::info!(
+                failed_applies = self.failed_applies;
+                "applied after {} failed applies",
+                self.failed_applies
+            );
+        }
+        self.failed_applies = 0;
+        self.retry = None;
+        if changed {
+            self.generation += 1;
+            self.metrics.applied(latency);
+        }
+        log::info!(
+            trigger = trigger,
+            generation = self.generation,
+            changed = changed,
+            service_ports = read.state.service_ports.len(),
+            writes = writes,
+            latency_ms = latency.as_secs_f64() * 1e3;
+            "config reloaded"
+        );
+        if changed {
+            for line in summary(&read.state) {
+                log::info!("{line}");
+            }
+        }
+        self.state = read.state;
+        self.settings = read.settings;
+        self.node = read.node;
+        self.node_ips = read.node_ips;
+        if changed {
+            self.write_record();
         }
     }
 
+    /// After an apply failed: says so in `/healthz`, the metrics and the log, and schedules the
+    /// retry.
+    fn apply_failed(&mut self, seen: Instant, trigger: &str, error: &DataPlaneError) {
+        self.failed_applies = self.failed_applies.saturating_add(1);
+        let delay = retry_delay(self.failed_applies);
+        self.retry = Some((Instant::now() + delay, seen));
+        let mut reason = error.to_string();
+        if self.dataplane.out_of_sync() {
+            reason.push_str(
+                "; reading the maps back failed too, so what they hold is not known",
+            );
+        }
+        log::error!(
+            trigger = trigger,
+            failed_applies = self.failed_applies,
+            retry_in_s = delay.as_secs();
+            "applying the config failed, the maps hold part of it; retrying in {}s: {reason}",
+            delay.as_secs()
+        );
+        self.health.apply_failed(reason);
+        self.metrics.failed();
+    }
     /// Stores what was applied, for `status` (also after this process is gone).
     fn write_record(&mut self) {
         let mut interfaces = self.interfaces.clone();
@@ -501,8 +556,20 @@ pub async fn serve(agent: Rc<RefCell<Agent>>, options: &ServeOptions) -> anyhow:
     let mut expiry = tokio::time::interval(FLOW_EXPIRY_INTERVAL);
     let mut last = String::new();
     loop {
+        let retry = agent.borrow().retry;
         tokio::select! {
             _ = terminate.recv() => { log::info!("SIGTERM: stopping"); break; }
+            () = async {
+                if let Some((at, _)) = retry {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                }
+            }, if retry.is_some() => {
+                if let Some((_, seen)) = retry {
+                    let mut agent = agent.borrow_mut();
+                    agent.reload(seen, "retry");
+                    sync_health_checks(&agent, &mut health_checks);
+                }
+            }
             _ = interrupt.recv() => { log::info!("SIGINT: stopping"); break; }
             _ = hangup.recv() => {
                 let mut agent = agent.borrow_mut();

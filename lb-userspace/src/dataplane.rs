@@ -710,6 +710,13 @@ impl DataPlane {
         &self.contents
     }
 
+    /// A plan failed and reading the maps back failed too: [`DataPlane::contents`] may not be
+    /// what they hold, and the next apply reads them back before it diffs.
+    #[must_use]
+    pub fn out_of_sync(&self) -> bool {
+        self.out_of_sync
+    }
+
     /// Makes the maps hold `new`, writing only what differs, in the order `Plan` describes.
     /// Returns the number of map writes.
     ///

@@ -2,7 +2,9 @@
 //!
 //! - `/healthz` and `/livez` on `--healthz-addr` (kube-proxy's `proxy_health.go`): 200 while
 //!   no config change has waited longer than the health timeout for the maps, 503 after;
-//!   `/healthz` is also 503 while the node is not eligible (the agent is going away).
+//!   `/healthz` is also 503 while the node is not eligible (the agent is going away), and from
+//!   an apply that failed (the maps hold part of a change, or what they hold is not known) until
+//!   an apply succeeds; its body then says how many applies in a row failed and why.
 //! - one server per `healthCheckNodePort` of a `externalTrafficPolicy: Local` Service
 //!   (`service_health.go`): 200 with the count of ready local endpoints when there is one and
 //!   the agent is healthy, 503 otherwise, so external load balancers skip nodes without pods.
@@ -11,7 +13,7 @@
 //! All servers run on `spawn_local` tasks (see `http`): create them inside a `LocalSet`.
 
 use std::{
-    cell::{Cell, RefCell},
+    cell::RefCell,
     collections::BTreeMap,
     io,
     net::{IpAddr, SocketAddr},
@@ -27,14 +29,17 @@ use crate::{
 /// kube-proxy's default: twice its 30 s sync period.
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_mins(1);
 
-/// The agent's health as kube-proxy defines it. `Copy`, so it lives in a `Cell`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The agent's health as kube-proxy defines it, and whether its applies fail.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthState {
     timeout: Duration,
     last_updated: Option<SystemTime>,
     /// The oldest config change not yet in the maps.
     oldest_pending: Option<SystemTime>,
     node_eligible: bool,
+    /// Applies that failed in a row (0 after one that succeeded), and the last one's error.
+    failed_applies: u32,
+    apply_error: Option<String>,
 }
 
 impl HealthState {
@@ -46,7 +51,17 @@ impl HealthState {
             oldest_pending: None,
             // Eligible while starting, as kube-proxy.
             node_eligible: true,
+            failed_applies: 0,
+            apply_error: None,
         }
+    }
+
+    /// How many applies in a row failed and why the last one did, if the last one failed: the
+    /// maps then hold part of a change (or what they hold could not be read back).
+    #[must_use]
+    pub fn failing(&self) -> Option<(u32, &str)> {
+        (self.failed_applies > 0)
+            .then(|| (self.failed_applies, self.apply_error.as_deref().unwrap_or("")))
     }
 
     /// Healthy unless a change has been pending for the timeout or longer; and the time of the
@@ -62,18 +77,16 @@ impl HealthState {
 
 /// The agent's handle on its health, shared with the servers.
 #[derive(Clone, Debug)]
-pub struct HealthHandle(Rc<Cell<HealthState>>);
+pub struct HealthHandle(Rc<RefCell<HealthState>>);
 
 impl HealthHandle {
     #[must_use]
     pub fn new(timeout: Duration) -> Self {
-        HealthHandle(Rc::new(Cell::new(HealthState::new(timeout))))
+        HealthHandle(Rc::new(RefCell::new(HealthState::new(timeout))))
     }
 
     fn update(&self, f: impl FnOnce(&mut HealthState)) {
-        let mut state = self.0.get();
-        f(&mut state);
-        self.0.set(state);
+        f(&mut self.0.borrow_mut());
     }
 
     /// A config change was seen and is not yet in the maps (kube-proxy's `QueuedUpdate`).
@@ -83,16 +96,28 @@ impl HealthHandle {
         });
     }
 
-    /// The maps hold the config (kube-proxy's `Updated`).
+    /// The maps hold the config (kube-proxy's `Updated`); earlier failed applies are over.
     pub fn updated(&self, at: SystemTime) {
         self.update(|s| {
             s.oldest_pending = None;
             s.last_updated = Some(at);
+            s.failed_applies = 0;
+            s.apply_error = None;
         });
     }
 
-    /// A config change was refused as invalid: the maps hold what the agent decided to keep
-    /// serving, so nothing is pending any more (the refusal shows in logs and metrics).
+    /// An apply failed with `reason`: the change stays pending (kube-proxy's timeout still runs)
+    /// and `/healthz` fails until an apply succeeds.
+    pub fn apply_failed(&self, reason: String) {
+        self.update(|s| {
+            s.failed_applies = s.failed_applies.saturating_add(1);
+            s.apply_error = Some(reason);
+        });
+    }
+
+    /// A config change was refused as invalid: nothing of it reached the maps, so nothing is
+    /// pending any more (the refusal shows in logs and metrics). A failed apply before it still
+    /// counts: the maps hold what it left.
     pub fn refused(&self) {
         self.update(|s| s.oldest_pending = None);
     }
@@ -105,12 +130,14 @@ impl HealthHandle {
 
     #[must_use]
     pub fn get(&self) -> HealthState {
-        self.0.get()
+        self.0.borrow().clone()
     }
 
+    /// kube-proxy's rule and no failed apply: what `healthCheckNodePort` answers report.
     #[must_use]
     pub fn is_healthy(&self, now: SystemTime) -> bool {
-        self.get().check(now).0
+        let state = self.0.borrow();
+        state.check(now).0 && state.failing().is_none()
     }
 }
 
@@ -125,7 +152,10 @@ fn json_headers() -> Vec<(&'static str, String)> {
 #[must_use]
 pub fn proxy_health_response(state: &HealthState, now: SystemTime, is_healthz: bool) -> Response {
     let (healthy, last_updated) = state.check(now);
-    let healthy = healthy && (!is_healthz || state.node_eligible);
+    // A failed apply fails /healthz (readiness: load balancers skip the node) but not /livez:
+    // restarting the agent would not help, and the change pending still times /livez out.
+    let failing = state.failing().filter(|_| is_healthz);
+    let healthy = healthy && (!is_healthz || state.node_eligible) && failing.is_none();
     // As kube-proxy: a healthy answer reports the current time as the last update, so
     // "lastUpdated is recent" keeps meaning healthy for old clients.
     let last_updated = if healthy {
@@ -134,7 +164,17 @@ pub fn proxy_health_response(state: &HealthState, now: SystemTime, is_healthz: b
         last_updated.map_or_else(|| NEVER.to_owned(), format_rfc3339)
     };
     let current_time = format_rfc3339(now);
-    let body = if is_healthz {
+    let body = if let Some((failed, reason)) = failing {
+        format!(
+            "{{\"lastUpdated\": \"{last_updated}\",\"currentTime\": \"{current_time}\", \"nodeEligible\": {}, \"failedApplies\": {failed}, \"reason\": {}}}",
+            state.node_eligible,
+            json_string(&if failed == 1 {
+                format!("the last apply failed: {reason}")
+            } else {
+                format!("the last {failed} applies failed: {reason}")
+            }),
+        )
+    } else if is_healthz {
         format!(
             "{{\"lastUpdated\": \"{last_updated}\",\"currentTime\": \"{current_time}\", \"nodeEligible\": {}}}",
             state.node_eligible

@@ -83,6 +83,8 @@ pub struct AgentMetrics {
     pub apply_duration: Histogram,
     pub reloads_applied: u64,
     pub reloads_refused: u64,
+    /// Applies that failed (a map write refused): retried until one succeeds.
+    pub reloads_failed: u64,
 }
 
 impl Default for AgentMetrics {
@@ -91,6 +93,7 @@ impl Default for AgentMetrics {
             apply_duration: Histogram::new(&APPLY_BUCKETS),
             reloads_applied: 0,
             reloads_refused: 0,
+            reloads_failed: 0,
         }
     }
 }
@@ -105,6 +108,11 @@ impl AgentMetrics {
     /// A config change was refused; the running state stayed.
     pub fn refused(&mut self) {
         self.reloads_refused = self.reloads_refused.saturating_add(1);
+    }
+
+    /// Applying a config change failed partway; it is retried.
+    pub fn failed(&mut self) {
+        self.reloads_failed = self.reloads_failed.saturating_add(1);
     }
 }
 
@@ -357,7 +365,7 @@ pub fn render_prometheus(status: &Status, agent: &AgentMetrics) -> String {
     e.family(
         "lbagent_config_reloads_total",
         "counter",
-        "Config changes applied, or refused (invalid; the running state stayed).",
+        "Config changes applied, refused (invalid; the running state stayed), or failed (a map write failed partway; retried).",
     );
     e.sample(
         "lbagent_config_reloads_total",
@@ -368,6 +376,11 @@ pub fn render_prometheus(status: &Status, agent: &AgentMetrics) -> String {
         "lbagent_config_reloads_total",
         &[("result", "refused")],
         &agent.reloads_refused.to_string(),
+    );
+    e.sample(
+        "lbagent_config_reloads_total",
+        &[("result", "failed")],
+        &agent.reloads_failed.to_string(),
     );
     e.family(
         "lbagent_interface_attached",

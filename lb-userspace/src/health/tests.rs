@@ -315,3 +315,38 @@ async fn health_check_node_port_servers_follow_sync() {
         })
         .await;
 }
+
+#[test]
+fn a_failed_apply_fails_healthz_with_the_reason_until_an_apply_succeeds() {
+    let h = HealthHandle::new(Duration::from_mins(1));
+    h.updated(at(0));
+    h.queued_update(at(10));
+    h.apply_failed("writing map FRONTENDS failed: argument list too long".to_owned());
+    let r = proxy_health_response(&h.get(), at(11), true);
+    assert_eq!(r.status, 503, "{}", r.body);
+    let json: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    assert_eq!(json["failedApplies"], 1);
+    assert_eq!(
+        json["reason"],
+        "the last apply failed: writing map FRONTENDS failed: argument list too long"
+    );
+    assert_eq!(json["nodeEligible"], true);
+    assert!(!h.is_healthy(at(11)), "healthCheckNodePort answers follow");
+    // /livez keeps kube-proxy's rule: the change is still pending, so it fails only when late.
+    assert_eq!(proxy_health_response(&h.get(), at(11), false).status, 200);
+    assert_eq!(proxy_health_response(&h.get(), at(70), false).status, 503);
+
+    h.apply_failed("again".to_owned());
+    // A refused change does not hide that the maps hold part of an earlier one.
+    h.refused();
+    let json: serde_json::Value =
+        serde_json::from_str(&proxy_health_response(&h.get(), at(12), true).body).expect("JSON");
+    assert_eq!(json["failedApplies"], 2);
+    assert_eq!(json["reason"], "the last 2 applies failed: again");
+
+    h.updated(at(13));
+    let r = proxy_health_response(&h.get(), at(14), true);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!r.body.contains("reason"), "{}", r.body);
+    assert!(h.is_healthy(at(14)));
+}
