@@ -390,8 +390,7 @@ impl Agent {
         if self.failed_applies > 0 {
             log::info!(
                 failed_applies = self.failed_applies;
-                "applied after {} failed applies",
-                self.failed_applies
+                "applied after failed applies"
             );
         }
         self.failed_applies = 0;

@@ -1,4 +1,5 @@
 use std::{
+    cell::Cell,
     net::Ipv4Addr,
     time::{Duration, UNIX_EPOCH},
 };
