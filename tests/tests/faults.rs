@@ -147,6 +147,15 @@ fn in_maps(contents: &MapContents) -> MapContents {
     }
 }
 
+fn guarded_id(contents: &MapContents) -> u32 {
+    contents
+        .service_ids
+        .iter()
+        .find(|(identity, _)| identity.contains("guarded"))
+        .map(|(_, &id)| id)
+        .unwrap_or_else(|| panic!("no guarded in {:?}", contents.service_ids))
+}
+
 /// A frontend key no config of these tests has: 100.64.0.0/10 addresses, port 1.
 fn junk_key(i: u32) -> FrontendKey {
     let [_, a, b, c] = i.to_be_bytes();
@@ -197,7 +206,7 @@ fn keys_deleted_behind_the_data_planes_back_do_not_fail_the_apply_that_deletes_t
     let mut dp = pins.load();
     let first = contents(&state(true, &[]), &MapContents::default());
     dp.apply(first.clone()).expect("first apply");
-    let guarded = first.service_ids["default/guarded:80/TCP"];
+    let guarded = guarded_id(&first);
 
     // Another hand removes guarded's frontends and its source range from the pinned maps.
     let mut frontends: HashMap<MapData, FrontendKey, Service> =
@@ -263,7 +272,7 @@ fn an_insert_refused_halfway_through_a_plan_fails_it_and_the_next_apply_converge
         usize::try_from(junk).expect("count"),
         "the read-back sees the junk"
     );
-    let guarded = first.service_ids["default/guarded:80/TCP"];
+    let guarded = guarded_id(&first);
     assert!(
         believed
             .frontends
