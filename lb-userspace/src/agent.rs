@@ -354,11 +354,12 @@ impl Agent {
                 .checked_sub(waited)
                 .unwrap_or(SystemTime::now()),
         );
-        let read = read_config(&self.source, &self.node_args, self.dataplane.contents())
-            .and_then(|read| {
+        let read = read_config(&self.source, &self.node_args, self.dataplane.contents()).and_then(
+            |read| {
                 check_restart_settings(&self.settings, &read.settings)?;
                 Ok(read)
-            });
+            },
+        );
         let read = match read {
             Ok(read) => read,
             Err(error) => {
@@ -428,11 +429,16 @@ impl Agent {
         self.failed_applies = self.failed_applies.saturating_add(1);
         let delay = retry_delay(self.failed_applies);
         self.retry = Some((Instant::now() + delay, seen));
+        // The whole chain: "map FRONTENDS: `bpf_map_update_elem` failed: Argument list too long".
         let mut reason = error.to_string();
+        let mut source = std::error::Error::source(error);
+        while let Some(cause) = source {
+            reason.push_str(": ");
+            reason.push_str(&cause.to_string());
+            source = cause.source();
+        }
         if self.dataplane.out_of_sync() {
-            reason.push_str(
-                "; reading the maps back failed too, so what they hold is not known",
-            );
+            reason.push_str("; reading the maps back failed too, so what they hold is not known");
         }
         log::error!(
             trigger = trigger,

@@ -60,8 +60,12 @@ impl HealthState {
     /// maps then hold part of a change (or what they hold could not be read back).
     #[must_use]
     pub fn failing(&self) -> Option<(u32, &str)> {
-        (self.failed_applies > 0)
-            .then(|| (self.failed_applies, self.apply_error.as_deref().unwrap_or("")))
+        (self.failed_applies > 0).then(|| {
+            (
+                self.failed_applies,
+                self.apply_error.as_deref().unwrap_or(""),
+            )
+        })
     }
 
     /// Healthy unless a change has been pending for the timeout or longer; and the time of the

@@ -57,8 +57,8 @@ impl Pins {
 
     fn map(&self, name: &str) -> Map {
         let path = self.0.join("maps").join(name);
-        let data = MapData::from_pin(&path)
-            .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+        let data =
+            MapData::from_pin(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
         Map::from_map_data(data).unwrap_or_else(|e| panic!("{name}: {e}"))
     }
 
@@ -264,7 +264,10 @@ fn an_insert_refused_halfway_through_a_plan_fails_it_and_the_next_apply_converge
         panic!("an apply into a full FRONTENDS succeeded")
     };
     assert!(error.to_string().contains(map_names::FRONTENDS), "{error}");
-    assert!(!dp.out_of_sync(), "the maps were read back after the failure");
+    assert!(
+        !dp.out_of_sync(),
+        "the maps were read back after the failure"
+    );
     // What the data plane now believes is what the maps hold: the junk too, guarded gone.
     let believed = dp.contents().clone();
     assert_eq!(
@@ -282,7 +285,11 @@ fn an_insert_refused_halfway_through_a_plan_fails_it_and_the_next_apply_converge
     );
     assert_eq!(
         in_maps(&believed),
-        in_maps(DataPlane::load(pins.options()).expect("a second handle").contents()),
+        in_maps(
+            DataPlane::load(pins.options())
+                .expect("a second handle")
+                .contents()
+        ),
         "another reader of the pins sees the same"
     );
 
@@ -340,15 +347,11 @@ endpoints:
 
 /// `curl` in `ns`: (HTTP status, body).
 fn curl(ns: &Netns, url: &str) -> (u16, String) {
-    let output = run(ns.command("curl").args([
-        "-s",
-        "--max-time",
-        "5",
-        "-w",
-        "\n%{http_code}",
-        url,
-    ]))
-    .unwrap_or_else(|e| panic!("curl {url}: {e:#}"));
+    let output =
+        run(ns
+            .command("curl")
+            .args(["-s", "--max-time", "5", "-w", "\n%{http_code}", url]))
+        .unwrap_or_else(|e| panic!("curl {url}: {e:#}"));
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
     let status = status
@@ -436,14 +439,19 @@ fn healthz_fails_with_the_reason_while_an_apply_fails_and_recovers_when_the_retr
     assert_eq!(json["failedApplies"], 1, "{json}");
     let reason = json["reason"].as_str().unwrap_or_default();
     assert!(
-        reason.starts_with("the last apply failed:") && reason.contains(map_names::FRONTENDS),
+        reason.starts_with("the last apply failed:")
+            && reason.contains(map_names::FRONTENDS)
+            && reason.contains("Argument list too long"),
         "the reason names the failure: {json}"
     );
     let (status, livez) = curl(
         &cluster.client,
         &format!("http://{}:10256/livez", node_addr(1)),
     );
-    assert_eq!(status, 200, "/livez keeps kube-proxy's timeout rule: {livez}");
+    assert_eq!(
+        status, 200,
+        "/livez keeps kube-proxy's timeout rule: {livez}"
+    );
 
     // The retry diffs from what the maps hold: it deletes the junk and the Service fits.
     wait_for_log(&agent, &log, "config reloaded");
@@ -451,7 +459,10 @@ fn healthz_fails_with_the_reason_while_an_apply_fails_and_recovers_when_the_retr
     assert_eq!(status, 200, "/healthz after the retry converged: {json}");
     assert!(json.get("reason").is_none(), "{json}");
     assert_eq!(junk_left(&pins), 0, "the retry removed what no config has");
-    assert!(served(&cluster, MORE_NODE_PORT), "the new Service is served");
+    assert!(
+        served(&cluster, MORE_NODE_PORT),
+        "the new Service is served"
+    );
     assert!(served(&cluster, WEB_NODE_PORT), "the old one still is");
     let applied = agent.log();
     assert!(
