@@ -6,115 +6,33 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData};
+use aya::maps::{HashMap, LpmTrie, MapData};
 use integration_tests::{
-    agent::{Agent, agent_bin, cleanup},
-    cluster::{Cluster, DAEMONSET_ARGS, node_addr},
+    agent::Agent,
+    cluster::{Cluster, node_addr},
     netns::{Netns, run, unique_prefix},
     probe,
 };
 use lb_common::{FrontendKey, IPPROTO_TCP, Service, SourceRangeKey, map_names};
 use lb_userspace::{
-    dataplane::{DataPlane, LoadOptions},
-    maps::{MapContents, NodeConfig},
-    model::{
-        DesiredState, Endpoint, EndpointState, Frontend, FrontendKind, Ipv4Cidr, Protocol,
-        ServicePort, TrafficPolicy,
-    },
-    pins::PinDir,
+    dataplane::DataPlane,
+    maps::MapContents,
+    model::{DesiredState, Endpoint, Ipv4Cidr, Protocol, ServicePort, TrafficPolicy},
 };
 
-const MAGLEV_SIZE: u32 = 31;
-const MAX_TABLES: u32 = 8;
-const NODE: &str = "node-a";
-
-/// A pin directory of its own under /sys/fs/bpf, unpinned and removed when the test ends (also
-/// on failure): the agent's cleanup, then the directory.
-struct Pins(PathBuf);
-
-impl Pins {
-    fn new() -> Self {
-        Pins(Path::new("/sys/fs/bpf").join(unique_prefix()))
-    }
-
-    fn options(&self) -> LoadOptions {
-        LoadOptions {
-            max_tables: MAX_TABLES,
-            maglev_table_size: MAGLEV_SIZE,
-            conntrack_entries: 1024,
-            pin_dir: Some(self.0.clone()),
-        }
-    }
-
-    fn load(&self) -> DataPlane {
-        DataPlane::load(self.options())
-            .unwrap_or_else(|e| panic!("loading with pins in {}: {e}", self.0.display()))
-    }
-
-    fn map(&self, name: &str) -> Map {
-        let path = self.0.join("maps").join(name);
-        let data =
-            MapData::from_pin(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-        Map::from_map_data(data).unwrap_or_else(|e| panic!("{name}: {e}"))
-    }
-
-    fn arg(&self) -> &str {
-        self.0.to_str().expect("a UTF-8 pin path")
-    }
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = PinDir::existing(&self.0).remove_all();
-        let _ = cleanup(&agent_bin(), &self.0);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn node() -> NodeConfig {
-    NodeConfig {
-        node_name: NODE.to_owned(),
-        maglev_table_size: MAGLEV_SIZE,
-        maglev_seed: 3,
-        max_tables: MAX_TABLES,
-        snat_addr: Some(Ipv4Addr::new(192, 168, 7, 1)),
-        ..NodeConfig::default()
-    }
-}
+mod pinned;
+use pinned::{NODE, Pins, node, start_pinned_agent};
 
 fn endpoint(last: u8) -> Endpoint {
-    Endpoint {
-        addr: Ipv4Addr::new(10, 244, 1, last),
-        port: 8080,
-        pod: None,
-        node_name: Some(NODE.to_owned()),
-        state: EndpointState::Ready,
-    }
+    pinned::endpoint(last, NODE)
 }
 
 fn port(name: &str, n: u8, endpoints: Vec<Endpoint>) -> ServicePort {
-    ServicePort {
-        service: format!("default/{name}"),
-        protocol: Protocol::Tcp,
-        frontends: vec![
-            Frontend {
-                kind: FrontendKind::ClusterIp,
-                addr: Ipv4Addr::new(10, 96, 0, n),
-                port: 80,
-            },
-            Frontend {
-                kind: FrontendKind::LoadBalancer,
-                addr: Ipv4Addr::new(198, 51, 100, n),
-                port: 80,
-            },
-        ],
-        endpoints,
-        ..ServicePort::default()
-    }
+    pinned::port(name, n, Protocol::Tcp, endpoints)
 }
 
 /// `web`, `guarded` (Local policy, a source range) if `with_guarded`, and `extra`.
@@ -307,7 +225,6 @@ fn an_insert_refused_halfway_through_a_plan_fails_it_and_the_next_apply_converge
 
 const WEB_NODE_PORT: u16 = 30080;
 const MORE_NODE_PORT: u16 = 30081;
-const NODE_IFACE: &str = "eth0";
 
 fn probe_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_lb-probe"))
@@ -394,26 +311,7 @@ fn healthz_fails_with_the_reason_while_an_apply_fails_and_recovers_when_the_retr
     let config = cluster
         .write_config(&web)
         .unwrap_or_else(|e| panic!("{e:#}"));
-    let agent = Agent::start(
-        &cluster.node(1).ns,
-        &agent_bin(),
-        &config,
-        NODE_IFACE,
-        &[
-            DAEMONSET_ARGS.as_slice(),
-            &[
-                "--node-name",
-                "node-1",
-                "--node-ip",
-                &node_addr(1).to_string(),
-                "--pin-dir",
-                pins.arg(),
-            ],
-        ]
-        .concat(),
-        Duration::from_secs(30),
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let agent = start_pinned_agent(&cluster, &config, &pins);
     let (status, json) = healthz(&cluster);
     assert_eq!(status, 200, "{json}");
     assert!(served(&cluster, WEB_NODE_PORT));

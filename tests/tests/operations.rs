@@ -13,16 +13,18 @@ use std::{
 };
 
 use integration_tests::{
-    agent::{Agent, agent_bin, cleanup},
-    cluster::{Cluster, DAEMONSET_ARGS, node_addr},
+    agent::{Agent, agent_bin},
+    cluster::{Cluster, NODE_IFACE, node_addr},
     netns::{Netns, run, unique_prefix},
     probe::{self, Batch, Hold},
 };
 
+mod pinned;
+use pinned::{Pins, start_pinned_agent};
+
 const WEB_NODE_PORT: u16 = 30080;
 const ECHO_NODE_PORT: u16 = 30053;
 const HEALTH_PORT: u16 = 32100;
-const NODE_IFACE: &str = "eth0";
 /// kube-proxy's metrics and health addresses, the agent's defaults.
 const METRICS_URL: &str = "http://127.0.0.1:10249/metrics";
 /// UDP requests in the status test, each from a new socket.
@@ -258,52 +260,7 @@ fn a_file_change_is_applied_under_established_connections_and_an_invalid_one_cha
     agent.stop().unwrap_or_else(|e| panic!("{e:#}"));
 }
 
-/// A pin directory on the host's bpffs, cleaned up (agent's cleanup, then the directory) even
-/// when the test fails.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new() -> Self {
-        PinDir(Path::new("/sys/fs/bpf").join(unique_prefix()))
-    }
-
-    fn arg(&self) -> &str {
-        self.0.to_str().expect("a UTF-8 pin path")
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = cleanup(&agent_bin(), &self.0);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Starts an agent on node 1 that pins under `pins` (`Agent::start` gives it the host's mounts).
-fn start_pinned_agent(cluster: &Cluster, config: &Path, pins: &PinDir) -> Agent {
-    Agent::start(
-        &cluster.node(1).ns,
-        &agent_bin(),
-        config,
-        NODE_IFACE,
-        &[
-            DAEMONSET_ARGS.as_slice(),
-            &[
-                "--node-name",
-                "node-1",
-                "--node-ip",
-                &node_addr(1).to_string(),
-                "--pin-dir",
-                pins.arg(),
-            ],
-        ]
-        .concat(),
-        Duration::from_secs(30),
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-fn status_json(pins: &PinDir) -> serde_json::Value {
+fn status_json(pins: &Pins) -> serde_json::Value {
     let output = run(Command::new(agent_bin()).args([
         "status",
         "--pin-dir",
@@ -381,7 +338,7 @@ fn status_and_metrics_count_known_traffic_while_running_and_after_the_agent_stop
             echo(&endpoints(&cluster, &["a"], true))
         ))
         .unwrap_or_else(|e| panic!("{e:#}"));
-    let pins = PinDir::new();
+    let pins = Pins::new();
     let agent = start_pinned_agent(&cluster, &config, &pins);
 
     let batch = requests(

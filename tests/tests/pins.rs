@@ -3,100 +3,19 @@
 //! sizes are refused; the agent record is never read half written; cleanup removes everything.
 //! Each test pins under its own directory in /sys/fs/bpf, removed by a guard. Needs root.
 
-use std::{
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-};
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use aya::maps::{HashMap, MapData};
-use integration_tests::netns::unique_prefix;
 use lb_common::{FlowEntry, FlowKey, IPPROTO_TCP, map_names};
 use lb_userspace::{
     dataplane::{DataPlane, DataPlaneError, EBPF_OBJECT, LoadOptions},
-    maps::{MapContents, NodeConfig},
-    model::{
-        DesiredState, Endpoint, EndpointState, Frontend, FrontendKind, Ipv4Cidr, Protocol,
-        ServicePort, TrafficPolicy,
-    },
+    maps::MapContents,
+    model::{DesiredState, Ipv4Cidr, Protocol, TrafficPolicy},
     pins::{self, MapSpec, PinDir, PinnedDataPlane},
 };
 
-const MAGLEV_SIZE: u32 = 31;
-const MAX_TABLES: u32 = 8;
-const NODE: &str = "node-a";
-
-/// A pin directory of its own, removed (unpinning everything) when the test ends, also on
-/// failure.
-struct Pins(PathBuf);
-
-impl Pins {
-    fn new() -> Self {
-        Pins(Path::new("/sys/fs/bpf").join(unique_prefix()))
-    }
-
-    fn options(&self) -> LoadOptions {
-        LoadOptions {
-            max_tables: MAX_TABLES,
-            maglev_table_size: MAGLEV_SIZE,
-            conntrack_entries: 1024,
-            pin_dir: Some(self.0.clone()),
-            ..LoadOptions::default()
-        }
-    }
-
-    fn load(&self) -> DataPlane {
-        DataPlane::load(self.options())
-            .unwrap_or_else(|e| panic!("loading with pins in {}: {e}", self.0.display()))
-    }
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = PinDir::existing(&self.0).remove_all();
-    }
-}
-
-fn node() -> NodeConfig {
-    NodeConfig {
-        node_name: NODE.to_owned(),
-        maglev_table_size: MAGLEV_SIZE,
-        maglev_seed: 3,
-        max_tables: MAX_TABLES,
-        snat_addr: Some(Ipv4Addr::new(192, 168, 7, 1)),
-        ..NodeConfig::default()
-    }
-}
-
-fn endpoint(last: u8, node: &str) -> Endpoint {
-    Endpoint {
-        addr: Ipv4Addr::new(10, 244, 1, last),
-        port: 8080,
-        pod: None,
-        node_name: Some(node.to_owned()),
-        state: EndpointState::Ready,
-    }
-}
-
-fn port(name: &str, n: u8, protocol: Protocol, endpoints: Vec<Endpoint>) -> ServicePort {
-    ServicePort {
-        service: format!("default/{name}"),
-        protocol,
-        frontends: vec![
-            Frontend {
-                kind: FrontendKind::ClusterIp,
-                addr: Ipv4Addr::new(10, 96, 0, n),
-                port: 80,
-            },
-            Frontend {
-                kind: FrontendKind::LoadBalancer,
-                addr: Ipv4Addr::new(198, 51, 100, n),
-                port: 80,
-            },
-        ],
-        endpoints,
-        ..ServicePort::default()
-    }
-}
+mod pinned;
+use pinned::{MAGLEV_SIZE, MAX_TABLES, NODE, Pins, endpoint, node, port};
 
 /// TCP and UDP services, a Local policy (two tables for one port) and source ranges.
 fn state() -> DesiredState {
