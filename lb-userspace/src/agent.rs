@@ -570,31 +570,21 @@ pub async fn serve(agent: Rc<RefCell<Agent>>, options: &ServeOptions) -> anyhow:
                 }
             }, if retry.is_some() => {
                 if let Some((_, seen)) = retry {
-                    let mut agent = agent.borrow_mut();
-                    agent.reload(seen, "retry");
-                    sync_health_checks(&agent, &mut health_checks);
+                    reload(&agent, &mut health_checks, seen, "retry");
                 }
             }
             _ = interrupt.recv() => { log::info!("SIGINT: stopping"); break; }
-            _ = hangup.recv() => {
-                let mut agent = agent.borrow_mut();
-                agent.reload(Instant::now(), "SIGHUP");
-                sync_health_checks(&agent, &mut health_checks);
-            }
+            _ = hangup.recv() => reload(&agent, &mut health_checks, Instant::now(), "SIGHUP"),
             seen = async { api_changes.as_mut()?.recv().await }, if api_changes.is_some() => {
                 if let Some(seen) = seen {
-                    let mut agent = agent.borrow_mut();
-                    agent.reload(seen, "api");
-                    sync_health_checks(&agent, &mut health_checks);
+                    reload(&agent, &mut health_checks, seen, "api");
                 } else {
                     api_changes = None;
                 }
             }
             seen = async { watcher.as_mut()?.changed().await.ok() }, if watcher.is_some() => {
                 if let Some(seen) = seen {
-                    let mut agent = agent.borrow_mut();
-                    agent.reload(seen, "file");
-                    sync_health_checks(&agent, &mut health_checks);
+                    reload(&agent, &mut health_checks, seen, "file");
                 } else {
                     log::warn!("watching the config failed; changes now need SIGHUP");
                     watcher = None;
@@ -634,6 +624,19 @@ pub async fn serve(agent: Rc<RefCell<Agent>>, options: &ServeOptions) -> anyhow:
         let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
     }
     Ok(())
+}
+
+/// Applies the config as it is now (a change seen at `seen`, by `trigger`) and moves the health
+/// check servers to the Services that now have them.
+fn reload(
+    agent: &Rc<RefCell<Agent>>,
+    health_checks: &mut HealthServers,
+    seen: Instant,
+    trigger: &str,
+) {
+    let mut agent = agent.borrow_mut();
+    agent.reload(seen, trigger);
+    sync_health_checks(&agent, health_checks);
 }
 
 /// Where changes to apply come from, besides SIGHUP.

@@ -70,8 +70,10 @@ fn guarded_id(contents: &MapContents) -> u32 {
         .service_ids
         .iter()
         .find(|(identity, _)| identity.contains("guarded"))
-        .map(|(_, &id)| id)
-        .unwrap_or_else(|| panic!("no guarded in {:?}", contents.service_ids))
+        .map_or_else(
+            || panic!("no guarded in {:?}", contents.service_ids),
+            |(_, &id)| id,
+        )
 }
 
 /// A frontend key no config of these tests has: 100.64.0.0/10 addresses, port 1.
@@ -85,7 +87,7 @@ fn junk_key(i: u32) -> FrontendKey {
     }
 }
 
-fn is_junk(key: &FrontendKey) -> bool {
+fn is_junk(key: FrontendKey) -> bool {
     key.port_be == 1u16.to_be() && key.addr_be.to_ne_bytes()[0] == 100
 }
 
@@ -115,7 +117,10 @@ fn fill_frontends(pins: &Pins) -> u32 {
 fn junk_left(pins: &Pins) -> usize {
     let map: HashMap<MapData, FrontendKey, Service> =
         HashMap::try_from(pins.map(map_names::FRONTENDS)).expect("FRONTENDS is a hash map");
-    map.keys().filter_map(Result::ok).filter(is_junk).count()
+    map.keys()
+        .filter_map(Result::ok)
+        .filter(|k| is_junk(*k))
+        .count()
 }
 
 #[test]
@@ -189,7 +194,7 @@ fn an_insert_refused_halfway_through_a_plan_fails_it_and_the_next_apply_converge
     // What the data plane now believes is what the maps hold: the junk too, guarded gone.
     let believed = dp.contents().clone();
     assert_eq!(
-        believed.frontends.keys().filter(|k| is_junk(k)).count(),
+        believed.frontends.keys().filter(|k| is_junk(**k)).count(),
         usize::try_from(junk).expect("count"),
         "the read-back sees the junk"
     );

@@ -1250,7 +1250,7 @@ fn counter(counters: &BTreeMap<String, u64>, name: &str) -> u64 {
     counters.get(name).copied().unwrap_or(0)
 }
 
-/// Remote endpoints through a NodePort: XDP sends the client's packets out of the cluster
+/// Remote endpoints through a `NodePort`: XDP sends the client's packets out of the cluster
 /// interface and the replies out of the client's, redirecting both ways, and the agent never
 /// makes the node accept its own addresses as sources. (With the veth default of partial
 /// checksums every other test here takes the stack's path: `fallback_partial_checksum`.)
@@ -1366,10 +1366,11 @@ fn a_packet_over_the_egress_mtu_gets_the_kernels_frag_needed() {
     cluster
         .send_complete_checksums()
         .expect("checksums as from a wire");
-    for ns in [&cluster.node(1).ns] {
-        ns.ip(&["link", "set", "eth1", "mtu", "1280"])
-            .expect("eth1 MTU");
-    }
+    cluster
+        .node(1)
+        .ns
+        .ip(&["link", "set", "eth1", "mtu", "1280"])
+        .expect("eth1 MTU");
     let endpoints = ready(&cluster, &["web-c"]);
     let mut setup = Setup::start(cluster, &echo_service("", &endpoints), &[]);
 

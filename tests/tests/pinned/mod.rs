@@ -87,7 +87,7 @@ pub fn node() -> NodeConfig {
     }
 }
 
-/// Starts an agent on node 1 of `cluster` as the DaemonSet runs it, pinning under `pins`
+/// Starts an agent on node 1 of `cluster` as the `DaemonSet` runs it, pinning under `pins`
 /// (`Agent::start` gives it the host's mounts).
 pub fn start_pinned_agent(cluster: &Cluster, config: &Path, pins: &Pins) -> Agent {
     Agent::start(
@@ -123,7 +123,7 @@ pub fn endpoint(last: u8, node: &str) -> Endpoint {
     }
 }
 
-/// `default/name` on 10.96.0.`n`:80 (clusterIP) and 198.51.100.`n`:80 (LoadBalancer).
+/// `default/name` on `10.96.0.n:80` (`clusterIP`) and `198.51.100.n:80` (`LoadBalancer`).
 pub fn port(name: &str, n: u8, protocol: Protocol, endpoints: Vec<Endpoint>) -> ServicePort {
     ServicePort {
         service: format!("default/{name}"),
