@@ -29,7 +29,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{FrontendEntry, MapContents, Plan, TableKey, diff},
+    maps::{FrontendEntry, MaglevTable, MapContents, Plan, TableKey, diff},
     model::Ipv4Cidr,
     pins::{self, LinkKind, MapSource, PinDir, RecordChunk},
 };
@@ -599,7 +599,9 @@ impl DataPlane {
             match (slots.next(), slots.next()) {
                 (Some(slot), None) => {
                     if let Some(table) = self.tables.read(slot) {
-                        contents.tables.insert(table_key, table);
+                        contents
+                            .tables
+                            .insert(table_key, MaglevTable::from_slots(table));
                         self.table_slots.insert(table_key, slot);
                     }
                 }
@@ -825,7 +827,7 @@ impl DataPlane {
                     })?
             };
             if let Some(table) = new.tables.get(table_key) {
-                self.tables.write(slot, table);
+                self.tables.write(slot, table.slots());
             }
             if let Some(old) = self.table_slots.insert(*table_key, slot) {
                 // Switched below before anything can reuse it.

@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use lb_common::{
@@ -69,6 +70,59 @@ pub struct TableKey {
     pub local: bool,
 }
 
+/// A Maglev table: slot -> backend id. The slots are shared between the builds that keep the
+/// table, so with thousands of Services an apply neither copies nor compares the tables that
+/// did not change (each is M entries: 64 KiB at the default size).
+#[derive(Clone, Debug, Eq)]
+pub struct MaglevTable {
+    /// The distinct backend ids in the slots, sorted. Maglev puts every backend of its set into
+    /// the table, so this is the set the table spreads over.
+    backends: Vec<u32>,
+    slots: Arc<[u32]>,
+}
+
+impl MaglevTable {
+    /// A table built over `backends` (in any order; each of them is in `slots`).
+    fn built(mut backends: Vec<u32>, slots: Vec<u32>) -> Self {
+        backends.sort_unstable();
+        backends.dedup();
+        MaglevTable {
+            backends,
+            slots: slots.into(),
+        }
+    }
+
+    /// A table read back from the maps.
+    #[must_use]
+    pub fn from_slots(slots: Vec<u32>) -> Self {
+        let mut backends = slots.clone();
+        backends.sort_unstable();
+        backends.dedup();
+        MaglevTable {
+            backends,
+            slots: slots.into(),
+        }
+    }
+
+    #[must_use]
+    pub fn slots(&self) -> &[u32] {
+        &self.slots
+    }
+
+    /// The backend ids the table spreads over, sorted.
+    #[must_use]
+    pub fn backends(&self) -> &[u32] {
+        &self.backends
+    }
+}
+
+impl PartialEq for MaglevTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.backends == other.backends
+            && (Arc::ptr_eq(&self.slots, &other.slots) || self.slots == other.slots)
+    }
+}
+
 /// A frontend's value, before the data plane knows where its table lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrontendEntry {
@@ -83,8 +137,7 @@ pub struct FrontendEntry {
 pub struct MapContents {
     pub settings: Settings,
     pub frontends: BTreeMap<FrontendKey, FrontendEntry>,
-    /// Each table's M entries, backend ids.
-    pub tables: BTreeMap<TableKey, Vec<u32>>,
+    pub tables: BTreeMap<TableKey, MaglevTable>,
     /// Backend id -> backend.
     pub backends: BTreeMap<u32, Backend>,
     /// (service id, CIDR) pairs of `loadBalancerSourceRanges`.
@@ -104,14 +157,15 @@ fn maglev_table(
     set: &[&Endpoint],
     set_ids: &[u32],
     node: &NodeConfig,
-) -> Result<Vec<u32>, CapacityError> {
+) -> Result<MaglevTable, CapacityError> {
     let identities: Vec<String> = set
         .iter()
         .map(|e| format!("{}:{}", e.addr, e.port))
         .collect();
     let identity_bytes: Vec<&[u8]> = identities.iter().map(String::as_bytes).collect();
     let indices = maglev::build_table(&identity_bytes, node.maglev_table_size, node.maglev_seed)?;
-    Ok(indices.iter().map(|&i| set_ids[i as usize]).collect())
+    let slots = indices.iter().map(|&i| set_ids[i as usize]).collect();
+    Ok(MaglevTable::built(set_ids.to_vec(), slots))
 }
 
 impl MapContents {
@@ -126,7 +180,7 @@ impl MapContents {
         key: TableKey,
         set_ids: &[u32],
         settings: &Settings,
-    ) -> Option<&Vec<u32>> {
+    ) -> Option<&MaglevTable> {
         if self.settings.maglev_table_size != settings.maglev_table_size
             || self.settings.hash_seed != settings.hash_seed
         {
@@ -135,11 +189,8 @@ impl MapContents {
         let table = self.tables.get(&key)?;
         let mut wanted = set_ids.to_vec();
         wanted.sort_unstable();
-        let mut seen = vec![false; wanted.len()];
-        for id in table {
-            seen[wanted.binary_search(id).ok()?] = true;
-        }
-        seen.iter().all(|&s| s).then_some(table)
+        wanted.dedup();
+        (table.backends() == wanted).then_some(table)
     }
 }
 
