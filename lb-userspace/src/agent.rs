@@ -27,7 +27,7 @@ use crate::{
     ipam,
     kubernetes::{self, AddressWriter, ApiOptions, ApiStores, LeaseLock},
     maps::{MapContents, NodeConfig},
-    metrics::{AgentMetrics, render_prometheus},
+    metrics::{AgentMetrics, ChangeSource, render_prometheus},
     model::{DesiredState, FrontendKind},
     podif::{self, IfacePattern, LinkEvents},
     record::{AgentRecord, ApplyInfo, InterfaceKind, InterfaceRecord},
@@ -230,8 +230,8 @@ pub struct Agent {
     pods: BTreeMap<String, u32>,
     /// Applies that failed in a row since the last one that succeeded.
     failed_applies: u32,
-    /// After a failed apply: when to try again, and when the change was first seen.
-    retry: Option<(Instant, Instant)>,
+    /// After a failed apply: when to try again, and the change it applies.
+    retry: Option<(Instant, Change)>,
 }
 
 /// The wait before retrying a failed apply, doubled after each further failure up to
@@ -308,6 +308,11 @@ impl Agent {
         } else {
             1
         };
+        let changes_from = if source.stores().is_some() {
+            ChangeSource::Api
+        } else {
+            ChangeSource::File
+        };
         let health = HealthHandle::new(health::DEFAULT_HEALTH_TIMEOUT);
         health.updated(SystemTime::now());
         let address_input =
@@ -324,7 +329,7 @@ impl Agent {
             node_ips: read.node_ips,
             generation,
             record: None,
-            metrics: AgentMetrics::default(),
+            metrics: AgentMetrics::new(changes_from),
             health,
             interfaces,
             pod_patterns: options.pod_patterns.clone(),
@@ -342,13 +347,14 @@ impl Agent {
     }
 
     /// Re-reads the config and applies the difference; an invalid config changes nothing.
-    /// `seen` is when the change was noticed: the apply latency is measured from there.
+    /// The apply latency is measured from when the change was seen; `trigger` names what
+    /// started this apply in the log (`retry` for a retry).
     ///
     /// An apply that fails halfway leaves the maps as far as it got (read back by the data
     /// plane, so the next apply starts from them): `/healthz` fails with the reason and the apply
     /// is retried with backoff until one succeeds or a newer change replaces it.
-    fn reload(&mut self, seen: Instant, trigger: &str) {
-        let waited = seen.elapsed();
+    fn reload(&mut self, change: Change, trigger: &str) {
+        let waited = change.seen.elapsed();
         self.health.queued_update(
             SystemTime::now()
                 .checked_sub(waited)
@@ -379,14 +385,14 @@ impl Agent {
         let writes = match self.dataplane.apply(read.contents) {
             Ok(writes) => writes,
             Err(error) => {
-                self.apply_failed(seen, trigger, &error);
+                self.apply_failed(change, trigger, &error);
                 return;
             }
         };
         self.warnings = log_new_warnings(&self.warnings, read.warnings);
         self.address_input
             .send_replace((read.settings.pools(), read.address_claims));
-        let latency = seen.elapsed();
+        let latency = change.seen.elapsed();
         self.health.updated(SystemTime::now());
         if self.failed_applies > 0 {
             log::info!(
@@ -398,7 +404,7 @@ impl Agent {
         self.retry = None;
         if changed {
             self.generation += 1;
-            self.metrics.applied(latency);
+            self.metrics.applied(change.source, latency);
         }
         log::info!(
             trigger = trigger,
@@ -425,10 +431,10 @@ impl Agent {
 
     /// After an apply failed: says so in `/healthz`, the metrics and the log, and schedules the
     /// retry.
-    fn apply_failed(&mut self, seen: Instant, trigger: &str, error: &DataPlaneError) {
+    fn apply_failed(&mut self, change: Change, trigger: &str, error: &DataPlaneError) {
         self.failed_applies = self.failed_applies.saturating_add(1);
         let delay = retry_delay(self.failed_applies);
-        self.retry = Some((Instant::now() + delay, seen));
+        self.retry = Some((Instant::now() + delay, change));
         // The whole chain: "map FRONTENDS: `bpf_map_update_elem` failed: Argument list too long".
         let mut reason = error.to_string();
         let mut source = std::error::Error::source(error);
@@ -569,22 +575,27 @@ pub async fn serve(agent: Rc<RefCell<Agent>>, options: &ServeOptions) -> anyhow:
                     tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
                 }
             }, if retry.is_some() => {
-                if let Some((_, seen)) = retry {
-                    reload(&agent, &mut health_checks, seen, "retry");
+                if let Some((_, change)) = retry {
+                    reload(&agent, &mut health_checks, change, "retry");
                 }
             }
             _ = interrupt.recv() => { log::info!("SIGINT: stopping"); break; }
-            _ = hangup.recv() => reload(&agent, &mut health_checks, Instant::now(), "SIGHUP"),
+            _ = hangup.recv() => {
+                let change = Change { seen: Instant::now(), source: ChangeSource::Signal };
+                reload(&agent, &mut health_checks, change, "SIGHUP");
+            }
             seen = async { api_changes.as_mut()?.recv().await }, if api_changes.is_some() => {
                 if let Some(seen) = seen {
-                    reload(&agent, &mut health_checks, seen, "api");
+                    let change = Change { seen, source: ChangeSource::Api };
+                    reload(&agent, &mut health_checks, change, "api");
                 } else {
                     api_changes = None;
                 }
             }
             seen = async { watcher.as_mut()?.changed().await.ok() }, if watcher.is_some() => {
                 if let Some(seen) = seen {
-                    reload(&agent, &mut health_checks, seen, "file");
+                    let change = Change { seen, source: ChangeSource::File };
+                    reload(&agent, &mut health_checks, change, "file");
                 } else {
                     log::warn!("watching the config failed; changes now need SIGHUP");
                     watcher = None;
@@ -626,16 +637,24 @@ pub async fn serve(agent: Rc<RefCell<Agent>>, options: &ServeOptions) -> anyhow:
     Ok(())
 }
 
-/// Applies the config as it is now (a change seen at `seen`, by `trigger`) and moves the health
+/// A config change to apply.
+#[derive(Clone, Copy, Debug)]
+struct Change {
+    /// When it was noticed (the first inotify event, watch event or signal).
+    seen: Instant,
+    source: ChangeSource,
+}
+
+/// Applies the config as it is now (after `change`, `trigger` in the log) and moves the health
 /// check servers to the Services that now have them.
 fn reload(
     agent: &Rc<RefCell<Agent>>,
     health_checks: &mut HealthServers,
-    seen: Instant,
+    change: Change,
     trigger: &str,
 ) {
     let mut agent = agent.borrow_mut();
-    agent.reload(seen, trigger);
+    agent.reload(change, trigger);
     sync_health_checks(&agent, health_checks);
 }
 

@@ -1,7 +1,11 @@
 //! The Prometheus text exposition (format 0.0.4) of a `Status` and of the agent's own
 //! counters: what `--metrics-addr` serves at `/metrics`.
 
-use std::{collections::BTreeSet, fmt::Write as _, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    time::Duration,
+};
 
 use crate::report::{PortStatus, ServiceStatus, Status};
 
@@ -76,33 +80,60 @@ impl Histogram {
     }
 }
 
+/// Where a config change came from: the `source` label of the apply latency.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ChangeSource {
+    /// The config file or directory changed (inotify).
+    File,
+    /// A watch event from the Kubernetes API.
+    Api,
+    /// SIGHUP.
+    Signal,
+}
+
+impl ChangeSource {
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            ChangeSource::File => "file",
+            ChangeSource::Api => "api",
+            ChangeSource::Signal => "signal",
+        }
+    }
+}
+
 /// What the agent counts about itself, across reloads.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentMetrics {
-    /// From a config change seen to the maps updated.
-    pub apply_duration: Histogram,
+    /// From a config change seen to the maps updated, per source of the change (the agent's
+    /// own source from the start, the others once they have happened).
+    pub apply_duration: BTreeMap<ChangeSource, Histogram>,
     pub reloads_applied: u64,
     pub reloads_refused: u64,
     /// Applies that failed (a map write refused): retried until one succeeds.
     pub reloads_failed: u64,
 }
 
-impl Default for AgentMetrics {
-    fn default() -> Self {
+impl AgentMetrics {
+    /// Counts nothing yet; the latency of changes from `source` is exported from the start (as
+    /// zeros), so a dashboard's `rate()` has a series before the first change.
+    #[must_use]
+    pub fn new(source: ChangeSource) -> Self {
         AgentMetrics {
-            apply_duration: Histogram::new(&APPLY_BUCKETS),
+            apply_duration: BTreeMap::from([(source, Histogram::new(&APPLY_BUCKETS))]),
             reloads_applied: 0,
             reloads_refused: 0,
             reloads_failed: 0,
         }
     }
-}
 
-impl AgentMetrics {
-    /// A config change reached the maps after `took`.
-    pub fn applied(&mut self, took: Duration) {
+    /// A config change from `source` reached the maps after `took`.
+    pub fn applied(&mut self, source: ChangeSource, took: Duration) {
         self.reloads_applied = self.reloads_applied.saturating_add(1);
-        self.apply_duration.observe(took.as_secs_f64());
+        self.apply_duration
+            .entry(source)
+            .or_insert_with(|| Histogram::new(&APPLY_BUCKETS))
+            .observe(took.as_secs_f64());
     }
 
     /// A config change was refused; the running state stayed.
@@ -342,26 +373,28 @@ pub fn render_prometheus(status: &Status, agent: &AgentMetrics) -> String {
     e.family(
         "lbagent_config_apply_duration_seconds",
         "histogram",
-        "Time from a config change seen to the maps updated.",
+        "Time from a config change seen (source: file, api, signal) to the maps updated.",
     );
-    let h = &agent.apply_duration;
-    for (le, n) in h.cumulative() {
+    for (source, h) in &agent.apply_duration {
+        let source = ("source", source.label());
+        for (le, n) in h.cumulative() {
+            e.sample(
+                "lbagent_config_apply_duration_seconds_bucket",
+                &[source, ("le", &le)],
+                &n.to_string(),
+            );
+        }
         e.sample(
-            "lbagent_config_apply_duration_seconds_bucket",
-            &[("le", &le)],
-            &n.to_string(),
+            "lbagent_config_apply_duration_seconds_sum",
+            &[source],
+            &format_float(h.sum()),
+        );
+        e.sample(
+            "lbagent_config_apply_duration_seconds_count",
+            &[source],
+            &h.count().to_string(),
         );
     }
-    e.sample(
-        "lbagent_config_apply_duration_seconds_sum",
-        &[],
-        &format_float(h.sum()),
-    );
-    e.sample(
-        "lbagent_config_apply_duration_seconds_count",
-        &[],
-        &h.count().to_string(),
-    );
     e.family(
         "lbagent_config_reloads_total",
         "counter",

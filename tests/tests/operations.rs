@@ -226,7 +226,10 @@ fn a_file_change_is_applied_under_established_connections_and_an_invalid_one_cha
     let scraped = metrics(node);
     assert_eq!(sample(&scraped, "lbagent_config_generation"), Some(2.0));
     assert_eq!(
-        sample(&scraped, "lbagent_config_apply_duration_seconds_count"),
+        sample(
+            &scraped,
+            "lbagent_config_apply_duration_seconds_count{source=\"file\"}"
+        ),
         Some(1.0)
     );
 

@@ -134,10 +134,10 @@ fn find<'a>(samples: &'a [Sample], name: &str, labels: &[(&str, &str)]) -> &'a S
 }
 
 fn sample_metrics() -> AgentMetrics {
-    let mut agent = AgentMetrics::default();
-    agent.applied(Duration::from_micros(800));
-    agent.applied(Duration::from_millis(30));
-    agent.applied(Duration::from_secs(20));
+    let mut agent = AgentMetrics::new(ChangeSource::File);
+    agent.applied(ChangeSource::File, Duration::from_micros(800));
+    agent.applied(ChangeSource::File, Duration::from_millis(30));
+    agent.applied(ChangeSource::File, Duration::from_secs(20));
     agent.refused();
     agent
 }
@@ -163,7 +163,10 @@ fn exposition_parses_back_with_every_family_declared() {
 #[test]
 fn per_backend_and_per_service_values() {
     let snapshot = sample_snapshot();
-    let text = render_prometheus(&Status::from_snapshot(&snapshot), &AgentMetrics::default());
+    let text = render_prometheus(
+        &Status::from_snapshot(&snapshot),
+        &AgentMetrics::new(ChangeSource::File),
+    );
     let (samples, _) = parse(&text);
     let http = [
         ("namespace", "default"),
@@ -274,7 +277,7 @@ fn drops_counters_and_agent_values() {
     let bucket = |le| {
         value(
             "lbagent_config_apply_duration_seconds_bucket",
-            &[("le", le)],
+            &[("source", "file"), ("le", le)],
         )
     };
     assert_eq!(bucket("0.001"), 1.0);
@@ -283,10 +286,16 @@ fn drops_counters_and_agent_values() {
     assert_eq!(bucket("10"), 2.0);
     assert_eq!(bucket("+Inf"), 3.0);
     assert_eq!(
-        value("lbagent_config_apply_duration_seconds_count", &[]),
+        value(
+            "lbagent_config_apply_duration_seconds_count",
+            &[("source", "file")]
+        ),
         3.0
     );
-    let sum = value("lbagent_config_apply_duration_seconds_sum", &[]);
+    let sum = value(
+        "lbagent_config_apply_duration_seconds_sum",
+        &[("source", "file")],
+    );
     assert!((sum - 20.0308).abs() < 1e-9, "{sum}");
     assert_eq!(
         value(
@@ -308,7 +317,10 @@ fn drops_counters_and_agent_values() {
 fn label_values_are_escaped() {
     let mut snapshot = sample_snapshot();
     snapshot.record.services[0].name = "we\"ird\\na\nme".into();
-    let text = render_prometheus(&Status::from_snapshot(&snapshot), &AgentMetrics::default());
+    let text = render_prometheus(
+        &Status::from_snapshot(&snapshot),
+        &AgentMetrics::new(ChangeSource::File),
+    );
     assert!(text.contains(r#"service="we\"ird\\na\nme""#), "{text}");
     let (samples, _) = parse(&text);
     find(
@@ -339,4 +351,48 @@ fn histogram_buckets_are_cumulative_and_inclusive() {
     let les: Vec<String> = h.cumulative().into_iter().map(|(le, _)| le).collect();
     assert_eq!(les.first().map(String::as_str), Some("0.001"));
     assert_eq!(les.get(9).map(String::as_str), Some("1"));
+}
+
+#[test]
+fn apply_latency_is_labelled_by_the_source_of_the_change() {
+    let mut agent = AgentMetrics::new(ChangeSource::Api);
+    let render = |agent: &AgentMetrics| {
+        let text = render_prometheus(&Status::from_snapshot(&sample_snapshot()), agent);
+        parse(&text).0
+    };
+    let count = |samples: &[Sample], source| {
+        find(
+            samples,
+            "lbagent_config_apply_duration_seconds_count",
+            &[("source", source)],
+        )
+        .value
+    };
+    // The agent's own source is there before its first change, the others are not.
+    let before = render(&agent);
+    assert_eq!(count(&before, "api"), 0.0);
+    assert!(
+        !before
+            .iter()
+            .any(|s| s.labels.get("source").map(String::as_str) == Some("signal")),
+        "{before:?}"
+    );
+
+    agent.applied(ChangeSource::Api, Duration::from_millis(3));
+    agent.applied(ChangeSource::Signal, Duration::from_millis(40));
+    agent.applied(ChangeSource::Api, Duration::from_millis(4));
+    let after = render(&agent);
+    assert_eq!(count(&after, "api"), 2.0);
+    assert_eq!(count(&after, "signal"), 1.0);
+    let bucket = |source, le| {
+        find(
+            &after,
+            "lbagent_config_apply_duration_seconds_bucket",
+            &[("source", source), ("le", le)],
+        )
+        .value
+    };
+    assert_eq!(bucket("api", "0.005"), 2.0);
+    assert_eq!(bucket("signal", "0.025"), 0.0);
+    assert_eq!(bucket("signal", "0.05"), 1.0);
 }
